@@ -1,0 +1,111 @@
+"""`apply(model, plan)`: swap self-attention processors for attention variants, in one call.
+
+Like torchao's `quantize_(model, config, filter_fn)` and peft's `inject_adapter`: everything is
+checked and every new processor is built before the first one is set, so bad input never leaves a
+half-converted model. Cross-attention (`attn2`) is never touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .errors import PlanError
+from .grid import GridContext
+from .model import fingerprint
+from .plan import LayerChoice, Plan
+from .variants import VARIANTS, AttentionVariant, VariantConfig
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _grid_context(model) -> GridContext:
+    """The model's shared grid recorder, installed as a forward pre-hook the first time."""
+    ctx = getattr(model, "_vsurgery_grid_context", None)
+    if ctx is None:
+        ctx = GridContext(model.config.patch_size)
+        model.register_forward_pre_hook(ctx, with_kwargs=True)
+        model._vsurgery_grid_context = ctx
+    return ctx
+
+
+def _plan_for_config(model, config: VariantConfig, filter_fn: FilterFn | None) -> Plan:
+    names = [name for name, cls in VARIANTS.items() if type(config) is cls.Config]
+    if not names:
+        raise PlanError(f"{type(config).__name__} is not the config of a registered variant")
+    layers = {
+        fqn: LayerChoice(names[0], config)
+        for fqn, module in self_attention_modules(model).items()
+        if filter_fn is None or filter_fn(module, fqn)
+    }
+    if not layers:
+        raise PlanError("filter_fn matched no self-attention layer")
+    return Plan("", fingerprint(model.config), len(model.blocks), layers)
+
+
+def self_attention_modules(model) -> dict[str, nn.Module]:
+    """`blocks.N.attn1` → the WanAttention module, for every block."""
+    return {f"blocks.{i}.attn1": block.attn1 for i, block in enumerate(model.blocks)}
+
+
+def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None):
+    """Replace self-attention in `model` (a `WanTransformer3DModel`) according to `plan`, in place.
+
+    plan: a `Plan`, a path to a plan JSON, or a single variant config for every layer that
+    `filter_fn(module, fqn)` accepts. Returns the model.
+    """
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    elif isinstance(plan, VariantConfig):
+        plan = _plan_for_config(model, plan, filter_fn)
+    elif filter_fn is not None:
+        plan = Plan(
+            plan.model, plan.fingerprint, plan.num_layers,
+            {f: c for f, c in plan.layers.items() if filter_fn(model.get_submodule(f), f)},
+            plan.grid, plan.budget, plan.meta,
+        )
+
+    if plan.num_layers != len(model.blocks):
+        raise PlanError(f"the plan is for a model with {plan.num_layers} layers; this one has {len(model.blocks)}")
+    model_print = fingerprint(model.config)
+    if plan.fingerprint != model_print:
+        raise PlanError(
+            f"the plan was made for model config {plan.fingerprint} ({plan.model or 'unnamed'}); "
+            f"this model's config is {model_print}"
+        )
+    targets = self_attention_modules(model)
+    unknown = [fqn for fqn in plan.layers if fqn not in targets]
+    if unknown:
+        raise PlanError(f"plan layer {unknown[0]!r} is not a self-attention layer of this model")
+
+    processors: dict[str, AttentionVariant] = {}
+    for fqn, choice in plan.layers.items():
+        layer_index = int(fqn.split(".")[1])
+        processors[fqn] = VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index)
+
+    ctx = _grid_context(model)
+    for fqn, processor in processors.items():
+        processor.grid_context = ctx
+        targets[fqn].set_processor(processor)
+    return model
+
+
+def variant_processors(model) -> dict[str, AttentionVariant]:
+    """`blocks.N.attn1` → its variant processor, for the layers that `apply` converted."""
+    return {
+        fqn: attn.processor
+        for fqn, attn in self_attention_modules(model).items()
+        if isinstance(attn.processor, AttentionVariant)
+    }
+
+
+def set_backend(model, backend: str) -> None:
+    """"auto" runs each variant's kernel on CUDA where it has one; "torch" forces the references."""
+    from .variants.base import BACKENDS
+
+    if backend not in BACKENDS:
+        raise PlanError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    for processor in variant_processors(model).values():
+        processor.backend = backend

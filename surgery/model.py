@@ -1,0 +1,222 @@
+"""Load a Wan transformer: the embedded `tiny` model, full-size presets, a local folder or a hub id.
+
+Every loader returns a stock diffusers `WanTransformer3DModel`; surgery never subclasses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoadError
+from .grid import VideoGrid, video_grid
+
+WAN_CLASS = "WanTransformer3DModel"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+_WAN_COMMON = dict(
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model built from config in code, with the video size its commands default to."""
+
+    config: dict
+    frames: int
+    height: int
+    width: int
+    text_tokens: int  # length of the text embedding sequence the model is conditioned on
+    about: str
+
+
+PRESETS: dict[str, Preset] = {
+    # Small enough that every command runs in seconds on a CPU: 4 layers, 2 heads × 32, 600 tokens.
+    "tiny": Preset(
+        config=dict(
+            _WAN_COMMON, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32,
+            ffn_dim=128, num_layers=4,
+        ),
+        frames=21, height=160, width=160, text_tokens=16,
+        about="4-layer Wan-architecture model with random weights (seed 0), for offline runs and tests",
+    ),
+    # Exact published configs (Wan-AI/Wan2.1-T2V-*-Diffusers); random weights, for benchmarks.
+    "wan2.1-t2v-1.3b": Preset(
+        config=dict(_WAN_COMMON, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30),
+        frames=81, height=480, width=832, text_tokens=512,
+        about="Wan2.1 T2V 1.3B config, random weights",
+    ),
+    "wan2.1-t2v-14b": Preset(
+        config=dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
+        frames=81, height=720, width=1280, text_tokens=512,
+        about="Wan2.1 T2V 14B config, random weights",
+    ),
+}
+
+# A Wan checkpoint folder without a preset: what its commands default to.
+DEFAULT_VIDEO = (81, 480, 832)
+DEFAULT_TEXT_TOKENS = 512
+
+
+def _transformer_dir(path: Path) -> Path:
+    """The folder holding the transformer's config.json: `path` itself or a pipeline's `transformer/`."""
+    if (path / "model_index.json").is_file():
+        if not (path / "transformer" / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a pipeline folder without transformer/config.json")
+        return path / "transformer"
+    if (path / "config.json").is_file():
+        return path
+    raise ModelLoadError(f"{path} has neither model_index.json (a pipeline) nor config.json (a transformer)")
+
+
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if not isinstance(config, dict) or config.get("_class_name") != WAN_CLASS:
+        found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
+        raise ModelLoadError(f"{folder} holds a {found!r}, not a {WAN_CLASS}")
+    return config
+
+
+def _check_weights(folder: Path) -> None:
+    """Fail with one line on missing or unreadable safetensors before diffusers gets to them."""
+    from safetensors import safe_open
+
+    if (folder / WEIGHTS_INDEX).is_file():
+        try:
+            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read {folder / WEIGHTS_INDEX}: {e}") from None
+    elif (folder / WEIGHTS).is_file():
+        shards = [WEIGHTS]
+    else:
+        raise ModelLoadError(f"{folder} has no {WEIGHTS} (or sharded index): no weights to load")
+    for shard in shards:
+        try:
+            with safe_open(folder / shard, framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)  # reads the header entry; a truncated file fails here
+        except Exception as e:  # safetensors raises its own error types and OSError
+            raise ModelLoadError(f"{folder / shard} is not a readable safetensors file ({e})") from None
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
+
+
+def load_config(spec: str) -> dict:
+    """The transformer config of a model spec, without loading weights."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec].config)
+    path = Path(spec)
+    if path.is_dir():
+        config = _read_config(_transformer_dir(path))
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    if is_hub_id(spec):
+        return {k: v for k, v in load_model(spec).config.items() if not k.startswith("_")}
+    raise ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
+
+
+def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=None, seed: int = 0):
+    """Load a `WanTransformer3DModel` from `spec`.
+
+    spec: "tiny" (built in code), a preset name (random weights, seeded), a local diffusers folder
+    (a pipeline folder with transformer/, or a transformer folder), or a Hugging Face hub id.
+    """
+    from diffusers import WanTransformer3DModel
+
+    if spec in PRESETS:
+        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+            torch.manual_seed(seed)
+            model = WanTransformer3DModel(**PRESETS[spec].config)
+        model = model.to(dtype=dtype) if dtype is not None else model
+    elif Path(spec).is_dir():
+        folder = _transformer_dir(Path(spec))
+        _read_config(folder)
+        _check_weights(folder)
+        try:
+            model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+        except Exception as e:  # diffusers wraps shape and key mismatches in several types
+            raise ModelLoadError(f"cannot load {folder}: {str(e).splitlines()[0]}") from None
+        model = model.to(device) if device is not None else model
+    elif is_hub_id(spec):
+        model = _load_from_hub(WanTransformer3DModel, spec, dtype)
+        model = model.to(device) if device is not None else model
+    else:
+        raise ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
+    model.eval()
+    return model
+
+
+def _load_from_hub(cls, spec: str, dtype):
+    """From the local Hub cache if it is there; else one quick metadata request before downloading,
+    so that no network is one clear line instead of minutes of retries."""
+    import warnings
+
+    import huggingface_hub
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # hub deprecation chatter would break the one-line error
+        try:
+            return cls.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+        except Exception:
+            pass
+        try:
+            huggingface_hub.model_info(spec, timeout=10)
+            return cls.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype)
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot fetch {spec!r} from the Hugging Face Hub ({type(e).__name__}); "
+                "without network access, pass a local diffusers folder instead"
+            ) from None
+
+
+def default_video(spec: str) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels that commands use for `spec` unless told otherwise."""
+    preset = PRESETS.get(spec)
+    return (preset.frames, preset.height, preset.width) if preset else DEFAULT_VIDEO
+
+
+def default_text_tokens(spec: str) -> int:
+    preset = PRESETS.get(spec)
+    return preset.text_tokens if preset else DEFAULT_TEXT_TOKENS
+
+
+def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) -> VideoGrid:
+    """The token grid for a video size, with the model's default size filling unset values."""
+    d_frames, d_height, d_width = default_video(spec)
+    return video_grid(
+        frames or d_frames, height or d_height, width or d_width, patch_size=tuple(config["patch_size"])
+    )
+
+
+def fingerprint(config: dict) -> str:
+    """A short hash of the architecture config: plans refuse models whose fingerprint differs."""
+    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    public = json.loads(json.dumps(public, default=list))  # tuples and lists hash alike
+    digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
+    return digest[:16]
+
+
+def self_attention_fqns(num_layers: int) -> list[str]:
+    return [f"blocks.{i}.attn1" for i in range(num_layers)]

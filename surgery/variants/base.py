@@ -1,0 +1,198 @@
+"""The attention-variant contract.
+
+A variant is a diffusers attention processor that is also an `nn.Module`: set on `blocks.N.attn1`,
+its parameters (feature maps, gates) live at `blocks.N.attn1.processor.*`, so they train and save
+with the model. It owns four things:
+
+- `Config`: a frozen dataclass of its settings, validated on construction;
+- `flops(config, grid, heads, head_dim)`: its cost model, pure arithmetic; the planner's only view;
+- `attend_reference(q, k, v, grid, x)`: its math in plain PyTorch, the definition kernels must match;
+- `attend_kernel(...)`: its fast path on CUDA, where it has one (`backend="torch"` forces the reference).
+
+Everything else — projections, RMS norms, rotary embedding, output projection — is Wan's own
+self-attention path, reproduced exactly in `forward`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+from ..grid import GridContext, VideoGrid
+
+BACKENDS = ("auto", "torch")
+
+
+def dense_attention_flops(tokens: int, heads: int, head_dim: int) -> float:
+    """Matmul FLOPs of dense attention for one video: QKᵀ and PV, 2·S²·D each, per head."""
+    return 4.0 * heads * tokens * tokens * head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantConfig:
+    """Base of every variant's settings. Subclasses add fields and check them in `__post_init__`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any], *, where: str = "") -> "VariantConfig":
+        """Build from JSON/TOML values; unknown keys and wrong types are one-line errors."""
+        where = where or cls.__name__
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise SurgeryError(f"{where}: unknown parameter {unknown[0]!r} (known: {', '.join(known) or 'none'})")
+        hints = typing.get_type_hints(cls)
+        values = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in params.items()}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise SurgeryError(f"{where}: {e}") from None
+
+
+def _jsonable(value):
+    return list(_jsonable(v) for v in value) if isinstance(value, tuple) else value
+
+
+def _coerce(value, hint, where):
+    """Accept JSON's spelling of a declared type (lists for tuples, ints for floats), reject the rest."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except SurgeryError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise SurgeryError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SurgeryError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, inner, where) for v in value)
+        if len(value) != len(args):
+            raise SurgeryError(f"{where} must have {len(args)} entries, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if type(value) is not hint:
+            raise SurgeryError(f"{where} must be {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+class AttentionVariant(nn.Module):
+    """Base class of self-attention variants; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[VariantConfig]]
+    # Matches diffusers' processors, so `model.set_attention_backend(...)` keeps working.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, config: VariantConfig, *, heads: int, head_dim: int, dim: int, layer_index: int = 0):
+        super().__init__()
+        if not isinstance(config, self.Config):
+            raise SurgeryError(f"{self.name} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.heads = heads
+        self.head_dim = head_dim
+        self.dim = dim
+        self.layer_index = layer_index
+        self.backend = "auto"
+        self.grid_context: GridContext | None = None
+
+    # ---- the contract ---------------------------------------------------------------------------
+    @classmethod
+    def flops(cls, config: VariantConfig, grid: VideoGrid, heads: int, head_dim: int) -> float:
+        """FLOPs of one self-attention call for one video (batch 1), everything the variant computes."""
+        raise NotImplementedError
+
+    @classmethod
+    def density(cls, config: VariantConfig, grid: VideoGrid) -> float:
+        """Share of (query, key) pairs that get exact softmax attention, in [0, 1]."""
+        raise NotImplementedError
+
+    def attend_reference(self, q, k, v, grid: VideoGrid, x: torch.Tensor | None = None) -> torch.Tensor:
+        """q, k, v: [B, S, H, D] after norms and RoPE, S = grid.tokens in raster order;
+        x: [B, S, dim], the attention's input (for gates). Returns [B, S, H, D]."""
+        raise NotImplementedError
+
+    attend_kernel = None  # set by variants that have a fused kernel; same signature as attend_reference
+
+    # ---- shared machinery -----------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, attn: nn.Module, config: VariantConfig, layer_index: int = 0) -> "AttentionVariant":
+        """Build the processor for a diffusers `WanAttention`, on its device and in its dtype."""
+        weight = attn.to_q.weight
+        variant = cls(
+            config,
+            heads=attn.heads,
+            head_dim=attn.inner_dim // attn.heads,
+            dim=attn.to_q.in_features,
+            layer_index=layer_index,
+        )
+        return variant.to(device=weight.device, dtype=weight.dtype)
+
+    def attend(self, q, k, v, grid: VideoGrid, x: torch.Tensor | None = None) -> torch.Tensor:
+        if self.attend_kernel is not None and self.backend == "auto" and q.is_cuda:
+            return self.attend_kernel(q, k, v, grid, x)
+        return self.attend_reference(q, k, v, grid, x)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        """diffusers' processor call: Wan's self-attention path with `attend` as its core."""
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise SurgeryError(f"{self.name} replaces self-attention only; it was called as cross-attention")
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))  # [B, S, H, D]
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, *rotary_emb)
+            key = apply_rotary_emb(key, *rotary_emb)
+        grid = self.grid_context.grid if self.grid_context is not None else None
+        if grid is None or grid.tokens != query.shape[1]:
+            raise SurgeryError(
+                f"{self.name} attention got {query.shape[1]} tokens but no matching video grid: "
+                "apply variants with surgery.apply(), which records the grid at each forward"
+            )
+        out = self.attend(query, key, value, grid, x=hidden_states)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, heads={self.heads}, head_dim={self.head_dim}, layer={self.layer_index}"
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs, the same ops as diffusers' WanAttnProcessor."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,35 @@
+import copy
+
+import pytest
+import torch
+
+import surgery
+from surgery.grid import VideoGrid
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def _tiny_model():
+    return surgery.load_model("tiny")
+
+
+@pytest.fixture
+def tiny_model(_tiny_model):
+    """A fresh copy of the 4-layer tiny Wan transformer (fp32, CPU)."""
+    return copy.deepcopy(_tiny_model)
+
+
+def model_inputs(model, grid: VideoGrid, batch: int = 2, text_tokens: int = 16, seed: int = 0):
+    """Random latents, timesteps and text embeddings for one forward at `grid`."""
+    g = torch.Generator().manual_seed(seed)
+    pt, ph, pw = model.config.patch_size
+    latents = torch.randn(
+        batch, model.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw, generator=g
+    )
+    timestep = torch.randint(0, 1000, (batch,), generator=g)
+    text = torch.randn(batch, text_tokens, model.config.text_dim, generator=g)
+    return dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)

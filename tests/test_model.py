@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+import surgery
+from surgery.errors import ModelLoadError
+from surgery.grid import VideoGrid
+
+from .conftest import model_inputs
+
+
+def _same_output(a, b):
+    """Same weights give the same output (a reloaded model may take other matmul paths: 1e-6)."""
+    inputs = model_inputs(a, VideoGrid(2, 3, 4), batch=1)
+    with torch.no_grad():
+        return (a(**inputs).sample - b(**inputs).sample).abs().max().item() <= 1e-6
+
+
+def test_tiny_is_deterministic():
+    assert _same_output(surgery.load_model("tiny"), surgery.load_model("tiny"))
+
+
+def test_load_transformer_folder(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "transformer")
+    assert _same_output(surgery.load_model(str(tmp_path / "transformer")), tiny_model)
+
+
+def test_load_pipeline_folder(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    assert _same_output(surgery.load_model(str(tmp_path)), tiny_model)
+
+
+def test_load_sharded_folder(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert _same_output(surgery.load_model(str(tmp_path)), tiny_model)
+
+
+def test_wrong_class_is_refused(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, _class_name="UNet2DConditionModel")))
+    with pytest.raises(ModelLoadError, match="UNet2DConditionModel"):
+        surgery.load_model(str(tmp_path))
+
+
+def test_missing_weights_are_refused(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no diffusion_pytorch_model.safetensors"):
+        surgery.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_are_refused(tiny_model, tmp_path, damage):
+    tiny_model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        surgery.load_model(str(tmp_path))
+
+
+def test_unknown_spec_and_unreachable_hub():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        surgery.load_model("no-such-thing")
+    with pytest.raises(ModelLoadError, match="pass a local diffusers folder"):
+        surgery.load_model("vsurgery-tests/not-a-real-repo")
+
+
+def test_presets_have_the_published_configs():
+    small, large = surgery.load_config("wan2.1-t2v-1.3b"), surgery.load_config("wan2.1-t2v-14b")
+    assert (small["num_layers"], small["num_attention_heads"], small["ffn_dim"]) == (30, 12, 8960)
+    assert (large["num_layers"], large["num_attention_heads"], large["ffn_dim"]) == (40, 40, 13824)
+    assert small["attention_head_dim"] == large["attention_head_dim"] == 128
