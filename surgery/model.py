@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .grid import VideoGrid, video_grid
+from .grid import VAE_SCALE, VideoGrid, video_grid
 
 WAN_CLASS = "WanTransformer3DModel"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -45,6 +45,7 @@ class Preset:
     width: int
     text_tokens: int  # length of the text embedding sequence the model is conditioned on
     about: str
+    vae_scale: tuple[int, int, int] = VAE_SCALE  # pixels per latent along frames, height, width
 
 
 PRESETS: dict[str, Preset] = {
@@ -205,8 +206,13 @@ def default_text_tokens(spec: str) -> int:
 def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) -> VideoGrid:
     """The token grid for a video size, with the model's default size filling unset values."""
     d_frames, d_height, d_width = default_video(spec)
+    preset = PRESETS.get(spec)
     return video_grid(
-        frames or d_frames, height or d_height, width or d_width, patch_size=tuple(config["patch_size"])
+        frames or d_frames,
+        height or d_height,
+        width or d_width,
+        patch_size=tuple(config["patch_size"]),
+        vae_scale=preset.vae_scale if preset else VAE_SCALE,
     )
 
 
