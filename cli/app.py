@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -50,6 +52,35 @@ def info(
 
     result = model_info(model, frames, height, width)
     output.print_json(result) if json else output.show_info(result)
+
+
+@command
+def plan(
+    budget: Annotated[float, typer.Option(help="Attention FLOPs allowed, as a fraction of dense (0, 1].")] = 0.6,
+    model: opt.Model = "tiny",
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the plan JSON.")] = Path("plan.json"),
+    variants: Annotated[
+        Optional[str], typer.Option(help="Comma-separated variants to consider (full is always one).")
+    ] = None,
+    keep_full: Annotated[Optional[str], typer.Option(help="Comma-separated layer indices to keep dense.")] = None,
+    frames: opt.Frames = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration inputs (timesteps spread over the schedule).")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed for calibration inputs and learned-map init.")] = 0,
+    json: opt.Json = False,
+):
+    """Measure each layer's sensitivity and pick a variant per layer under a FLOP budget."""
+    from surgery.planner import make_plan
+
+    with output.progress("calibrating") as update:
+        result = make_plan(
+            model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
+            frames=frames, height=height, width=width, samples=samples, seed=seed, progress=update,
+        )
+    if out is not None:
+        result.save(out)
+    output.print_json(result.to_dict()) if json else output.show_plan(result, out)
 
 
 def main() -> None:

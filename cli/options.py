@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from surgery.errors import SurgeryError
+
 Model = Annotated[
     str,
     typer.Option(
@@ -17,3 +19,16 @@ Frames = Annotated[Optional[int], typer.Option(help="Video frames in pixels spac
 Height = Annotated[Optional[int], typer.Option(help="Video height in pixels (multiple of 16); default: the model's.")]
 Width = Annotated[Optional[int], typer.Option(help="Video width in pixels (multiple of 16); default: the model's.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+
+
+def split_names(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def split_ints(value: str | None, option: str) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SurgeryError(f"{option} takes comma-separated integers, got {value!r}") from None

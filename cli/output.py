@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -56,3 +57,55 @@ def show_info(info: dict) -> None:
             ("self-attention share", f"{info['self_attention_share']:.1%}"),
         ],
     )
+
+
+@contextlib.contextmanager
+def progress(description: str):
+    """Yield a `(done, total)` callback that drives a transient rich progress bar on stderr.
+
+    The bar starts at the first update, so input errors raised before any work print alone.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    )
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
+
+def show_plan(plan, path=None) -> None:
+    data = plan.to_dict()
+    title = f"plan for {plan.model} at grid {plan.grid} ({plan.grid.tokens:,} tokens), budget {plan.budget:g}"
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "variant", "params", "FLOPs", "of dense", "error"):
+        table.add_column(column, justify="right" if column in ("FLOPs", "of dense", "error") else "left")
+    dense_layer = data["dense_flops"] / plan.num_layers
+    for fqn, choice in plan.layers.items():
+        params = ", ".join(f"{k}={v}" for k, v in choice.config.to_dict().items() if v is not None)
+        table.add_row(
+            fqn, choice.variant, params or "—", human_flops(choice.flops), f"{choice.flops / dense_layer:.1%}",
+            f"{choice.error:.4f}",
+        )
+    console.print(table)
+    solver = data["solver"]
+    console.print(
+        f"attention FLOPs: {human_flops(data['flops'])} = {data['flops_ratio']:.1%} of dense "
+        f"({human_flops(data['dense_flops'])}); total error {data['total_error']:.4f}; "
+        f"optimality gap ≤ {solver['optimality_gap']:.2g} ({solver['method']})"
+    )
+    if path is not None:
+        console.print(f"wrote {path}")

@@ -102,6 +102,8 @@ class AttentionVariant(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type[VariantConfig]]
+    # Settings the planner tries for this variant (parameters for Config.from_dict).
+    plan_candidates: ClassVar[tuple[dict, ...]] = ({},)
     # Matches diffusers' processors, so `model.set_attention_backend(...)` keeps working.
     _attention_backend = None
     _parallel_config = None
@@ -133,6 +135,11 @@ class AttentionVariant(nn.Module):
         """q, k, v: [B, S, H, D] after norms and RoPE, S = grid.tokens in raster order;
         x: [B, S, dim], the attention's input (for gates). Returns [B, S, H, D]."""
         raise NotImplementedError
+
+    def observed_config(self) -> VariantConfig:
+        """The config with data-dependent cost fields filled from the calls seen so far (the
+        planner reads it after calibration); variants whose cost is fixed return their config."""
+        return self.config
 
     attend_kernel = None  # set by variants that have a fused kernel; same signature as attend_reference
 

@@ -1,0 +1,178 @@
+"""Choose one candidate per layer: a multiple-choice knapsack over cost models and measured errors.
+
+minimise Σ_i e[i][r]  subject to  Σ_i c[i][r] ≤ capacity, one r per layer i   (Attention Surgery §3.3)
+
+Solved exactly by dynamic programming over costs discretised in a fixed unit, rounded *up* so every
+returned plan truly fits. The unit is fixed by the caller (not by the budget), so a larger budget
+can only do better. A Lagrangian relaxation gives a lower bound on the true optimum; the
+difference to the DP's objective is the reported optimality gap (it is zero whenever the
+discretisation is exact, e.g. integer costs with unit 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class Solution:
+    choice: list[int]  # index of the chosen candidate, per layer
+    objective: float  # Σ error of the choice
+    cost: float  # Σ cost of the choice, in the caller's units
+    lower_bound: float  # Lagrangian bound on the optimum of the undiscretised problem
+    method: str
+
+    @property
+    def gap(self) -> float:
+        return max(0.0, self.objective - self.lower_bound)
+
+
+def min_cost(costs: list[list[float]]) -> float:
+    return sum(min(layer) for layer in costs)
+
+
+def solve(errors: list[list[float]], costs: list[list[float]], capacity: float, unit: float) -> Solution:
+    """Exact DP over costs in multiples of `unit` (rounded up). Ties go to the earlier candidate."""
+    if len(errors) != len(costs) or any(len(e) != len(c) or not e for e, c in zip(errors, costs)):
+        raise SurgeryError("every layer needs at least one candidate, with one error per cost")
+    if capacity < min_cost(costs) - 1e-9 * max(1.0, abs(capacity)):
+        raise SurgeryError(f"capacity {capacity:g} is below the cheapest choice's {min_cost(costs):g}")
+    slots = int(math.floor(capacity / unit + 1e-9))
+    weights = [[int(math.ceil(c / unit - 1e-9)) for c in layer] for layer in costs]
+    inf = math.inf
+    best = np.full(slots + 1, inf)  # best[w]: least error using exactly w units over the layers so far
+    best[0] = 0.0
+    picks = []  # per layer: [slots+1] chosen candidate
+    for layer_errors, layer_weights in zip(errors, weights):
+        new = np.full(slots + 1, inf)
+        pick = np.full(slots + 1, -1, dtype=np.int64)
+        for r, (e, w) in enumerate(zip(layer_errors, layer_weights)):
+            if w > slots:
+                continue
+            shifted = np.full(slots + 1, inf)
+            shifted[w:] = best[: slots + 1 - w] + e
+            better = shifted < new
+            new[better] = shifted[better]
+            pick[better] = r
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best).any():
+        raise SurgeryError("no choice fits the capacity once costs are rounded up to the planner's resolution")
+    w = int(np.argmin(best))  # argmin returns the first (cheapest) among equal errors
+    choice = []
+    for layer_weights, pick in zip(reversed(weights), reversed(picks)):
+        r = int(pick[w])
+        choice.append(r)
+        w -= layer_weights[r]
+    choice.reverse()
+    cost = sum(c[r] for c, r in zip(costs, choice))
+    objective = sum(e[r] for e, r in zip(errors, choice))
+    return Solution(choice, objective, cost, lagrangian_bound(errors, costs, capacity), "dp")
+
+
+def lagrangian_bound(errors, costs, capacity: float) -> float:
+    """max over λ ≥ 0 of Σ_i min_r (e_ir + λ·c_ir) − λ·capacity: a lower bound on the optimum.
+
+    The dual is concave and piecewise linear with breakpoints where a layer's best candidate
+    changes, so evaluating it at every pairwise crossing λ finds its maximum exactly.
+    """
+    def dual(lam):
+        return sum(min(e + lam * c for e, c in zip(le, lc)) for le, lc in zip(errors, costs)) - lam * capacity
+
+    lambdas = {0.0}
+    for le, lc in zip(errors, costs):
+        for i in range(len(le)):
+            for j in range(i + 1, len(le)):
+                if lc[i] != lc[j]:
+                    lam = (le[j] - le[i]) / (lc[i] - lc[j])
+                    if lam > 0:
+                        lambdas.add(lam)
+    return max(dual(lam) for lam in lambdas)
+
+
+# Cost resolution of the DP: 1/RESOLUTION of one dense layer. Fixed per model, so budgets compare.
+RESOLUTION = 1000
+
+
+def make_plan(
+    spec: str = "tiny",
+    budget: float = 0.6,
+    *,
+    variants: list[str] | None = None,
+    keep_full: list[int] | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    model=None,
+    progress=None,
+):
+    """Measure every candidate on every layer, then pick per layer so attention FLOPs ≤ budget × dense.
+
+    Costs come only from the variants' cost models at the target grid, never from timing.
+    Returns a `Plan` with the per-layer choice, its FLOPs and measured error, and the solver report.
+    """
+    from .model import default_text_tokens, fingerprint, load_model, resolve_grid
+    from .plan import LayerChoice, Plan
+    from .sensitivity import calibration_inputs, default_candidates, measure_errors
+    from .variants import VARIANTS, dense_attention_flops
+
+    if not 0.0 < budget <= 1.0:
+        raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
+    candidates = default_candidates(variants)
+    model = model if model is not None else load_model(spec)
+    config = dict(model.config)
+    heads, head_dim, num_layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
+    pinned = set(keep_full or [])
+    bad = sorted(i for i in pinned if not 0 <= i < num_layers)
+    if bad:
+        raise SurgeryError(f"--keep-full layer {bad[0]} does not exist (the model has layers 0–{num_layers - 1})")
+    grid = resolve_grid(spec, config, frames, height, width)
+
+    inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec))
+    table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
+
+    dense = dense_attention_flops(grid.tokens, heads, head_dim)
+    allowed = [
+        [j for j, c in enumerate(candidates) if i not in pinned or c.variant == "full"] for i in range(num_layers)
+    ]
+    costs = [[VARIANTS[candidates[j].variant].flops(table.configs[i][j], grid, heads, head_dim) for j in allowed[i]]
+             for i in range(num_layers)]
+    errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
+    capacity = budget * dense * num_layers
+    cheapest = min_cost(costs)
+    if cheapest > capacity:
+        raise SurgeryError(
+            f"budget {budget:g} is below what the cheapest candidates reach: {cheapest / (dense * num_layers):.4f} "
+            "of dense attention FLOPs"
+        )
+    solution = solve(errors, costs, capacity, unit=dense / RESOLUTION)
+
+    layers = {}
+    for i, r in enumerate(solution.choice):
+        j = allowed[i][r]
+        layers[f"blocks.{i}.attn1"] = LayerChoice(candidates[j].variant, table.configs[i][j], costs[i][r], errors[i][r])
+    meta = {
+        "dense_flops": dense * num_layers,
+        "flops": solution.cost,
+        "flops_ratio": solution.cost / (dense * num_layers),
+        "total_error": solution.objective,
+        "solver": {
+            "method": "exact dynamic programming over costs rounded up to 1/%d of a dense layer" % RESOLUTION,
+            "lower_bound": solution.lower_bound,
+            "optimality_gap": solution.gap,
+        },
+        "calibration": {"samples": samples, "seed": seed, "inputs": "random latents and text, timesteps spread"},
+        "candidates": [
+            {"layer": i, "label": candidates[j].label(), "flops": costs[i][r], "error": errors[i][r]}
+            for i in range(num_layers)
+            for r, j in enumerate(allowed[i])
+        ],
+    }
+    return Plan(spec, fingerprint(config), num_layers, layers, grid, budget, meta)

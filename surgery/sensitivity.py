@@ -1,0 +1,111 @@
+"""How much each candidate attention variant hurts each layer: the planner's error table.
+
+The frozen model runs on a few calibration inputs; at every self-attention layer each candidate
+sees the layer's own q, k, v and input, and its output is compared with full attention:
+error = ‖ŷ − y‖ / ‖y‖ (relative L2 over the whole output), averaged over inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .capture import tap_self_attention
+from .errors import SurgeryError
+from .grid import VideoGrid
+from .variants import VARIANTS, AttentionVariant, VariantConfig
+
+
+@dataclass(frozen=True)
+class Candidate:
+    variant: str
+    config: VariantConfig
+
+    def label(self) -> str:
+        params = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if v is not None)
+        return f"{self.variant}({params})" if params else self.variant
+
+
+def default_candidates(variants: list[str] | None = None) -> list[Candidate]:
+    """Every registered variant's `plan_candidates` settings; `full` is always a candidate."""
+    names = list(VARIANTS) if variants is None else ["full", *(v for v in variants if v != "full")]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SurgeryError(f"unknown attention variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    return [
+        Candidate(name, VARIANTS[name].Config.from_dict(params, where=name))
+        for name in names
+        for params in VARIANTS[name].plan_candidates
+    ]
+
+
+def calibration_inputs(model, grid: VideoGrid, samples: int, seed: int, text_tokens: int) -> list[dict]:
+    """Random latents at `grid`, random text embeddings, and timesteps spread evenly over (0, 1000).
+
+    A random-weight model has no data distribution to prefer; for trained models these are noised
+    inputs at every noise level, which is what each layer sees over a sampling run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    pt, ph, pw = model.config.patch_size
+    param = next(model.parameters())
+    inputs = []
+    for i in range(samples):
+        latents = torch.randn(
+            1, model.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw, generator=g
+        )
+        text = torch.randn(1, text_tokens, model.config.text_dim, generator=g)
+        timestep = torch.tensor([(i + 0.5) / samples * 1000.0])
+        inputs.append(
+            dict(
+                hidden_states=latents.to(param.device, param.dtype),
+                timestep=timestep.to(param.device),
+                encoder_hidden_states=text.to(param.device, param.dtype),
+            )
+        )
+    return inputs
+
+
+@dataclass
+class ErrorTable:
+    candidates: list[Candidate]  # column order
+    errors: list[list[float]]  # [layer][candidate] mean relative L2 error
+    configs: list[list[VariantConfig]]  # [layer][candidate] config with data-dependent costs observed
+
+
+@torch.no_grad()
+def measure_errors(
+    model,
+    inputs: list[dict],
+    candidates: list[Candidate],
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> ErrorTable:
+    """Run `model` on each input; at each layer evaluate every candidate on the layer's q, k, v."""
+    num_layers = len(model.blocks)
+    modules: dict[int, list[AttentionVariant]] = {}
+    sums = [[0.0] * len(candidates) for _ in range(num_layers)]
+
+    def evaluate(layer, q, k, v, x, y, grid):
+        if layer not in modules:
+            # Learned variants start from their seeded init, the same for every run of the planner.
+            torch.manual_seed(seed * 1009 + layer)
+            attn = model.blocks[layer].attn1
+            modules[layer] = [
+                VARIANTS[c.variant].from_dense(attn, c.config, layer_index=layer) for c in candidates
+            ]
+        reference = y.float()
+        norm = reference.norm().clamp_min(1e-30)
+        for j, module in enumerate(modules[layer]):
+            out = module.attend(q, k, v, grid, x).float()
+            sums[layer][j] += float((out - reference).norm() / norm)
+
+    with tap_self_attention(model, evaluate):
+        for i, model_input in enumerate(inputs):
+            model(**model_input)
+            if progress:
+                progress(i + 1, len(inputs))
+    errors = [[s / len(inputs) for s in row] for row in sums]
+    configs = [[m.observed_config() for m in modules[layer]] for layer in range(num_layers)]
+    return ErrorTable(candidates, errors, configs)
