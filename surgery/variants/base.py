@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .. import config as typed
 from ..errors import SurgeryError
 from ..grid import GridContext, VideoGrid
 
@@ -39,62 +39,12 @@ class VariantConfig:
     """Base of every variant's settings. Subclasses add fields and check them in `__post_init__`."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return typed.to_dict(self)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any], *, where: str = "") -> "VariantConfig":
         """Build from JSON/TOML values; unknown keys and wrong types are one-line errors."""
-        where = where or cls.__name__
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise SurgeryError(f"{where}: unknown parameter {unknown[0]!r} (known: {', '.join(known) or 'none'})")
-        hints = typing.get_type_hints(cls)
-        values = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in params.items()}
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as e:
-            raise SurgeryError(f"{where}: {e}") from None
-
-
-def _jsonable(value):
-    return list(_jsonable(v) for v in value) if isinstance(value, tuple) else value
-
-
-def _coerce(value, hint, where):
-    """Accept JSON's spelling of a declared type (lists for tuples, ints for floats), reject the rest."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except SurgeryError as e:
-                errors.append(e)
-        raise errors[0]
-    if origin is typing.Literal:
-        if value not in args:
-            raise SurgeryError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise SurgeryError(f"{where} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, inner, where) for v in value)
-        if len(value) != len(args):
-            raise SurgeryError(f"{where} must have {len(args)} entries, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool):
-        if type(value) is not hint:
-            raise SurgeryError(f"{where} must be {hint.__name__}, got {value!r}")
-        return value
-    return value
+        return typed.from_dict(cls, params, where or cls.__name__)
 
 
 class AttentionVariant(nn.Module):
