@@ -83,5 +83,30 @@ def plan(
     output.print_json(result.to_dict()) if json else output.show_plan(result, out)
 
 
+@command
+def distill(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
+    model: opt.Model = "tiny",
+    out: Annotated[Path, typer.Option(help="Run folder to write (plan, metrics, checkpoints, student).")] = Path("runs/distill"),
+    plan: Annotated[Optional[Path], typer.Option(help="Use this plan JSON instead of planning.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Override the recipe's plan budget.")] = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override one recipe field: section.key=value (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+):
+    """Distill the planned attention against the frozen teacher, then fine-tune the student."""
+    from surgery.plan import Plan
+    from surgery.recipe import load_recipe
+    from surgery.train import distill as run_distill
+
+    overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
+    loaded = load_recipe(recipe, overrides)
+    with output.training_progress() as progress:
+        summary = run_distill(model, loaded, out, plan=Plan.load(plan) if plan else None, resume=resume,
+                              progress=progress)
+    output.show_distill(summary)
+
+
 def main() -> None:
     app()

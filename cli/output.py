@@ -109,3 +109,43 @@ def show_plan(plan, path=None) -> None:
     )
     if path is not None:
         console.print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def training_progress():
+    """Yield `progress(stage, step, total, metrics)` that drives one rich bar per stage with loss and speed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[speed]:.2f} samples/s"), TimeElapsedColumn(),
+        console=err_console,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, step: int, total: int, metrics: dict) -> None:
+        if stage not in tasks:
+            if not tasks:
+                bar.start()
+            tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"), speed=0.0)
+        speed = metrics.get("samples", 1) / max(metrics.get("seconds", 0.0), 1e-9)
+        bar.update(tasks[stage], completed=step, loss=metrics["loss"], speed=speed)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()
+
+
+def show_distill(summary: dict) -> None:
+    table = Table(title=f"run {summary['run']}", title_justify="left")
+    for column in ("layer", "stage-1 loss first", "last", "fell by"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for fqn, (first, last) in summary.get("stage1_losses", {}).items():
+        table.add_row(fqn, f"{first:.4g}", f"{last:.4g}", f"{first / max(last, 1e-30):.1f}×")
+    if summary.get("stage1_losses"):
+        console.print(table)
+    if summary.get("stage2_final_loss") is not None:
+        console.print(f"stage-2 final loss {summary['stage2_final_loss']:.4g}")
+    console.print(f"student written to {summary['run']}/student.safetensors")

@@ -218,7 +218,16 @@ def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) 
 
 def fingerprint(config: dict) -> str:
     """A short hash of the architecture config: plans refuse models whose fingerprint differs."""
-    public = {k: v for k, v in config.items() if not k.startswith("_")}
+    import inspect
+
+    from diffusers import WanTransformer3DModel
+
+    # Fill the class defaults, so a preset dict and the loaded model's config hash alike.
+    defaults = {
+        name: p.default for name, p in inspect.signature(WanTransformer3DModel.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    public = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
     public = json.loads(json.dumps(public, default=list))  # tuples and lists hash alike
     digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
     return digest[:16]

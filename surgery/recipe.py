@@ -1,0 +1,178 @@
+"""Recipes: TOML files naming the plan (or the budget to plan for), the data and the two stages.
+
+Shipped recipes live in `surgery/recipes/` (package data, so they install with the library); `--recipe NAME` finds one of
+those, `--recipe path.toml` reads a user's. Every key is typed: a typo or a wrong type is a
+one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from . import config as typed
+from .errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class PlanSection:
+    budget: float = 0.6  # attention FLOPs as a fraction of dense, for the planner
+    variants: list[str] | None = None  # candidate variants; None = all registered
+    keep_full: list[int] = field(default_factory=list)
+    samples: int = 4  # calibration inputs
+    path: str | None = None  # an existing plan JSON instead of planning
+
+    def __post_init__(self):
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    # "noise": self-distillation inputs made from noise, timesteps and text embeddings (no data);
+    # "dataset": a `datasets` folder (save_to_disk) with `latents` and `text_embeddings` columns.
+    source: Literal["noise", "dataset"] = "noise"
+    path: str | None = None
+    samples: int = 32  # size of the self-distillation set (source = "noise")
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.source == "dataset" and not self.path:
+            raise ValueError("data.path is required when data.source = 'dataset'")
+        if self.batch_size < 1 or self.samples < 1:
+            raise ValueError("data.batch_size and data.samples must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """Attention transfer: new attention vs the teacher's attention output, L1 (value-based) loss."""
+
+    steps: int = 100
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("stage1.steps must be ≥ 0 and stage1.lr > 0")
+
+
+@dataclass(frozen=True)
+class SparsityAnneal:
+    """VSA's schedule: start dense, raise sparsity by `step` every `every` steps, up to the plan's."""
+
+    start: float = 0.0
+    step: float = 0.1
+    every: int = 10
+
+
+@dataclass(frozen=True)
+class Stage2:
+    """Fine-tuning of the whole student end-to-end."""
+
+    steps: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    mode: Literal["lora", "full"] = "lora"
+    # Loss weights: velocity distillation against the teacher on the same noisy input, and
+    # flow matching against the data's clean latents (needs data.source = "dataset").
+    distill_weight: float = 1.0
+    flow_weight: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    # LoRA targets, as regexes over module names: self-attention projections and the FFN by default.
+    lora_targets: str = r".*blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
+    sparsity_anneal: SparsityAnneal | None = None
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0:
+            raise ValueError("stage2.steps must be ≥ 0 and stage2.lr > 0")
+        if self.distill_weight < 0 or self.flow_weight < 0 or self.distill_weight + self.flow_weight == 0:
+            raise ValueError("stage2 needs a positive distill_weight or flow_weight")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    seed: int = 0
+    checkpoint_every: int = 25
+    mixed_precision: Literal["no", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    plan: PlanSection = field(default_factory=PlanSection)
+    data: DataSection = field(default_factory=DataSection)
+    stage1: Stage1 = field(default_factory=Stage1)
+    stage2: Stage2 = field(default_factory=Stage2)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(typed.to_dict(self))
+
+    def override(self, assignments: list[str]) -> "Recipe":
+        """Apply `section.key=value` overrides (value in TOML syntax, e.g. stage1.steps=20)."""
+        data = self.to_dict()
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep:
+                raise SurgeryError(f"--set takes section.key=value, got {assignment!r}")
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw  # a bare word is a string
+            *path, last = key.strip().split(".")
+            node = data
+            for part in path:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise SurgeryError(f"--set {key}: {part} is not a section")
+            node[last] = value
+        return parse(data, f"recipe {self.name}")
+
+
+def _drop_none(value):
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def parse(data: dict, where: str) -> Recipe:
+    return typed.from_dict(Recipe, data, where)
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("surgery.recipes").iterdir() if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """A shipped recipe by name (`hybrid`), or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SurgeryError(f"recipe file {path} does not exist")
+        text, where = path.read_text(), str(path)
+    else:
+        source = resources.files("surgery.recipes") / f"{name_or_path}.toml"
+        if not source.is_file():
+            raise SurgeryError(f"no recipe named {name_or_path!r} (shipped: {', '.join(shipped_recipes())})")
+        text, where = source.read_text(), f"recipe {name_or_path}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SurgeryError(f"{where} is not valid TOML: {e}") from None
+    recipe = parse(data, where)
+    return recipe.override(overrides) if overrides else recipe
+
+
+def replace(recipe: Recipe, **sections) -> Recipe:
+    return dataclasses.replace(recipe, **sections)

@@ -1,0 +1,1 @@
+"""Shipped recipes (TOML data, package data of surgery)."""

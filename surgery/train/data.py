@@ -1,0 +1,85 @@
+"""Training inputs through `datasets`, with a deterministic order and noise derived from (seed, step).
+
+Two sources:
+- "noise" (no data needed; self-distillation): each sample is a latent x0 ~ N(0, I) at the target
+  grid and a text embedding ~ N(0, I). At every step a timestep t and noise ε are drawn and the
+  models see x_t = (1 − t)·x0 + t·ε, Wan's flow-matching interpolation, so the teacher is queried at
+  every noise level. Only the teacher's outputs are targets; x0 carries no meaning.
+- "dataset": a folder written by `datasets.Dataset.save_to_disk` with columns `latents`
+  ([C, F, H, W]) and `text_embeddings` ([L, text_dim]) — precomputed VAE latents and encoder outputs.
+
+Everything random is derived from (seed, step), so a resumed run sees exactly the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import SurgeryError
+from ..grid import VideoGrid
+from ..recipe import DataSection
+
+
+def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int):
+    """A `datasets.Dataset` with `latents` and `text_embeddings` columns, in torch format."""
+    import datasets
+
+    if data.source == "dataset":
+        try:
+            dataset = datasets.load_from_disk(data.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise SurgeryError(f"cannot load dataset {data.path}: {e}") from None
+        missing = {"latents", "text_embeddings"} - set(dataset.column_names)
+        if missing:
+            raise SurgeryError(f"dataset {data.path} lacks column {sorted(missing)[0]!r}")
+        return dataset.with_format("torch")
+
+    pt, ph, pw = model_config["patch_size"]
+    g = torch.Generator().manual_seed(seed)
+    shape = (model_config["in_channels"], grid.frames * pt, grid.height * ph, grid.width * pw)
+    latents = torch.randn(data.samples, *shape, generator=g)
+    text = torch.randn(data.samples, text_tokens, model_config["text_dim"], generator=g)
+    dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
+    return dataset.with_format("torch")
+
+
+@dataclass
+class Batch:
+    noisy: torch.Tensor  # [B, C, F, H, W] x_t
+    timestep: torch.Tensor  # [B] t·1000
+    text: torch.Tensor  # [B, L, text_dim]
+    clean: torch.Tensor  # [B, C, F, H, W] x0
+    noise: torch.Tensor  # [B, C, F, H, W] ε
+
+
+class StepSampler:
+    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1):
+        self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
+        self.rank, self.world = rank, world
+
+    def _indices(self, step: int) -> list[int]:
+        n = len(self.dataset)
+        start = step * self.batch_size * self.world + self.rank * self.batch_size
+        out = []
+        for position in range(start, start + self.batch_size):
+            epoch, offset = divmod(position, n)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+            out.append(int(order[offset]))
+        return out
+
+    def batch(self, step: int, device, dtype) -> Batch:
+        rows = self.dataset[self._indices(step)]
+        clean = rows["latents"].to(torch.float32)
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + self.rank)
+        t = torch.rand(clean.shape[0], generator=g)
+        noise = torch.randn(clean.shape, generator=g)
+        sigma = t.view(-1, 1, 1, 1, 1)
+        noisy = (1 - sigma) * clean + sigma * noise
+        return Batch(
+            noisy.to(device, dtype), (t * 1000).to(device), rows["text_embeddings"].to(device, dtype),
+            clean.to(device, dtype), noise.to(device, dtype),
+        )

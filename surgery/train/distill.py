@@ -1,0 +1,280 @@
+"""`distill`: plan (or read a plan), attention transfer against the frozen teacher, then fine-tuning.
+
+Stage 1 (Attention Surgery's value-based distillation): the teacher runs dense attention; at every
+converted layer the student's new attention gets the teacher's own q, k, v and input and is
+trained so its output matches the teacher's attention output y under ‖y − ŷ‖₁. Each layer's loss
+is backpropagated inside the teacher's forward, so only one layer's activations live at a time;
+only the new attention parameters (feature maps, gates) train. Layers with nothing to learn
+(e.g. VMoBA) sit stage 1 out.
+
+Stage 2: the whole student, end to end, against the teacher's predicted velocity on the same noisy
+input (and/or flow matching on data), with LoRA through peft or full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..apply import apply, variant_processors
+from ..capture import tap_self_attention
+from ..errors import SurgeryError
+from ..io import atomic_write_json
+from ..model import default_text_tokens, load_model
+from ..plan import Plan
+from ..recipe import Recipe
+from .data import StepSampler, build_dataset
+from .loop import Schedule, run_stage
+
+
+def _accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    on_gpu = torch.cuda.is_available()
+    return Accelerator(cpu=not on_gpu, mixed_precision=recipe.train.mixed_precision if on_gpu else "no")
+
+
+def build_student(teacher, plan: Plan, recipe: Recipe, stage: int):
+    """A copy of the teacher with the plan applied; from stage 2 on, with LoRA if the recipe says so."""
+    student = apply(copy.deepcopy(teacher), plan)
+    student.requires_grad_(False)
+    for processor in variant_processors(student).values():
+        processor.requires_grad_(True)
+    if stage == 2:
+        if recipe.stage2.mode == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            config = LoraConfig(
+                r=recipe.stage2.lora_rank, lora_alpha=recipe.stage2.lora_alpha,
+                target_modules=recipe.stage2.lora_targets,
+            )
+            inject_adapter_in_model(config, student)  # lora_* parameters train, base weights stay frozen
+            for processor in variant_processors(student).values():
+                processor.requires_grad_(True)
+        else:
+            student.requires_grad_(True)
+        if recipe.train.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+    return student
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _stage1_step_fn(teacher, student, sampler, device, dtype):
+    processors = {
+        index: p for index, p in ((int(f.split(".")[1]), p) for f, p in variant_processors(student).items())
+        if any(True for _ in p.parameters())
+    }
+
+    def step(step_index: int) -> dict:
+        batch = sampler.batch(step_index, device, dtype)
+        losses: dict[int, float] = {}
+
+        def transfer(layer, q, k, v, x, y, grid):
+            with torch.enable_grad():
+                out = processors[layer].attend(q.detach(), k.detach(), v.detach(), grid, x.detach())
+                loss = (out.float() - y.detach().float()).abs().mean()  # value-based L1 loss
+                loss.backward()
+            losses[layer] = loss.item()
+
+        with torch.no_grad(), tap_self_attention(teacher, transfer, layers=set(processors)):
+            teacher(hidden_states=batch.noisy, timestep=batch.timestep, encoder_hidden_states=batch.text)
+        per_layer = {f"blocks.{i}.attn1": losses[i] for i in sorted(losses)}
+        return {"loss": sum(per_layer.values()) / max(1, len(per_layer)), "layers": per_layer,
+                "samples": batch.noisy.shape[0]}
+
+    return step, processors
+
+
+def _stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, plan: Plan, accelerator):
+    stage2 = recipe.stage2
+    targets = {fqn: choice.config for fqn, choice in plan.layers.items()}
+
+    def step(step_index: int) -> dict:
+        if stage2.sparsity_anneal is not None:
+            _anneal_sparsity(student, targets, stage2.sparsity_anneal, step_index)
+        batch = sampler.batch(step_index, device, dtype)
+        with accelerator.autocast():
+            prediction = student(hidden_states=batch.noisy, timestep=batch.timestep,
+                                 encoder_hidden_states=batch.text).sample.float()
+            loss = prediction.new_zeros(())
+            metrics = {}
+            if stage2.distill_weight:
+                with torch.no_grad():
+                    target = teacher(hidden_states=batch.noisy, timestep=batch.timestep,
+                                     encoder_hidden_states=batch.text).sample.float()
+                distill = torch.nn.functional.mse_loss(prediction, target)
+                loss = loss + stage2.distill_weight * distill
+                metrics["velocity_distill"] = distill.item()
+            if stage2.flow_weight:
+                flow = torch.nn.functional.mse_loss(prediction, (batch.noise - batch.clean).float())
+                loss = loss + stage2.flow_weight * flow
+                metrics["flow_matching"] = flow.item()
+        accelerator.backward(loss)
+        return {"loss": loss.item(), **metrics, "samples": batch.noisy.shape[0]}
+
+    return step
+
+
+def _anneal_sparsity(student, targets, anneal, step: int) -> None:
+    """Raise each layer's sparsity from `start` by `step` every `every` steps, up to its planned value."""
+    for fqn, processor in variant_processors(student).items():
+        planned = getattr(targets[fqn], "sparsity", None)
+        if planned is None:
+            continue
+        current = min(planned, anneal.start + anneal.step * (step // anneal.every))
+        processor.config = dataclasses.replace(processor.config, sparsity=current)
+
+
+def distill(
+    spec: str,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    plan: Plan | None = None,
+    resume: bool = False,
+    progress=None,
+    stop_after: int | None = None,
+) -> dict:
+    """Run a recipe on model `spec`; write the run folder `out` and return a summary.
+
+    out/: recipe.json, plan.json, metrics.jsonl, checkpoints/stage{1,2}/step-N/, student.safetensors,
+    run.json. With resume=True, continue the run in `out` from its newest checkpoint (same recipe,
+    plan, data order and optimiser state). stop_after: stop after that many steps, as a crash would.
+    """
+    out = Path(out)
+    if resume:
+        if not (out / "run.json").exists():
+            raise SurgeryError(f"--resume: {out} is not a run folder (no run.json)")
+        run_info = json.loads((out / "run.json").read_text())
+        if run_info.get("finished"):
+            raise SurgeryError(f"--resume: the run in {out} already finished")
+        plan = Plan.load(out / "plan.json")
+        spec = run_info["model"]
+    elif out.exists() and any(out.iterdir()):
+        raise SurgeryError(f"{out} already exists and is not empty; choose a new --out or pass --resume")
+
+    torch.manual_seed(recipe.train.seed)
+    accelerator = _accelerator(recipe)
+    device = accelerator.device
+    teacher = load_model(spec).to(device)
+    teacher.requires_grad_(False)
+    if plan is None:
+        from ..planner import make_plan
+
+        p = recipe.plan
+        if p.path:
+            plan = Plan.load(p.path)
+        else:
+            plan = make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
+                             seed=recipe.train.seed, model=teacher)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "recipe.json", recipe.to_dict())
+        plan.save(out / "plan.json")
+        atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": False,
+                                             "stage2_mode": recipe.stage2.mode})
+
+    grid = plan.grid
+    if grid is None:
+        from ..model import resolve_grid
+
+        grid = resolve_grid(spec, dict(teacher.config))
+    dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
+    dtype = next(teacher.parameters()).dtype
+    rank, world = accelerator.process_index, accelerator.num_processes
+    metrics_path = out / "metrics.jsonl"
+    summary: dict = {"run": str(out), "plan": plan.to_dict().get("flops_ratio")}
+
+    # Stage 1: attention transfer, only where the new attention has parameters.
+    student = build_student(teacher, plan, recipe, stage=1)
+    stage1_done = out / "stage1.safetensors"
+    step1, processors = _stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
+                                        recipe.train.seed, 1, rank, world), device, dtype)
+    if not stage1_done.exists():
+        if processors and recipe.stage1.steps:
+            s1 = recipe.stage1
+            last = run_stage(
+                "stage1", trainable(student), step1,
+                Schedule(s1.steps, s1.lr, s1.warmup_steps, s1.weight_decay, s1.grad_clip),
+                out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
+                progress=progress, stop_after=stop_after,
+            )
+            summary["stage1_final_loss"] = last.get("loss")
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable(student).items()}, stage1_done)
+        stop_after = None if stop_after is None else max(0, stop_after - recipe.stage1.steps)
+    else:
+        _load_into(student, stage1_done)
+
+    # Stage 2: fine-tune the student end to end.
+    stage1_state = {k: v.detach().clone() for k, v in trainable(student).items()}
+    student = build_student(teacher, plan, recipe, stage=2)
+    with torch.no_grad():
+        for name, tensor in stage1_state.items():
+            student.get_parameter(name).copy_(tensor)
+    if recipe.stage2.steps:
+        student.train()
+        student = accelerator.prepare(student)
+        sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world)
+        s2 = recipe.stage2
+        step2 = _stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
+        last = run_stage(
+            "stage2", trainable(student), step2,
+            Schedule(s2.steps, s2.lr, s2.warmup_steps, s2.weight_decay, s2.grad_clip),
+            out / "checkpoints" / "stage2", metrics_path, recipe.train.checkpoint_every,
+            accelerator=accelerator, progress=progress, stop_after=stop_after or None,
+        )
+        summary["stage2_final_loss"] = last.get("loss")
+        student = accelerator.unwrap_model(student)
+    student.eval()
+
+    if accelerator.is_main_process:
+        from safetensors.torch import save_file
+
+        tmp = out / ".student.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, tmp)
+        tmp.replace(out / "student.safetensors")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": True,
+                                             "stage2_mode": recipe.stage2.mode,
+                                             "lora": _lora_settings(recipe) if recipe.stage2.mode == "lora" else None})
+    summary["stage1_losses"] = _stage1_curve(metrics_path)
+    return summary
+
+
+def _lora_settings(recipe: Recipe) -> dict:
+    s2 = recipe.stage2
+    return {"r": s2.lora_rank, "lora_alpha": s2.lora_alpha, "target_modules": s2.lora_targets}
+
+
+def _load_into(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for name, tensor in load_file(path).items():
+            model.get_parameter(name).copy_(tensor)
+
+
+def _stage1_curve(metrics_path: Path) -> dict[str, tuple[float, float]]:
+    """Per layer: (first, last) stage-1 loss, for the summary."""
+    if not metrics_path.exists():
+        return {}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for line in metrics_path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["stage"] == "stage1":
+            for fqn, value in entry["layers"].items():
+                first.setdefault(fqn, value)
+                last[fqn] = value
+    return {fqn: (first[fqn], last[fqn]) for fqn in first if math.isfinite(last[fqn])}

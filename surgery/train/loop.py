@@ -1,0 +1,177 @@
+"""The training loop both stages share: AdamW, warmup + cosine LR, clipping, metrics, checkpoints.
+
+A step function does forward and backward and returns its metrics; the loop never knows which
+variant, stage or loss it trains. Checkpoints hold the trainable tensors, the optimiser state and
+the step, as safetensors + JSON (no pickle), written atomically; since every random draw derives
+from (seed, step), resuming from one continues exactly as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import SurgeryError
+from ..io import atomic_dir
+
+
+class TrainingDiverged(SurgeryError):
+    """A loss or gradient went NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    steps: int
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to 10% of the peak."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, extra: dict) -> None:
+    """params: name → tensor to restore; optimizer: AdamW over `params` in the same order."""
+    names = list(params)
+    opt_tensors, opt_scalars = {}, {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                opt_tensors[f"{names[index]}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_scalars[f"{names[index]}::{key}"] = float(value)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, tmp / "params.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_scalars": opt_scalars, **extra}))
+
+
+def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> dict:
+    """Restore params and AdamW state saved by `save_checkpoint`; returns the state JSON."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        saved = load_file(folder / "params.safetensors")
+        opt_tensors = load_file(folder / "optimizer.safetensors")
+    except Exception as e:
+        raise SurgeryError(f"cannot read checkpoint {folder}: {e}") from None
+    if set(saved) != set(params):
+        raise SurgeryError(f"checkpoint {folder} does not match the run's trainable parameters")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    opt_state = {}
+    for index, name in enumerate(params):
+        entry = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"{name}::{key}" in opt_tensors:
+                entry[key] = opt_tensors[f"{name}::{key}"].to(params[name].device)
+        if f"{name}::step" in state["optimizer_scalars"]:
+            entry["step"] = torch.tensor(state["optimizer_scalars"][f"{name}::step"])
+        if entry:
+            opt_state[index] = entry
+    full = optimizer.state_dict()
+    full["state"] = opt_state
+    optimizer.load_state_dict(full)
+    return state
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def run_stage(
+    name: str,
+    params: dict[str, torch.nn.Parameter],
+    step_fn: Callable[[int], dict],
+    schedule: Schedule,
+    checkpoints: Path,
+    metrics_path: Path,
+    checkpoint_every: int,
+    accelerator=None,
+    progress: Callable[[str, int, int, dict], None] | None = None,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `params` for `schedule.steps` steps; resumes from the newest checkpoint in `checkpoints`.
+
+    step_fn(step) runs forward + backward and returns metrics with a scalar "loss".
+    stop_after: stop (with a checkpoint) after this many steps in this call, as an interruption would.
+    Returns the last step's metrics.
+    """
+    optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    if accelerator is not None:
+        optimizer = accelerator.prepare(optimizer)
+    start = 0
+    last = latest_checkpoint(checkpoints)
+    if last is not None:
+        start = load_checkpoint(last, params, optimizer)["step"]
+        _drop_metrics_after(metrics_path, name, start)
+    metrics: dict = {}
+    done_here = 0
+    for step in range(start, schedule.steps):
+        began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(step)
+        metrics = step_fn(step)
+        grads = [p.grad for p in params.values() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), schedule.grad_clip) if grads else None
+        if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not torch.isfinite(grad_norm)):
+            kept = latest_checkpoint(checkpoints)
+            raise TrainingDiverged(
+                f"{name}: loss became {metrics['loss']} at step {step}; "
+                f"last good checkpoint: {kept if kept else 'none (diverged before the first)'}"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics = {"stage": name, "step": step + 1, "lr": schedule.lr_at(step), **metrics,
+                   "seconds": time.perf_counter() - began}
+        if accelerator is None or accelerator.is_main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if progress:
+            progress(name, step + 1, schedule.steps, metrics)
+        done_here += 1
+        finished = step + 1 == schedule.steps
+        stopping = stop_after is not None and done_here >= stop_after
+        if (step + 1) % checkpoint_every == 0 or finished or stopping:
+            if accelerator is None or accelerator.is_main_process:
+                save_checkpoint(checkpoints / f"step-{step + 1:06d}", step + 1, params, optimizer, {"stage": name})
+                for old in sorted(checkpoints.glob("step-*"))[:-2]:  # keep the two newest
+                    _remove(old)
+        if stopping and not finished:
+            raise StopRequested(step + 1)
+    return metrics
+
+
+class StopRequested(Exception):
+    """Raised by `stop_after`: the run stopped cleanly after a checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+def _drop_metrics_after(path: Path, stage: str, step: int) -> None:
+    """Forget metrics logged after the checkpoint we resume from: those steps run again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _remove(folder: Path) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
