@@ -17,6 +17,7 @@ from .errors import ModelLoadError
 from .grid import VAE_SCALE, VideoGrid, video_grid
 
 WAN_CLASS = "WanTransformer3DModel"
+SURGERY_CLASS = "SurgeryWanTransformer3DModel"  # an export of ours: see surgery/export.py
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -92,26 +93,26 @@ def _read_config(folder: Path) -> dict:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from None
-    if not isinstance(config, dict) or config.get("_class_name") != WAN_CLASS:
+    if not isinstance(config, dict) or config.get("_class_name") not in (WAN_CLASS, SURGERY_CLASS):
         found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         raise ModelLoadError(f"{folder} holds a {found!r}, not a {WAN_CLASS}")
     return config
 
 
-def _check_weights(folder: Path) -> None:
+def check_weights(folder: Path, weights: str = WEIGHTS, index_name: str = WEIGHTS_INDEX) -> None:
     """Fail with one line on missing or unreadable safetensors before diffusers gets to them."""
     from safetensors import safe_open
 
-    if (folder / WEIGHTS_INDEX).is_file():
+    if (folder / index_name).is_file():
         try:
-            index = json.loads((folder / WEIGHTS_INDEX).read_text())
+            index = json.loads((folder / index_name).read_text())
             shards = sorted(set(index["weight_map"].values()))
         except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ModelLoadError(f"cannot read {folder / WEIGHTS_INDEX}: {e}") from None
-    elif (folder / WEIGHTS).is_file():
-        shards = [WEIGHTS]
+            raise ModelLoadError(f"cannot read {folder / index_name}: {e}") from None
+    elif (folder / weights).is_file():
+        shards = [weights]
     else:
-        raise ModelLoadError(f"{folder} has no {WEIGHTS} (or sharded index): no weights to load")
+        raise ModelLoadError(f"{folder} has no {weights} (or sharded index): no weights to load")
     for shard in shards:
         try:
             with safe_open(folder / shard, framework="pt") as f:
@@ -153,8 +154,11 @@ def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=N
         model = model.to(dtype=dtype) if dtype is not None else model
     elif Path(spec).is_dir():
         folder = _transformer_dir(Path(spec))
-        _read_config(folder)
-        _check_weights(folder)
+        if _read_config(folder)["_class_name"] == SURGERY_CLASS:
+            from .export import load_exported
+
+            return load_exported(folder, dtype=dtype, device=device).eval()
+        check_weights(folder)
         try:
             model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
         except Exception as e:  # diffusers wraps shape and key mismatches in several types
@@ -222,12 +226,13 @@ def fingerprint(config: dict) -> str:
 
     from diffusers import WanTransformer3DModel
 
-    # Fill the class defaults, so a preset dict and the loaded model's config hash alike.
+    # Only Wan's own arguments, defaults filled: a preset dict, a loaded model's config and an
+    # exported surgery model's config (which adds its plan) hash alike.
     defaults = {
         name: p.default for name, p in inspect.signature(WanTransformer3DModel.__init__).parameters.items()
         if p.default is not inspect.Parameter.empty
     }
-    public = {**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    public = {name: config.get(name, default) for name, default in defaults.items()}
     public = json.loads(json.dumps(public, default=list))  # tuples and lists hash alike
     digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
     return digest[:16]

@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+import surgery
+from surgery.errors import ModelLoadError
+from surgery.export import WEIGHTS, export, load_exported, rebuild_student
+from surgery.grid import VideoGrid
+from surgery.plan import Plan
+from surgery.recipe import load_recipe
+from surgery.train import distill
+
+from .conftest import model_inputs
+
+GRID = VideoGrid(6, 10, 10)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A short LoRA run on the tiny model (all-full plan: export mechanics, not quality)."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    config = surgery.load_config("tiny")
+    plan = Plan.uniform("tiny", config, "full")
+    plan.grid = GRID
+    recipe = load_recipe("hybrid", ["stage2.steps=3", "stage2.lr=0.05", "stage2.flow_weight=1.0",
+                                    "stage2.distill_weight=0.0"])
+    distill("tiny", recipe, run, plan=plan)
+    return run
+
+
+def _forward(model, seed=0):
+    with torch.no_grad():
+        return model(**model_inputs(model, GRID, batch=1, seed=seed)).sample
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_loads_back_in_a_fresh_process_through_diffusers(finished_run, tmp_path, merge):
+    out = export(finished_run, tmp_path / "exported", merge_lora=merge)
+    student, _, _ = rebuild_student(finished_run)
+    expected = _forward(student)
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from diffusers.models import ModelMixin
+        from surgery.export import SurgeryWanTransformer3DModel
+        from tests.conftest import model_inputs
+        from surgery.grid import VideoGrid
+        model = SurgeryWanTransformer3DModel.from_pretrained({str(out)!r})
+        assert isinstance(model, ModelMixin)
+        kinds = {{type(b.attn1.processor).__name__ for b in model.blocks}}
+        with torch.no_grad():
+            y = model(**model_inputs(model, VideoGrid(6, 10, 10), batch=1, seed=0)).sample
+        torch.save(y, {str(tmp_path / 'y.pt')!r})
+        print(sorted(kinds))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "FullAttention" in result.stdout  # retrofitted processors, not stock WanAttnProcessor
+    loaded = torch.load(tmp_path / "y.pt")
+    assert (loaded - expected).abs().max().item() <= 1e-5
+    # LoRA actually changed the weights: the export is not just the teacher.
+    assert (expected - _forward(surgery.load_model("tiny"))).abs().max().item() > 1e-6
+
+
+def test_stock_diffusers_class_refuses_an_export(finished_run, tmp_path):
+    out = export(finished_run, tmp_path / "exported")
+    with pytest.raises(OSError):
+        WanTransformer3DModel.from_pretrained(out)
+
+
+def test_missing_trained_keys_fail_loudly(finished_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = export(finished_run, tmp_path / "exported", merge_lora=True)
+    weights = load_file(out / WEIGHTS)
+    dropped = next(k for k in weights if "blocks.0.attn1.to_q" in k)
+    del weights[dropped]
+    save_file(weights, out / WEIGHTS)
+    with pytest.raises(ModelLoadError, match="missing keys"):
+        load_exported(out)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_export_is_a_one_line_error(finished_run, tmp_path, damage):
+    out = export(finished_run, tmp_path / "exported")
+    weights = out / WEIGHTS
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"not safetensors at all")
+    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+        surgery.load_model(str(out))
+
+
+def test_export_refuses_an_unfinished_run_and_existing_output(finished_run, tmp_path):
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "run.json").write_text(json.dumps({"model": "tiny", "finished": False}))
+    with pytest.raises(surgery.SurgeryError, match="has not finished"):
+        export(tmp_path / "half", tmp_path / "x")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(surgery.SurgeryError, match="already exists"):
+        export(finished_run, tmp_path / "taken")
+    assert not (tmp_path / "x").exists()
