@@ -1,13 +1,18 @@
 """vsurgery: retrofit Wan2.1 video diffusion transformers with cheaper self-attention."""
 
+# diffusers' pipeline loader resolves model_index.json entries ["surgery", "SurgeryWanTransformer3DModel"]
+# and looks the loadable base classes up in this module too.
+from diffusers import ModelMixin
+
 from .apply import apply, set_backend, variant_processors
 from .errors import SurgeryError
+from .export import SurgeryWanTransformer3DModel, export, load_exported
 from .grid import VideoGrid, video_grid
 from .model import PRESETS, load_config, load_model
 from .plan import LayerChoice, Plan
 from .variants import VARIANTS, get_variant
 
 __all__ = [
-    "PRESETS", "VARIANTS", "LayerChoice", "Plan", "SurgeryError", "VideoGrid",
-    "apply", "get_variant", "load_config", "load_model", "set_backend", "variant_processors", "video_grid",
+    "ModelMixin", "PRESETS", "VARIANTS", "LayerChoice", "Plan", "SurgeryError", "SurgeryWanTransformer3DModel", "VideoGrid",
+    "apply", "export", "load_exported", "get_variant", "load_config", "load_model", "set_backend", "variant_processors", "video_grid",
 ]

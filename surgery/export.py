@@ -55,7 +55,8 @@ class SurgeryWanTransformer3DModel(WanTransformer3DModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader with the export's weight variant, and strict keys."""
-        kwargs.setdefault("variant", EXPORT_VARIANT)
+        if kwargs.get("variant") is None:  # pipelines pass variant=None explicitly
+            kwargs["variant"] = EXPORT_VARIANT
         kwargs.pop("output_loading_info", None)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         problems = [(k, info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]

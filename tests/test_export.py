@@ -106,3 +106,23 @@ def test_export_refuses_an_unfinished_run_and_existing_output(finished_run, tmp_
     with pytest.raises(surgery.SurgeryError, match="already exists"):
         export(finished_run, tmp_path / "taken")
     assert not (tmp_path / "x").exists()
+
+
+def test_pipeline_export_loads_through_wan_pipeline(tmp_path):
+    from diffusers import WanPipeline
+
+    from surgery.pipeline import build_tiny_pipeline
+
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    spec = str(tmp_path / "pipe")
+    plan = Plan.uniform(spec, surgery.load_config(spec), "full")
+    plan.grid = GRID
+    distill(spec, load_recipe("hybrid", ["stage2.steps=1"]), tmp_path / "run", plan=plan)
+    out = export(tmp_path / "run", tmp_path / "exported")
+    assert {"vae", "text_encoder", "tokenizer", "scheduler", "transformer"} <= {p.name for p in out.iterdir()}
+    pipe = WanPipeline.from_pretrained(out)
+    assert type(pipe.transformer).__name__ == "SurgeryWanTransformer3DModel"
+    assert surgery.variant_processors(pipe.transformer)
+    frames = pipe("a red square", num_frames=5, height=32, width=32, num_inference_steps=1,
+                  max_sequence_length=16, output_type="np").frames
+    assert frames.shape == (1, 5, 32, 32, 3)
