@@ -26,17 +26,20 @@ def _root():
     """Plan, apply, distill and export cheaper self-attention for Wan2.1 transformers."""
 
 
-def command(fn):
+def command(fn=None, *, name: str | None = None):
     """Register a command whose SurgeryError becomes one line on stderr and exit code 2."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SurgeryError as e:
-            output.fail(str(e))
+    def register(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except SurgeryError as e:
+                output.fail(str(e))
 
-    return app.command()(wrapper)
+        return app.command(name)(wrapper)
+
+    return register(fn) if fn is not None else register
 
 
 @command
@@ -106,6 +109,75 @@ def distill(
         summary = run_distill(model, loaded, out, plan=Plan.load(plan) if plan else None, resume=resume,
                               progress=progress)
     output.show_distill(summary)
+
+
+@command
+def export(
+    run: Annotated[Path, typer.Option(help="A finished distill run folder.")],
+    out: Annotated[Path, typer.Option(help="Folder to write (must not exist).")] = Path("exported"),
+    merge_lora: Annotated[bool, typer.Option(help="Fold LoRA weights into the base weights.")] = False,
+):
+    """Write the student as a diffusers folder that loads back retrofitted."""
+    from surgery.export import export as run_export
+
+    output.console.print(f"exported to {run_export(run, out, merge_lora=merge_lora)}")
+
+
+@command
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text prompt.")],
+    model: opt.Model = "tiny",
+    out: Annotated[Path, typer.Option(help="Video file to write (.mp4 or .gif).")] = Path("video.mp4"),
+    frames: opt.Frames = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+):
+    """Generate a video with a (retrofitted) model."""
+    from surgery.evaluate import generate_video, write_video
+
+    if out.suffix not in (".mp4", ".gif"):
+        raise SurgeryError(f"--out must end in .mp4 or .gif, got {out.name}")
+    video = generate_video(model, prompt, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    output.console.print(f"wrote {write_video(video, out)} ({len(video)} frames)")
+
+
+@command(name="eval")
+def eval_(
+    student: Annotated[str, typer.Option(help="The student: an export folder (or any model spec).")],
+    teacher: opt.Model = "tiny",
+    samples: Annotated[int, typer.Option(min=1, help="Seeded generations to compare.")] = 2,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
+    json: opt.Json = False,
+):
+    """Compare a student with its teacher on the same seeds: velocity error, latent error, PSNR/SSIM."""
+    from surgery.evaluate import evaluate
+
+    report = evaluate(student, teacher, samples=samples, steps=steps, seed=seed)
+    output.print_json(report) if json else output.show_eval(report)
+
+
+@command
+def run(
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name or a .toml path.")] = "hybrid",
+    budget: Annotated[Optional[float], typer.Option(help="Override the recipe's plan budget.")] = None,
+    model: opt.Model = "tiny",
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/demo"),
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override one recipe field: section.key=value (repeatable).")
+    ] = None,
+):
+    """The main job: plan → distill → export → eval, ending with what it saved and what it cost."""
+    from surgery.recipe import load_recipe
+    from surgery.run import run_all
+
+    overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
+    loaded = load_recipe(recipe, overrides)
+    with output.training_progress() as progress:
+        summary = run_all(model, loaded, out, progress=progress)
+    output.show_run(summary)
 
 
 def main() -> None:

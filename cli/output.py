@@ -149,3 +149,32 @@ def show_distill(summary: dict) -> None:
     if summary.get("stage2_final_loss") is not None:
         console.print(f"stage-2 final loss {summary['stage2_final_loss']:.4g}")
     console.print(f"student written to {summary['run']}/student.safetensors")
+
+
+def show_eval(report: dict) -> None:
+    key_value_table(
+        f"student {report['student']} vs teacher {report['teacher']} ({report['samples']} seeds, {report['steps']} steps)",
+        [
+            ("velocity error per step", ", ".join(f"{e:.3g}" for e in report["velocity_error_per_step"])),
+            ("velocity error, mean", f"{report['velocity_error_mean']:.4g}"),
+            ("final latent relative error", f"{report['final_latent_rel_error']:.4g}"),
+            (f"PSNR ({report['compared_on']})", f"{report['psnr_db']:.2f} dB"),
+            (f"SSIM ({report['compared_on']})", f"{report['ssim']:.4f}"),
+        ],
+    )
+
+
+def show_run(summary: dict) -> None:
+    show_distill({"run": summary["run"], "stage1_losses": summary["stage1_losses"],
+                  "stage2_final_loss": summary["stage2_final_loss"]})
+    show_eval(summary["eval"])
+    counts: dict[str, int] = {}
+    for variant in summary["variants"].values():
+        counts[variant] = counts.get(variant, 0) + 1
+    layers = ", ".join(f"{n}× {v}" for v, n in counts.items())
+    console.print(
+        f"[bold]attention FLOPs saved: {summary['attention_flops_saved']:.1%}[/bold] "
+        f"(budget {summary['budget']:g}; layers: {layers}); student vs teacher: final-latent error "
+        f"{summary['eval']['final_latent_rel_error']:.3g}, PSNR {summary['eval']['psnr_db']:.1f} dB; "
+        f"exported to {summary['exported']}"
+    )

@@ -1,0 +1,210 @@
+"""Student vs teacher on the same seeds and inputs, and video generation.
+
+`evaluate` samples with a flow-matching Euler sampler from the same noise and text embeddings
+through both models and reports: the per-step velocity error of the student on the teacher's own
+trajectory (relative L2), the final-latent relative error of the two independent trajectories,
+and PSNR/SSIM of the decoded videos when a VAE is at hand (else of the latents, scaled to [0, 1]
+by the teacher's range).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SurgeryError
+from .grid import VideoGrid, video_grid
+from .model import default_text_tokens, default_video, fingerprint, load_config, load_model, resolve_grid
+
+SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
+
+
+def _scheduler(steps: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample_latents(model, noise, text, steps: int, reference=None):
+    """Euler flow-matching sampling from `noise`; with `reference`, also the reference's velocity
+    error per step along `model`'s trajectory. Returns (latents, [errors])."""
+    scheduler = _scheduler(steps)
+    x = noise
+    errors = []
+    for t in scheduler.timesteps:
+        timestep = t.expand(x.shape[0]).to(x.device)
+        v = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+        if reference is not None:
+            v_ref = reference(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+            errors.append(float((v_ref.float() - v.float()).norm() / v.float().norm().clamp_min(1e-30)))
+        x = scheduler.step(v, t, x).prev_sample
+    return x, errors
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of videos in [0, 1]."""
+    mse = float(F.mse_loss(a.float(), b.float()))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
+    """Mean SSIM (Wang et al. 2004, uniform window) over frames; videos [F, C, H, W] in [0, 1]."""
+    window = min(window, a.shape[-1], a.shape[-2])
+    c1, c2 = 0.01**2, 0.03**2
+
+    def local_mean(x):
+        return F.avg_pool2d(x, window, stride=1)
+
+    a, b = a.float(), b.float()
+    mu_a, mu_b = local_mean(a), local_mean(b)
+    var_a = local_mean(a * a) - mu_a**2
+    var_b = local_mean(b * b) - mu_b**2
+    cov = local_mean(a * b) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
+
+
+def _decoder(spec: str):
+    """A function latents → video [B, F, C, H, W] in [0, 1], or None when the model has no decoder."""
+    if spec == "tiny":
+        from .pipeline import build_tiny_pipeline
+
+        vae = build_tiny_pipeline().vae
+    elif Path(spec).is_dir() and (Path(spec) / "vae").is_dir():
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(Path(spec) / "vae")
+    else:
+        return None
+
+    @torch.no_grad()
+    def decode(latents):
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        video = vae.decode(latents.float() * std + mean).sample  # [B, C, F, H, W] in [-1, 1]
+        return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
+
+    return decode
+
+
+def evaluate(
+    student_spec: str,
+    teacher_spec: str = "tiny",
+    *,
+    samples: int = 2,
+    steps: int = 8,
+    seed: int = 0,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict:
+    """Compare a student (e.g. an export) with its teacher on `samples` seeded generations."""
+    teacher = load_model(teacher_spec)
+    student = load_model(student_spec)
+    if fingerprint(dict(student.config)) != fingerprint(dict(teacher.config)):
+        raise SurgeryError(f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
+    grid: VideoGrid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
+    decode = _decoder(teacher_spec)
+    pt, ph, pw = teacher.config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    per_step, latent_errors, psnrs, ssims = [], [], [], []
+    for _ in range(samples):
+        noise = torch.randn(1, teacher.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw,
+                            generator=g)
+        text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
+        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student)
+        z_student, _ = sample_latents(student, noise, text, steps)
+        per_step.append(errors)
+        latent_errors.append(float((z_student - z_teacher).norm() / z_teacher.norm().clamp_min(1e-30)))
+        if decode is not None:
+            a, b = decode(z_teacher)[0], decode(z_student)[0]
+        else:
+            lo, hi = z_teacher.min(), z_teacher.max()
+            a = ((z_teacher - lo) / (hi - lo)).clamp(0, 1)[0].transpose(0, 1)
+            b = ((z_student - lo) / (hi - lo)).clamp(0, 1)[0].transpose(0, 1)
+        psnrs.append(psnr(a, b))
+        ssims.append(ssim(a, b))
+    steps_mean = [sum(col) / len(col) for col in zip(*per_step)]
+    return {
+        "student": student_spec,
+        "teacher": teacher_spec,
+        "grid": grid.to_dict(),
+        "samples": samples,
+        "steps": steps,
+        "seed": seed,
+        "compared_on": "decoded video" if decode is not None else "latents",
+        "velocity_error_per_step": steps_mean,
+        "velocity_error_mean": sum(steps_mean) / len(steps_mean),
+        "final_latent_rel_error": sum(latent_errors) / samples,
+        "psnr_db": sum(psnrs) / samples,
+        "ssim": sum(ssims) / samples,
+    }
+
+
+def write_video(frames, path: str | Path, fps: int = 8) -> Path:
+    """frames: [F, H, W, 3] uint8 or floats in [0, 1]; .mp4 through imageio-ffmpeg, .gif otherwise."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    path = Path(path)
+    if path.suffix not in (".mp4", ".gif"):
+        raise SurgeryError(f"--out must end in .mp4 or .gif, got {path.name}")
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    if path.suffix == ".mp4":
+        iio.imwrite(tmp, frames, plugin="FFMPEG", extension=".mp4", fps=fps, macro_block_size=1)
+    else:
+        iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
+    tmp.replace(path)
+    return path
+
+
+def generate_video(
+    spec: str,
+    prompt: str,
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    steps: int = 20,
+    seed: int = 0,
+    guidance_scale: float = 1.0,
+):
+    """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
+
+    tiny (or a transformer-only export of it): the tiny pipeline of surgery.pipeline around the
+    loaded transformer; a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
+    """
+    from diffusers import WanPipeline
+
+    from .pipeline import TEXT_TOKENS, build_tiny_pipeline
+
+    path = Path(spec)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        pipe, text_tokens = WanPipeline.from_pretrained(path), 512
+    else:
+        transformer = load_model(spec)
+        if fingerprint(dict(transformer.config)) != fingerprint(load_config("tiny")):
+            raise SurgeryError(
+                f"generate needs a pipeline (a diffusers folder with model_index.json) or the tiny model; {spec} is a bare transformer"
+            )
+        pipe, text_tokens = build_tiny_pipeline(transformer=transformer), TEXT_TOKENS
+        spec = "tiny"
+    default_frames, default_height, default_width = default_video(spec)
+    frames, height, width = frames or default_frames, height or default_height, width or default_width
+    video_grid(frames, height, width)  # both pipelines use Wan's VAE: check the size before sampling
+    result = pipe(
+        prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+        guidance_scale=guidance_scale, max_sequence_length=text_tokens, output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return result.frames[0]
