@@ -202,54 +202,58 @@ def distill(
     if not stage1_done.exists():
         if processors and recipe.stage1.steps:
             s1 = recipe.stage1
-            last = run_stage(
+            last, ran = run_stage(
                 "stage1", trainable(student), step1,
                 Schedule(s1.steps, s1.lr, s1.warmup_steps, s1.weight_decay, s1.grad_clip),
                 out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
                 progress=progress, stop_after=stop_after,
             )
             summary["stage1_final_loss"] = last.get("loss")
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable(student).items()}, stage1_done)
-        stop_after = None if stop_after is None else max(0, stop_after - recipe.stage1.steps)
+            stop_after = None if stop_after is None else stop_after - ran
+        _save_tensors(trainable(student), stage1_done)
     else:
         _load_into(student, stage1_done)
 
     # Stage 2: fine-tune the student end to end.
-    stage1_state = {k: v.detach().clone() for k, v in trainable(student).items()}
-    student = build_student(teacher, plan, recipe, stage=2)
-    with torch.no_grad():
-        for name, tensor in stage1_state.items():
-            student.get_parameter(name).copy_(tensor)
+    uses_lora = recipe.stage2.steps > 0 and recipe.stage2.mode == "lora"
     if recipe.stage2.steps:
+        stage1_state = {k: v.detach().clone() for k, v in trainable(student).items()}
+        student = build_student(teacher, plan, recipe, stage=2)
+        with torch.no_grad():
+            for name, tensor in stage1_state.items():
+                student.get_parameter(name).copy_(tensor)
         student.train()
         student = accelerator.prepare(student)
         sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world)
         s2 = recipe.stage2
         step2 = _stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
-        last = run_stage(
+        last, _ = run_stage(
             "stage2", trainable(student), step2,
             Schedule(s2.steps, s2.lr, s2.warmup_steps, s2.weight_decay, s2.grad_clip),
             out / "checkpoints" / "stage2", metrics_path, recipe.train.checkpoint_every,
-            accelerator=accelerator, progress=progress, stop_after=stop_after or None,
+            accelerator=accelerator, progress=progress, stop_after=stop_after,
         )
         summary["stage2_final_loss"] = last.get("loss")
         student = accelerator.unwrap_model(student)
     student.eval()
 
     if accelerator.is_main_process:
-        from safetensors.torch import save_file
-
-        tmp = out / ".student.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, tmp)
-        tmp.replace(out / "student.safetensors")
+        _save_tensors(student.state_dict(), out / "student.safetensors")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": True,
                                              "stage2_mode": recipe.stage2.mode,
-                                             "lora": _lora_settings(recipe) if recipe.stage2.mode == "lora" else None})
+                                             "lora": _lora_settings(recipe) if uses_lora else None})
     summary["stage1_losses"] = _stage1_curve(metrics_path)
     return summary
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors, written to a temporary name and renamed: the file's presence means it is whole."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    tmp.replace(path)
 
 
 def _lora_settings(recipe: Recipe) -> dict:

@@ -103,12 +103,12 @@ def run_stage(
     accelerator=None,
     progress: Callable[[str, int, int, dict], None] | None = None,
     stop_after: int | None = None,
-) -> dict:
+) -> tuple[dict, int]:
     """Train `params` for `schedule.steps` steps; resumes from the newest checkpoint in `checkpoints`.
 
     step_fn(step) runs forward + backward and returns metrics with a scalar "loss".
     stop_after: stop (with a checkpoint) after this many steps in this call, as an interruption would.
-    Returns the last step's metrics.
+    Returns the last step's metrics and how many steps this call ran.
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=schedule.weight_decay)
     if accelerator is not None:
@@ -120,6 +120,8 @@ def run_stage(
         _drop_metrics_after(metrics_path, name, start)
     metrics: dict = {}
     done_here = 0
+    if stop_after is not None and stop_after <= 0 and start < schedule.steps:
+        raise StopRequested(start)
     for step in range(start, schedule.steps):
         began = time.perf_counter()
         for group in optimizer.param_groups:
@@ -152,7 +154,7 @@ def run_stage(
                     _remove(old)
         if stopping and not finished:
             raise StopRequested(step + 1)
-    return metrics
+    return metrics, done_here
 
 
 class StopRequested(Exception):

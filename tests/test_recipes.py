@@ -1,0 +1,40 @@
+import pytest
+
+from surgery.errors import SurgeryError
+from surgery.recipe import load_recipe, shipped_recipes
+
+
+def test_shipped_recipes_all_parse():
+    assert {"hybrid", "linear", "vsa", "vmoba", "mixed"} <= set(shipped_recipes())
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        assert recipe.name == name and 0 < recipe.plan.budget <= 1
+
+
+def test_overrides_set_single_fields():
+    recipe = load_recipe("hybrid", ["stage1.steps=7", "stage2.mode=full", "plan.budget=0.3"])
+    assert (recipe.stage1.steps, recipe.stage2.mode, recipe.plan.budget) == (7, "full", 0.3)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('name = "x"\n[stage1]\nstesp = 3\n', "x.toml.stage1: unknown key 'stesp'"),
+        ('name = "x"\n[stage1]\nsteps = "many"\n', "stage1.steps must be int, got 'many'"),
+        ('name = "x"\n[stage2]\nmode = "half"\n', "stage2.mode must be one of 'lora', 'full'"),
+        ('name = "x"\n[plan]\nbudget = 1.5\n', "budget must be in (0, 1]"),
+        ('name = "x"\nbogus = 1\n', "unknown key 'bogus'"),
+        ('name = "x"\n[stage1\n', "not valid TOML"),
+    ],
+)
+def test_bad_recipe_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    with pytest.raises(SurgeryError) as info:
+        load_recipe(str(path))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(SurgeryError, match="shipped: hybrid"):
+        load_recipe("hybird")
