@@ -87,6 +87,20 @@ def progress(description: str):
             bar.stop()
 
 
+def _changed_settings(config) -> str:
+    """The settings that differ from the variant's defaults, compactly."""
+    import dataclasses
+
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if value is None or value == default:
+            continue
+        parts.append(f"{f.name}={value:.3g}" if isinstance(value, float) else f"{f.name}={value}")
+    return ", ".join(parts)
+
+
 def show_plan(plan, path=None) -> None:
     data = plan.to_dict()
     title = f"plan for {plan.model} at grid {plan.grid} ({plan.grid.tokens:,} tokens), budget {plan.budget:g}"
@@ -95,7 +109,7 @@ def show_plan(plan, path=None) -> None:
         table.add_column(column, justify="right" if column in ("FLOPs", "of dense", "error") else "left")
     dense_layer = data["dense_flops"] / plan.num_layers
     for fqn, choice in plan.layers.items():
-        params = ", ".join(f"{k}={v}" for k, v in choice.config.to_dict().items() if v is not None)
+        params = _changed_settings(choice.config)
         table.add_row(
             fqn, choice.variant, params or "—", human_flops(choice.flops), f"{choice.flops / dense_layer:.1%}",
             f"{choice.error:.4f}",

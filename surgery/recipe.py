@@ -8,6 +8,7 @@ one-line error naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,8 +49,8 @@ class DataSection:
 
 
 @dataclass(frozen=True)
-class Stage1:
-    """Attention transfer: new attention vs the teacher's attention output, L1 (value-based) loss."""
+class StageSettings:
+    """Optimiser settings of one training stage: AdamW with linear warmup, then cosine to 10% of lr."""
 
     steps: int = 100
     lr: float = 1e-2
@@ -58,8 +59,19 @@ class Stage1:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError("stage1.steps must be ≥ 0 and stage1.lr > 0")
+        if self.steps < 0 or self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("steps and warmup_steps must be ≥ 0, lr and grad_clip > 0")
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@dataclass(frozen=True)
+class Stage1(StageSettings):
+    """Attention transfer: new attention vs the teacher's attention output, L1 (value-based) loss."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +84,11 @@ class SparsityAnneal:
 
 
 @dataclass(frozen=True)
-class Stage2:
+class Stage2(StageSettings):
     """Fine-tuning of the whole student end-to-end."""
 
     steps: int = 50
     lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
     mode: Literal["lora", "full"] = "lora"
     # Loss weights: velocity distillation against the teacher on the same noisy input, and
     # flow matching against the data's clean latents (needs data.source = "dataset").
@@ -92,8 +101,7 @@ class Stage2:
     sparsity_anneal: SparsityAnneal | None = None
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0:
-            raise ValueError("stage2.steps must be ≥ 0 and stage2.lr > 0")
+        super().__post_init__()
         if self.distill_weight < 0 or self.flow_weight < 0 or self.distill_weight + self.flow_weight == 0:
             raise ValueError("stage2 needs a positive distill_weight or flow_weight")
 

@@ -30,7 +30,7 @@ from ..model import default_text_tokens, load_model
 from ..plan import Plan
 from ..recipe import Recipe
 from .data import StepSampler, build_dataset
-from .loop import Schedule, run_stage
+from .loop import run_stage
 
 
 def _accelerator(recipe: Recipe):
@@ -201,10 +201,8 @@ def distill(
                                         recipe.train.seed, 1, rank, world), device, dtype)
     if not stage1_done.exists():
         if processors and recipe.stage1.steps:
-            s1 = recipe.stage1
             last, ran = run_stage(
-                "stage1", trainable(student), step1,
-                Schedule(s1.steps, s1.lr, s1.warmup_steps, s1.weight_decay, s1.grad_clip),
+                "stage1", trainable(student), step1, recipe.stage1,
                 out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
                 progress=progress, stop_after=stop_after,
             )
@@ -225,11 +223,9 @@ def distill(
         student.train()
         student = accelerator.prepare(student)
         sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world)
-        s2 = recipe.stage2
         step2 = _stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
         last, _ = run_stage(
-            "stage2", trainable(student), step2,
-            Schedule(s2.steps, s2.lr, s2.warmup_steps, s2.weight_decay, s2.grad_clip),
+            "stage2", trainable(student), step2, recipe.stage2,
             out / "checkpoints" / "stage2", metrics_path, recipe.train.checkpoint_every,
             accelerator=accelerator, progress=progress, stop_after=stop_after,
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,26 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import SurgeryError
 from ..io import atomic_dir
+from ..recipe import StageSettings
 
 
 class TrainingDiverged(SurgeryError):
     """A loss or gradient went NaN/inf; the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class Schedule:
-    steps: int
-    lr: float
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to 10% of the peak."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer, extra: dict) -> None:
@@ -96,7 +80,7 @@ def run_stage(
     name: str,
     params: dict[str, torch.nn.Parameter],
     step_fn: Callable[[int], dict],
-    schedule: Schedule,
+    schedule: StageSettings,
     checkpoints: Path,
     metrics_path: Path,
     checkpoint_every: int,
