@@ -151,6 +151,7 @@ def distill(
     plan, data order and optimiser state). stop_after: stop after that many steps, as a crash would.
     """
     out = Path(out)
+    accelerator = _accelerator(recipe)
     if resume:
         if not (out / "run.json").exists():
             raise SurgeryError(f"--resume: {out} is not a run folder (no run.json)")
@@ -162,8 +163,8 @@ def distill(
     elif out.exists() and any(out.iterdir()):
         raise SurgeryError(f"{out} already exists and is not empty; choose a new --out or pass --resume")
 
+    accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
-    accelerator = _accelerator(recipe)
     device = accelerator.device
     teacher = load_model(spec).to(device)
     teacher.requires_grad_(False)
@@ -176,7 +177,7 @@ def distill(
         else:
             plan = make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
                              seed=recipe.train.seed, model=teacher)
-    if not resume:
+    if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", recipe.to_dict())
         plan.save(out / "plan.json")
@@ -197,6 +198,7 @@ def distill(
     # Stage 1: attention transfer, only where the new attention has parameters.
     student = build_student(teacher, plan, recipe, stage=1)
     stage1_done = out / "stage1.safetensors"
+    accelerator.wait_for_everyone()
     step1, processors = _stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
                                         recipe.train.seed, 1, rank, world), device, dtype)
     if not stage1_done.exists():
@@ -204,11 +206,14 @@ def distill(
             last, ran = run_stage(
                 "stage1", trainable(student), step1, recipe.stage1,
                 out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
-                progress=progress, stop_after=stop_after,
+                # Stage-1 losses backpropagate inside the teacher's forward, outside any DDP wrapper.
+                accelerator=accelerator, progress=progress, stop_after=stop_after, sync_grads=True,
             )
             summary["stage1_final_loss"] = last.get("loss")
             stop_after = None if stop_after is None else stop_after - ran
-        _save_tensors(trainable(student), stage1_done)
+        if accelerator.is_main_process:
+            _save_tensors(trainable(student), stage1_done)
+        accelerator.wait_for_everyone()
     else:
         _load_into(student, stage1_done)
 

@@ -87,11 +87,13 @@ def run_stage(
     accelerator=None,
     progress: Callable[[str, int, int, dict], None] | None = None,
     stop_after: int | None = None,
+    sync_grads: bool = False,
 ) -> tuple[dict, int]:
     """Train `params` for `schedule.steps` steps; resumes from the newest checkpoint in `checkpoints`.
 
     step_fn(step) runs forward + backward and returns metrics with a scalar "loss".
     stop_after: stop (with a checkpoint) after this many steps in this call, as an interruption would.
+    sync_grads: average gradients over processes here, for parameters that no DDP wrapper syncs.
     Returns the last step's metrics and how many steps this call ran.
     """
     optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=schedule.weight_decay)
@@ -111,6 +113,10 @@ def run_stage(
         for group in optimizer.param_groups:
             group["lr"] = schedule.lr_at(step)
         metrics = step_fn(step)
+        if sync_grads and accelerator is not None and accelerator.num_processes > 1:
+            for param in params.values():
+                if param.grad is not None:
+                    param.grad = accelerator.reduce(param.grad, reduction="mean")
         grads = [p.grad for p in params.values() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), schedule.grad_clip) if grads else None
         if not math.isfinite(metrics["loss"]) or (grad_norm is not None and not torch.isfinite(grad_norm)):
