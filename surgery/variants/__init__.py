@@ -5,9 +5,17 @@ from __future__ import annotations
 from ..errors import SurgeryError
 from .base import AttentionVariant, VariantConfig, dense_attention_flops
 from .full import FullAttention
+from .hybrid import HybridAttention
+from .linear import LinearAttention
+from .vmoba import VideoMixtureOfBlockAttention
+from .vsa import VideoSparseAttention
 
 VARIANTS: dict[str, type[AttentionVariant]] = {
     FullAttention.name: FullAttention,
+    HybridAttention.name: HybridAttention,
+    LinearAttention.name: LinearAttention,
+    VideoSparseAttention.name: VideoSparseAttention,
+    VideoMixtureOfBlockAttention.name: VideoMixtureOfBlockAttention,
 }
 
 

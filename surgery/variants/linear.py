@@ -1,0 +1,48 @@
+"""`linear`: non-causal linear attention with learned feature maps φ_q, φ_k (per layer, per head).
+
+    out_i = φ_q(q_i)·Σ_j φ_k(k_j)ᵀv_j / (φ_q(q_i)·Σ_j φ_k(k_j))
+
+over all S tokens of the grid, computed as a [2F, D+1] summary per head so no S×S matrix is ever
+formed. φ is `feature_maps.FeatureMap` (Hedgehog's softmax([ψ(x), −ψ(x)]), identity init); its
+features are positive, so the denominator is too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..grid import VideoGrid
+from .feature_maps import FeatureMapAttention, FeatureMapConfig, promoted
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig(FeatureMapConfig):
+    """Only the feature-map sizes (`FeatureMapConfig`): every key is a linear key."""
+
+
+class LinearAttention(FeatureMapAttention):
+    name = "linear"
+    Config = LinearConfig
+
+    @classmethod
+    def flops(cls, config: LinearConfig, grid: VideoGrid, heads: int, head_dim: int) -> float:
+        """Per video, with S tokens, F = feature_dim, h = hidden_dim:
+
+        4·H·S·(D·F + h·(D+F) + 2F·(D+1)) — φ_q and φ_k over S tokens each, the summary
+        φ(K)ᵀ[V, 1] and its application to φ(Q) (see `linear_attention_flops`). The final division
+        and the feature maps' bias, gelu and softmax are not matmuls and are not counted.
+        """
+        return float(cls.linear_attention_flops(config, grid.tokens, grid.tokens, heads, head_dim))
+
+    @classmethod
+    def density(cls, config: LinearConfig, grid: VideoGrid) -> float:
+        return 0.0
+
+    def attend_reference(self, q, k, v, grid, x=None):
+        """q, k, v: [B, S, H, D] in raster order. Sums in fp32 (fp64 stays). Returns [B, S, H, D] in q's dtype."""
+        # Autocast would run the matmuls in half precision again.
+        with torch.autocast(q.device.type, enabled=False):
+            numerator, denominator = self.linear_attention_sums(*promoted(q, k, v))
+        return (numerator / denominator).to(q.dtype)

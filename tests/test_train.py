@@ -1,0 +1,100 @@
+import importlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import surgery
+from surgery.errors import SurgeryError
+from surgery.plan import Plan
+from surgery.recipe import load_recipe
+from surgery.train import distill
+from surgery.train.loop import StopRequested
+
+GRID = surgery.VideoGrid(6, 10, 10)
+
+
+def hybrid_plan():
+    """Two layers hybrid (trainable feature maps), two full: a small, fixed plan."""
+    config = surgery.load_config("tiny")
+    plan = Plan.uniform("tiny", config, "hybrid", {"rate": 4})
+    for fqn in ("blocks.0.attn1", "blocks.3.attn1"):
+        plan.layers[fqn] = Plan.uniform("tiny", config, "full").layers[fqn]
+    plan.grid = GRID
+    return plan
+
+
+RECIPE = ["stage1.steps=6", "stage2.steps=4", "train.checkpoint_every=3", "data.samples=4"]
+
+
+def test_resume_after_a_stop_gives_the_same_weights(tmp_path):
+    recipe = load_recipe("hybrid", RECIPE)
+    distill("tiny", recipe, tmp_path / "straight", plan=hybrid_plan())
+    for stop_after in (4, 3):  # once inside stage 1, once inside stage 2
+        with pytest.raises(StopRequested):
+            distill("tiny", recipe, tmp_path / "stopped", plan=hybrid_plan(), stop_after=stop_after,
+                    resume=(tmp_path / "stopped").exists())
+    distill("tiny", recipe, tmp_path / "stopped", plan=hybrid_plan(), resume=True)
+    straight = load_file(tmp_path / "straight" / "student.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "student.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4]
+
+
+def test_stage1_trains_only_new_attention_and_leaves_the_teacher_bit_identical(tmp_path):
+    teacher_before = {k: v.clone() for k, v in surgery.load_model("tiny").state_dict().items()}
+    recipe = load_recipe("hybrid", ["stage1.steps=8", "stage2.steps=0", "data.samples=4"])
+    summary = distill("tiny", recipe, tmp_path / "run", plan=hybrid_plan())
+    student = load_file(tmp_path / "run" / "student.safetensors")
+    for key, value in teacher_before.items():
+        assert torch.equal(student[key], value), key  # stage 2 off: only processor tensors may differ
+    assert set(student) - set(teacher_before) and all(".processor." in k for k in set(student) - set(teacher_before))
+    assert set(summary["stage1_losses"]) == {"blocks.1.attn1", "blocks.2.attn1"}
+    for first, last in summary["stage1_losses"].values():
+        assert last < first
+    assert all(torch.equal(v, teacher_before[k]) for k, v in surgery.load_model("tiny").state_dict().items())
+
+
+def test_teacher_object_is_untouched_by_distillation(tmp_path, monkeypatch):
+    distill_module = importlib.import_module("surgery.train.distill")  # the package re-exports the function
+    seen = {}
+    real_load = distill_module.load_model
+
+    def remember(spec):
+        seen["teacher"] = real_load(spec)
+        seen["before"] = {k: v.clone() for k, v in seen["teacher"].state_dict().items()}
+        return seen["teacher"]
+
+    monkeypatch.setattr(distill_module, "load_model", remember)
+    distill("tiny", load_recipe("hybrid", RECIPE), tmp_path / "run", plan=hybrid_plan())
+    after = seen["teacher"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in seen["before"].items())
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from surgery.train.data import StepSampler
+
+    real_batch = StepSampler.batch
+
+    def poisoned_from_step_3(self, step, device, dtype):
+        batch = real_batch(self, step, device, dtype)
+        if step >= 2:
+            batch.noisy.fill_(float("nan"))
+        return batch
+
+    monkeypatch.setattr(StepSampler, "batch", poisoned_from_step_3)
+    recipe = load_recipe("hybrid", ["stage1.steps=6", "stage2.steps=0", "train.checkpoint_every=1", "data.samples=2"])
+    with pytest.raises(SurgeryError, match=r"loss became nan at step 2; last good checkpoint: .*step-000002"):
+        distill("tiny", recipe, tmp_path / "run", plan=hybrid_plan())
+    assert (tmp_path / "run" / "checkpoints" / "stage1" / "step-000002" / "params.safetensors").exists()
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something").write_text("x")
+    with pytest.raises(SurgeryError, match="not empty"):
+        distill("tiny", load_recipe("hybrid", RECIPE), tmp_path / "run", plan=hybrid_plan())
