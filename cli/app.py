@@ -71,6 +71,9 @@ def plan(
     width: opt.Width = None,
     samples: Annotated[int, typer.Option(min=1, help="Calibration inputs (timesteps spread over the schedule).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed for calibration inputs and learned-map init.")] = 0,
+    data: Annotated[
+        Optional[str], typer.Option(help="A datasets folder (latents, text_embeddings) to calibrate on.")
+    ] = None,
     json: opt.Json = False,
 ):
     """Measure each layer's sensitivity and pick a variant per layer under a FLOP budget."""
@@ -79,7 +82,7 @@ def plan(
     with output.progress("calibrating") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
-            frames=frames, height=height, width=width, samples=samples, seed=seed, progress=update,
+            frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, progress=update,
         )
     if out is not None:
         result.save(out)

@@ -110,6 +110,7 @@ def make_plan(
     width: int | None = None,
     samples: int = 4,
     seed: int = 0,
+    data: str | None = None,
     model=None,
     progress=None,
 ):
@@ -135,7 +136,7 @@ def make_plan(
         raise SurgeryError(f"--keep-full layer {bad[0]} does not exist (the model has layers 0–{num_layers - 1})")
     grid = resolve_grid(spec, config, frames, height, width)
 
-    inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec))
+    inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data)
     table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
 
     dense = dense_attention_flops(grid.tokens, heads, head_dim)
@@ -168,7 +169,10 @@ def make_plan(
             "lower_bound": solution.lower_bound,
             "optimality_gap": solution.gap,
         },
-        "calibration": {"samples": samples, "seed": seed, "inputs": "random latents and text, timesteps spread"},
+        "calibration": {
+            "samples": samples, "seed": seed, "timesteps": "spread evenly over (0, 1000)",
+            "inputs": f"dataset {data}, noised" if data else "random latents and text embeddings",
+        },
         "candidates": [
             {"layer": i, "label": candidates[j].label(), "flops": costs[i][r], "error": errors[i][r]}
             for i in range(num_layers)

@@ -41,26 +41,44 @@ def default_candidates(variants: list[str] | None = None) -> list[Candidate]:
     ]
 
 
-def calibration_inputs(model, grid: VideoGrid, samples: int, seed: int, text_tokens: int) -> list[dict]:
-    """Random latents at `grid`, random text embeddings, and timesteps spread evenly over (0, 1000).
+def calibration_inputs(
+    model, grid: VideoGrid, samples: int, seed: int, text_tokens: int, dataset_path: str | None = None
+) -> list[dict]:
+    """`samples` model inputs at `grid`, with timesteps spread evenly over (0, 1000).
 
-    A random-weight model has no data distribution to prefer; for trained models these are noised
-    inputs at every noise level, which is what each layer sees over a sampling run.
+    Without a dataset: random latents and random text embeddings (a random-weight model has no data
+    distribution to prefer). With `dataset_path` (a `datasets.save_to_disk` folder with `latents`
+    and `text_embeddings` columns, as for distillation): its rows in order, noised to each
+    timestep by flow matching, x_t = (1 − t)·x0 + t·ε.
     """
     g = torch.Generator().manual_seed(seed)
     pt, ph, pw = model.config.patch_size
+    shape = (1, model.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw)
+    rows = None
+    if dataset_path is not None:
+        from .recipe import DataSection
+        from .train.data import build_dataset
+
+        rows = build_dataset(DataSection(source="dataset", path=dataset_path), dict(model.config), grid,
+                             text_tokens, seed)
     param = next(model.parameters())
     inputs = []
     for i in range(samples):
-        latents = torch.randn(
-            1, model.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw, generator=g
-        )
-        text = torch.randn(1, text_tokens, model.config.text_dim, generator=g)
-        timestep = torch.tensor([(i + 0.5) / samples * 1000.0])
+        t = (i + 0.5) / samples
+        if rows is None:
+            latents = torch.randn(*shape, generator=g)
+            text = torch.randn(1, text_tokens, model.config.text_dim, generator=g)
+        else:
+            row = rows[i % len(rows)]
+            clean = row["latents"].float().unsqueeze(0)
+            if tuple(clean.shape) != shape:
+                raise SurgeryError(f"dataset latents have shape {tuple(clean.shape[1:])}, the grid needs {shape[1:]}")
+            latents = (1 - t) * clean + t * torch.randn(*shape, generator=g)
+            text = row["text_embeddings"].float().unsqueeze(0)
         inputs.append(
             dict(
                 hidden_states=latents.to(param.device, param.dtype),
-                timestep=timestep.to(param.device),
+                timestep=torch.tensor([t * 1000.0], device=param.device),
                 encoder_hidden_states=text.to(param.device, param.dtype),
             )
         )

@@ -83,3 +83,19 @@ def test_plan_for_another_model_is_refused(tmp_path, tiny):
     other = surgery.load_model("wan2.1-t2v-1.3b", device="meta")
     with pytest.raises(surgery.SurgeryError, match="30 layers|layers"):
         surgery.apply(other, plan)
+
+
+def test_calibration_from_a_datasets_folder(tiny, tmp_path):
+    import datasets
+    import torch
+
+    grid = surgery.VideoGrid(6, 10, 10)
+    latents = torch.randn(3, 16, 6, 20, 20)
+    text = torch.randn(3, 16, 32)
+    datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()}).save_to_disk(
+        str(tmp_path / "data"))
+    plan = make_plan("tiny", 0.6, model=tiny, samples=2, data=str(tmp_path / "data"))
+    assert plan.meta["calibration"]["inputs"].startswith("dataset") and plan.meta["flops_ratio"] <= 0.6
+    assert plan.grid == grid
+    with pytest.raises(SurgeryError, match="grid needs"):
+        make_plan("tiny", 0.6, model=tiny, samples=1, data=str(tmp_path / "data"), frames=5)

@@ -176,7 +176,8 @@ def distill(
             plan = Plan.load(p.path)
         else:
             plan = make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
-                             seed=recipe.train.seed, model=teacher)
+                             seed=recipe.train.seed, model=teacher,
+                             data=recipe.data.path if recipe.data.source == "dataset" else None)
     if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", recipe.to_dict())
