@@ -105,10 +105,11 @@ def evaluate(
     width: int | None = None,
 ) -> dict:
     """Compare a student (e.g. an export) with its teacher on `samples` seeded generations."""
+    # Compare architectures from the configs first: loading a mismatched full-size model is slow.
+    if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
+        raise SurgeryError(f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
     teacher = load_model(teacher_spec)
     student = load_model(student_spec)
-    if fingerprint(dict(student.config)) != fingerprint(dict(teacher.config)):
-        raise SurgeryError(f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
     grid: VideoGrid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
     decode = _decoder(teacher_spec)
     pt, ph, pw = teacher.config.patch_size

@@ -24,7 +24,7 @@ def assert_one_line_error(result, fragment):
 def test_help_lists_the_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("info",):
+    for command in ("info", "plan", "distill", "export", "generate", "eval", "run"):
         assert command in result.stdout
 
 
@@ -45,6 +45,13 @@ def test_info_table_mentions_share():
     [
         (["info", "--frames", "80"], "--frames must be"),
         (["info", "--model", "does-not-exist"], "unknown model"),
+        (["plan", "--budget", "1.5"], "--budget must be in (0, 1]"),
+        (["plan", "--keep-full", "a,b"], "--keep-full takes comma-separated integers"),
+        (["distill", "--recipe", "no-such-recipe"], "no recipe named 'no-such-recipe'"),
+        (["distill", "--set", "stage1.stepz=3"], "unknown key 'stepz'"),
+        (["export", "--run", "/nonexistent/run"], "is not a distill run folder"),
+        (["generate", "--prompt", "a red square", "--out", "video.avi"], "--out must end in .mp4 or .gif"),
+        (["eval", "--student", "wan2.1-t2v-1.3b"], "different architectures"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, fragment):
