@@ -1,10 +1,17 @@
 import copy
+import os
 
-import pytest
 import torch
 
-import surgery
-from surgery.grid import VideoGrid
+# Triton kernels run on CPU tensors in interpret mode. It must be set before triton is first
+# imported (diffusers imports it, so before `import surgery`).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import surgery  # noqa: E402
+from surgery.grid import VideoGrid  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

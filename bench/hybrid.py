@@ -1,0 +1,149 @@
+"""Time the hybrid and linear attention paths against dense cuDNN SDPA, in one run on one GPU.
+
+    python3 bench/hybrid.py [--sweep] [--json out.json]
+
+Wan-1.3B's shape (21×30×52 = 32,760 tokens, batch 1, 12 heads × 128, F = 128, bf16), forward and
+forward+backward, triton.testing.do_bench medians. Rows: SDPA cuDNN (dense); the fused op alone
+(`hybrid_attention` on a given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants'
+`attend_kernel` (feature maps, summary, op; backward into q, k, v and the φ parameters); and the
+yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention plus the linear
+variant would take. TFLOP/s count the softmax branch's 4·H·S·S'·D (fwd+bwd: 3.5× that).
+`--sweep` first times launch configs of each kernel at R = 4 and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from surgery.grid import VideoGrid  # noqa: E402
+from surgery.kernels import hybrid as hy  # noqa: E402
+from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index  # noqa: E402
+from surgery.variants.linear import LinearAttention, LinearConfig  # noqa: E402
+
+GRID = VideoGrid(21, 30, 52)
+HEADS, HEAD_DIM = 12, 128
+DTYPE = torch.bfloat16
+
+
+def bench(fn, grad_to_none=None, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def op_inputs(rate, requires_grad=True):
+    """q, k, v, φ_q and KV for the op alone, as the variant makes them (φ positive, KV over the linear keys)."""
+    S = GRID.tokens
+    mk = lambda *shape: torch.randn(*shape, device="cuda", dtype=DTYPE)
+    q, k, v = mk(1, S, HEADS, HEAD_DIM), mk(1, S, HEADS, HEAD_DIM), mk(1, S, HEADS, HEAD_DIM)
+    index = linear_token_index(S, rate, torch.device("cuda"))
+    phi_q = mk(1, S, HEADS, 2 * HEAD_DIM).softmax(-1)
+    phi_k = mk(1, index.numel(), HEADS, 2 * HEAD_DIM).softmax(-1)
+    kv = torch.einsum("blhf,blhe->bhfe", phi_k, F.pad(v[:, index], (0, 1), value=1.0))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v, phi_q, kv)]
+
+
+def sweep(log):
+    """Time launch configs of each kernel at R = 4 (fwd alone, or fwd+bwd for the backward kernels)."""
+    inputs = op_inputs(4)
+    do = torch.randn_like(inputs[0])
+    candidates = {
+        "fwd": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]],
+        "dq": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+               for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)]],
+        "dkv": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]],
+    }
+    for name, configs in candidates.items():
+        results = []
+        for config in configs:
+            hy.CONFIGS[name] = config
+            try:
+                if name == "fwd":
+                    ms = bench(lambda: hy.hybrid_attention(*inputs, 4), rep=100)
+                else:
+                    ms = bench(lambda: hy.hybrid_attention(*inputs, 4).backward(do), grad_to_none=inputs, rep=100)
+            except Exception as e:  # e.g. out of shared memory
+                ms = float("inf")
+                log(f"  {name} {config}: {type(e).__name__}")
+            results.append((ms, config))
+            log(f"  sweep {name} {config}: {ms:.3f} ms")
+        best_ms, best = min(results, key=lambda r: r[0])
+        hy.CONFIGS[name] = best
+        log(f"best {name}: {best} {best_ms:.3f} ms")
+
+
+def variant_call(cls, config):
+    processor = cls(config, heads=HEADS, head_dim=HEAD_DIM, dim=HEADS * HEAD_DIM).to("cuda", DTYPE)
+    S = GRID.tokens
+    q, k, v = (torch.randn(1, S, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+    return lambda: processor.attend_kernel(q, k, v, GRID), [q, k, v, *processor.parameters()]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time launch configs first and keep the fastest")
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args()
+    log = lambda s: print(s, flush=True)
+    log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
+        f"cuDNN {torch.backends.cudnn.version()}")
+    if args.sweep:
+        sweep(log)
+    log(f"configs: {hy.CONFIGS}")
+    S = GRID.tokens
+    rows = []
+
+    def add(name, call, grads, flops=None):
+        row = dict(name=name, fwd_ms=bench(call))
+        grad = torch.randn_like(call())
+        row["fwd_bwd_ms"] = bench(lambda: call().backward(grad), grad_to_none=grads)
+        if flops:
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
+        rows.append(row)
+        log(f"{name}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+            + (f" ({row['fwd_tflops']:.0f} / {row['fwd_bwd_tflops']:.0f} TFLOP/s)" if flops else ""))
+        return row
+
+    q, k, v = (torch.randn(1, HEADS, S, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    cudnn = add("SDPA cuDNN (dense)", dense, [q, k, v], 4.0 * HEADS * S * S * HEAD_DIM)
+    del q, k, v
+    linear = add("linear variant (attend_kernel)", *variant_call(LinearAttention, LinearConfig()))
+    for rate in (4, 8):
+        softmax_flops = 4.0 * HEADS * S * -(-S // rate) * HEAD_DIM
+        inputs = op_inputs(rate)
+        add(f"hybrid op R={rate} (given φ_q, KV)", lambda: hy.hybrid_attention(*inputs, rate), inputs, softmax_flops)
+        del inputs
+        add(f"hybrid variant R={rate} (attend_kernel)", *variant_call(HybridAttention, HybridConfig(rate=rate)),
+            flops=softmax_flops)
+        rows.append(dict(name=f"yardstick R={rate}: cuDNN / R + linear",
+                         fwd_ms=cudnn["fwd_ms"] / rate + linear["fwd_ms"],
+                         fwd_bwd_ms=cudnn["fwd_bwd_ms"] / rate + linear["fwd_bwd_ms"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(configs=hy.CONFIGS, rows=rows), f, indent=1)
+    lines = ["| what | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | × cuDNN fwd / fwd+bwd |", "|---|---|---|---|---|"]
+    for r in rows:
+        tflops = f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else ""
+        lines.append(f"| {r['name']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {tflops} | "
+                     f"{cudnn['fwd_ms'] / r['fwd_ms']:.2f} / {cudnn['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

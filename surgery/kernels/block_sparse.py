@@ -1,0 +1,509 @@
+"""Block-sparse softmax attention over block-ordered video tokens: VSA's fine stage and VMoBA.
+
+Layout (no padding): q, k, v are [B, S, H, D] (diffusers' layout; any strides with a contiguous last
+dim, so a [B, H, S, D] tensor goes in as `.transpose(1, 2)` without a copy), with the tokens already
+grouped block after block (`tile_order.to_tile_order`). Blocks are ranges given by offsets:
+
+- query tile i is tokens `q_offsets[i]:q_offsets[i + 1]`, at most `max_q_tile` of them;
+- key block j is tokens `kv_offsets[j]:kv_offsets[j + 1]`, any length: blocks of at most 128 tokens
+  (VSA's 4×4×4 tiles) are one kernel tile each, longer ones (VMoBA's frames) are walked in
+  64-token chunks. Partial blocks are masked inside the kernel, so nothing is padded or copied.
+
+Query tile i of batch b, head h visits the key blocks `kv_block_index[b, h, i, :kv_block_count[b, h, i]]`
+(distinct ids, any order). With `query_mask` [B, H, S, n_kv] (VMoBA: what each query chose), query s
+only counts the visited blocks j with `query_mask[b, h, s, j]`, so a tile should visit the union of
+its queries' choices. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
+
+Kernels: the forward runs one program per (query tile, batch·head) with an online softmax in fp32 and
+stores the log-sum-exp. The backward recomputes the scores in two passes with no atomics, so it is
+deterministic: a query-major pass for dq (same walk as the forward) and a key-major pass for dk, dv
+that walks the transposed map (for each key block, the query tiles that visit it; built by one sort of
+the index). That is 7 matmuls per block pair against 5 for a single pass that adds dq atomically.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
+MAX_FITTED_BLOCK = 128
+# Launch settings (H100, head_dim 128; see bench/NOTES.md). GROUP: listed key blocks (fwd, dq) or query
+# tiles (dkv) side by side per loop step, for a GROUP-times wider matmul; "chunked" (key blocks longer
+# than MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
+CONFIGS = {
+    "fwd": dict(GROUP=1, num_warps=4, num_stages=3),
+    "dq": dict(GROUP=1, num_warps=4, num_stages=4),
+    "dkv": dict(GROUP=1, num_warps=4, num_stages=4),
+    "chunked": dict(BLOCK_N=64, GROUP=2, num_warps=4, num_stages=3),
+}
+
+
+@triton.jit
+def _listed_rows(index, offsets, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Token ids and validity of GROUP consecutive listed blocks index[s], index[s + 1], side by side in
+    rows of BLOCK, from scalar loads (entry s + 1 may be past the list end n: its rows are invalid)."""
+    b0 = tl.load(index + s)
+    start0 = tl.load(offsets + b0)
+    b1 = b0
+    rows = start0 + offs_r
+    ends = tl.load(offsets + b0 + 1)
+    if GROUP == 2:
+        has1 = s + 1 < n
+        b1 = tl.load(index + s + 1, mask=has1, other=0)
+        start1 = tl.load(offsets + b1)
+        second = offs_r >= BLOCK
+        rows = tl.where(second, start1 - BLOCK, start0) + offs_r
+        ends = tl.where(second, tl.where(has1, tl.load(offsets + b1 + 1), start1), ends)
+    return rows, rows < ends, b0, b1
+
+
+@triton.jit
+def _query_mask(m_base, offs_m, m_ok, b0, b1, offs_r, stride_ms, stride_mk, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """[BM, 1] or [BM, GROUP·BLOCK]: whether each query chose the block of each column."""
+    ok = (tl.load(m_base + offs_m * stride_ms + b0 * stride_mk, mask=m_ok, other=0) != 0)[:, None]
+    if GROUP == 2:
+        ok1 = (tl.load(m_base + offs_m * stride_ms + b1 * stride_mk, mask=m_ok, other=0) != 0)[:, None]
+        ok = tl.where((offs_r >= BLOCK)[None, :], ok1, ok)
+    return ok
+
+
+@triton.jit
+def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, m_i, l_i, acc, qk_scale,
+              PRECISION: tl.constexpr):
+    b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_s = tl.where(ok, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), float("-inf"))  # [BM, BN]
+    m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
+    b_p = tl.exp2(b_s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    # Accumulating inside the dot keeps acc in the matmul's own registers (no second [BM, D] add).
+    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def block_sparse_attn_fwd_kernel(
+    q, k, v, o, lse, kv_index, kv_count, q_offsets, kv_offsets, qmask, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_mb, stride_mh, stride_ms, stride_mk,
+    H, S, NQ, MAXK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+    FITTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_q, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    q_end = tl.load(q_offsets + i_q + 1)
+    offs_m = tl.load(q_offsets + i_q) + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_end
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
+    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
+    n_slots = tl.load(kv_count + i_bh * NQ + i_q)
+    qk_scale = scale * LOG2E
+
+    # A finite start: a row whose keys are all masked so far gets exp2(-inf) = 0 and alpha 1, never NaN.
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if FITTED:
+        # Each listed block is one tile of ≤ BLOCK_N keys; GROUP of them side by side per step.
+        offs_r = tl.arange(0, GROUP * BLOCK_N)
+        for s in range(0, n_slots, GROUP):
+            offs_n, n_ok, kb0, kb1 = _listed_rows(idx_base, kv_offsets, s, n_slots, offs_r, BLOCK_N, GROUP)
+            ok = n_ok[None, :]
+            if HAS_MASK:
+                ok = ok & _query_mask(m_base, offs_m, m_ok, kb0, kb1, offs_r, stride_ms, stride_mk, BLOCK_N, GROUP)
+            m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
+                                      m_i, l_i, acc, qk_scale, PRECISION)
+    else:
+        offs_c = tl.arange(0, BLOCK_N)
+        for s in range(0, n_slots):
+            kb = tl.load(idx_base + s)
+            kv_end = tl.load(kv_offsets + kb + 1)
+            if HAS_MASK:
+                ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
+            for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+                offs_n = n0 + offs_c
+                n_ok = offs_n < kv_end
+                ok = n_ok[None, :]
+                if HAS_MASK:
+                    ok = ok & ok_row[:, None]
+                m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
+                                          m_i, l_i, acc, qk_scale, PRECISION)
+
+    acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]
+    tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             acc.to(o.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(lse + i_bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
+
+
+@triton.jit
+def block_sparse_attn_bwd_preprocess_kernel(
+    o, do, delta, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh, H, S,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < S
+    b_o = tl.load(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
+    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
+                   mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
+    tl.store(delta + i_bh.to(tl.int64) * S + offs_m, tl.sum(b_o * b_do, 1), mask=m_ok)
+
+
+@triton.jit
+def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, b_dq,
+             qk_scale, PRECISION: tl.constexpr):
+    b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
+    # Masking after exp2: a query with no visible key has lse -inf and would give inf - inf.
+    b_p = tl.where(ok, tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
+
+
+@triton.jit
+def block_sparse_attn_bwd_dq_kernel(
+    q, k, v, do, dq, lse, delta, kv_index, kv_count, q_offsets, kv_offsets, qmask, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh, stride_mb, stride_mh, stride_ms, stride_mk,
+    H, S, NQ, MAXK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
+    FITTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_q, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    q_end = tl.load(q_offsets + i_q + 1)
+    offs_m = tl.load(q_offsets + i_q) + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_end
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
+                   + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
+    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
+    n_slots = tl.load(kv_count + i_bh * NQ + i_q)
+    qk_scale = scale * LOG2E
+
+    b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if FITTED:
+        offs_r = tl.arange(0, GROUP * BLOCK_N)
+        for s in range(0, n_slots, GROUP):
+            offs_n, n_ok, kb0, kb1 = _listed_rows(idx_base, kv_offsets, s, n_slots, offs_r, BLOCK_N, GROUP)
+            ok = n_ok[None, :]
+            if HAS_MASK:
+                ok = ok & _query_mask(m_base, offs_m, m_ok, kb0, kb1, offs_r, stride_ms, stride_mk, BLOCK_N, GROUP)
+            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
+                            b_dq, qk_scale, PRECISION)
+    else:
+        offs_c = tl.arange(0, BLOCK_N)
+        for s in range(0, n_slots):
+            kb = tl.load(idx_base + s)
+            kv_end = tl.load(kv_offsets + kb + 1)
+            if HAS_MASK:
+                ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
+            for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+                offs_n = n0 + offs_c
+                n_ok = offs_n < kv_end
+                ok = n_ok[None, :]
+                if HAS_MASK:
+                    ok = ok & ok_row[:, None]
+                b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs,
+                                offs_d, b_dq, qk_scale, PRECISION)
+    tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+             (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def block_sparse_attn_bwd_dkv_kernel(
+    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_index, q_offsets, kv_offsets, qmask, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, stride_mb, stride_mh, stride_ms, stride_mk,
+    H, S, NK, L,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    kb = i_c // CHUNKS
+    kv_end = tl.load(kv_offsets + kb + 1)
+    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
+    offs_n = kv_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < kv_end
+    offs_d = tl.arange(0, D)
+    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
+    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
+    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh + kb * stride_mk
+    ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (NK + 1)
+    list_base = q_tile_index + i_bh.to(tl.int64) * L
+    lo = tl.load(ptr_base + kb)
+    # A chunk past the end of a shorter block has no keys: give it an empty walk.
+    hi = tl.where(kv_start < kv_end, tl.load(ptr_base + kb + 1), lo)
+    qk_scale = scale * LOG2E
+
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    offs_r = tl.arange(0, GROUP * BLOCK_M)
+    for i in range(lo, hi, GROUP):
+        offs_m, m_ok, _, _ = _listed_rows(list_base, q_offsets, i, hi, offs_r, BLOCK_M, GROUP)
+        b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [GBM, D]
+        b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
+        b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E
+        b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)
+        ok = m_ok
+        if HAS_MASK:
+            ok = ok & (tl.load(m_base + offs_m * stride_ms, mask=m_ok, other=0) != 0)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, GBM]
+        b_pt = tl.where(ok[None, :], tl.exp2(b_st * qk_scale - b_lse[None, :]), 0.)
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, GBM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION)
+    tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
+
+
+def _tile(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _mask_args(query_mask, like: torch.Tensor):
+    if query_mask is None:
+        return like, (0, 0, 0, 0)
+    query_mask = query_mask.view(torch.uint8) if query_mask.dtype == torch.bool else query_mask
+    return query_mask, query_mask.stride()
+
+
+def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, num_kv_blocks: int):
+    """The transposed block map, for the key-major backward pass: per (batch, head, key block), the
+    query tiles that visit it, in increasing order.
+
+    kv_block_index: [B, H, NQ, MAXK]; kv_block_count: [B, H, NQ]. Returns `q_tile_ptr` [B·H, n_kv + 1]
+    int32 and `q_tile_index` [B·H, NQ·MAXK] int32: key block j's visitors are
+    `q_tile_index[bh, q_tile_ptr[bh, j]:q_tile_ptr[bh, j + 1]]`. One sort, no host sync.
+    """
+    B, H, NQ, MAXK = kv_block_index.shape
+    # Key (block, tile) as one integer; unused slots sort to the end with block id n_kv.
+    dtype = torch.int32 if (num_kv_blocks + 1) * NQ < 2**31 else torch.int64
+    q_tile = torch.arange(NQ, device=kv_block_index.device, dtype=dtype).view(NQ, 1)
+    used = torch.arange(MAXK, device=kv_block_index.device) < kv_block_count[..., None]  # [B, H, NQ, MAXK]
+    key = torch.where(used, kv_block_index.to(dtype) * NQ + q_tile, num_kv_blocks * NQ).view(B * H, NQ * MAXK)
+    key = key.sort(dim=-1).values
+    starts = (torch.arange(num_kv_blocks + 1, device=key.device, dtype=dtype) * NQ).expand(B * H, -1).contiguous()
+    q_tile_ptr = torch.searchsorted(key, starts, out_int32=True)
+    return q_tile_ptr, (key % NQ).to(torch.int32)
+
+
+def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
+                          query_mask, scale):
+    B, S, H, D = q.shape
+    NQ, MAXK = kv_block_index.shape[-2:]
+    fitted = max_kv_block <= MAX_FITTED_BLOCK
+    config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    qmask, mstrides = _mask_args(query_mask, kv_block_count)
+    block_sparse_attn_fwd_kernel[(NQ, B * H)](
+        q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, qmask, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        o.stride(0), o.stride(1), o.stride(2), *mstrides,
+        H, S, NQ, MAXK,
+        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted,
+        HAS_MASK=query_mask is not None, PRECISION=_precision(q.dtype), **config,
+    )
+    return o, lse
+
+
+def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
+                          max_kv_block, query_mask, scale):
+    B, S, H, D = q.shape
+    NQ, MAXK = kv_block_index.shape[-2:]
+    NK = kv_offsets.numel() - 1
+    fitted = max_kv_block <= MAX_FITTED_BLOCK
+    BLOCK_M = _tile(max_q_tile)
+    dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    qmask, mstrides = _mask_args(query_mask, kv_block_count)
+    precision = _precision(q.dtype)
+
+    delta = torch.empty_like(lse)
+    block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
+        D=D, BLOCK_M=64,
+    )
+    dq = torch.empty_like(q)
+    block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
+        q, k, v, do, dq, lse, delta, kv_block_index, kv_block_count, q_offsets, kv_offsets, qmask, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), *mstrides,
+        H, S, NQ, MAXK,
+        D=D, BLOCK_M=BLOCK_M, FITTED=fitted, HAS_MASK=query_mask is not None, PRECISION=precision, **dq_config,
+    )
+    q_tile_ptr, q_tile_index = invert_block_index(kv_block_index, kv_block_count, NK)
+    chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
+        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_index, q_offsets, kv_offsets, qmask, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), *mstrides,
+        H, S, NK, q_tile_index.shape[-1],
+        D=D, BLOCK_M=BLOCK_M, CHUNKS=chunks, HAS_MASK=query_mask is not None, PRECISION=precision, **dkv_config,
+    )
+    return dq, dk, dv
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
+                query_mask, scale):
+        o, lse = block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
+                                       max_kv_block, query_mask, scale)
+        ctx.save_for_backward(q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, query_mask)
+        ctx.max_q_tile, ctx.max_kv_block, ctx.scale = max_q_tile, max_kv_block, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, query_mask = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
+                                           kv_offsets, ctx.max_q_tile, ctx.max_kv_block, query_mask, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask):
+    B, S, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
+    NQ = q_offsets.numel() - 1
+    NK = kv_offsets.numel() - 1
+    if kv_block_index.dim() != 4 or kv_block_index.shape[:3] != (B, H, NQ) or kv_block_count.shape != (B, H, NQ):
+        raise ValueError(f"kv_block_index must be [B, H, NQ, MAXK] and kv_block_count [B, H, NQ] with B={B}, H={H}, "
+                         f"NQ={NQ}; got {tuple(kv_block_index.shape)}, {tuple(kv_block_count.shape)}")
+    if query_mask is not None and query_mask.shape != (B, H, S, NK):
+        raise ValueError(f"query_mask must be [B, H, S, n_kv] = {(B, H, S, NK)}, got {tuple(query_mask.shape)}")
+    if max_q_tile < 1 or max_kv_block < 1:
+        raise ValueError(f"max_q_tile and max_kv_block must be positive, got {max_q_tile}, {max_kv_block}")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_index: torch.Tensor,
+    kv_block_count: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    max_q_tile: int = 64,
+    max_kv_block: int = 64,
+    query_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query tile over its listed key blocks only (Triton, CUDA or interpreter).
+
+    Args:
+        q: [B, S, H, D] queries, tokens in block order; fp16, bf16 or fp32. D a power of two ≥ 16.
+        k, v: [B, S_kv, H, D] keys and values in block order, same dtype.
+        kv_block_index: [B, H, NQ, MAXK] int32/int64 key block ids visited by each query tile (distinct).
+        kv_block_count: [B, H, NQ] int32/int64, how many leading entries of `kv_block_index` are used.
+        q_offsets: [NQ + 1] int32/int64, query tile i = tokens q_offsets[i]:q_offsets[i + 1]; covers 0..S.
+        kv_offsets: [n_kv + 1] int32/int64, key block j = tokens kv_offsets[j]:kv_offsets[j + 1]; covers 0..S_kv.
+        max_q_tile: an upper bound on query tile sizes (tokens); ≤ 128 is fastest.
+        max_kv_block: an upper bound on key block sizes (tokens); ≤ 128 takes the single-loop path.
+        query_mask: optional [B, H, S, n_kv] bool, query s counts visited block j only where True.
+        scale: softmax scale, default D ** -0.5.
+
+    Returns:
+        out [B, S, H, D] (q's dtype and strides) and lse [B, H, S] fp32, the natural-log log-sum-exp of
+        each query's scaled scores (no gradient flows through it).
+    """
+    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return BlockSparseAttentionFunction.apply(q, k, v, kv_block_index.contiguous(), kv_block_count.contiguous(),
+                                              q_offsets.contiguous(), kv_offsets.contiguous(), int(max_q_tile),
+                                              int(max_kv_block), query_mask, scale)
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_block_index: torch.Tensor,
+    kv_block_count: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    max_q_tile: int = 64,
+    max_kv_block: int = 64,
+    query_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`block_sparse_attention` in plain PyTorch, through a dense [B, H, S, S_kv] mask; same arguments and
+    results. Computes in fp32 (or fp64 for fp64 inputs); differentiable in q, k, v."""
+    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask)
+    B, S, H, D = q.shape
+    NQ, MAXK = kv_block_index.shape[-2:]
+    NK = kv_offsets.numel() - 1
+    q_sizes, kv_sizes = q_offsets.diff(), kv_offsets.diff()
+    if int(q_sizes.max()) > max_q_tile or int(kv_sizes.max()) > max_kv_block:
+        raise ValueError(f"tiles of {int(q_sizes.max())} queries or blocks of {int(kv_sizes.max())} keys exceed "
+                         f"max_q_tile={max_q_tile} or max_kv_block={max_kv_block}")
+    if int(q_sizes.sum()) != S or int(kv_sizes.sum()) != k.shape[1]:
+        raise ValueError(f"q_offsets must cover the {S} queries and kv_offsets the {k.shape[1]} keys")
+    device = q.device
+    tile_of_query = torch.repeat_interleave(torch.arange(NQ, device=device), q_sizes.long())  # [S]
+    block_of_key = torch.repeat_interleave(torch.arange(NK, device=device), kv_sizes.long())  # [S_kv]
+    used = torch.arange(MAXK, device=device) < kv_block_count[..., None]
+    visits = torch.zeros(B, H, NQ, NK + 1, dtype=torch.bool, device=device)
+    visits.scatter_(-1, torch.where(used, kv_block_index.long(), NK), True)  # [B, H, NQ, n_kv + 1]
+    allowed = visits[:, :, tile_of_query, :NK]  # [B, H, S, n_kv]
+    if query_mask is not None:
+        allowed = allowed & query_mask
+    allowed = allowed[..., block_of_key]  # [B, H, S, S_kv]
+
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = D ** -0.5 if scale is None else float(scale)
+    s = torch.einsum("bshd,bthd->bhst", q.to(dtype), k.to(dtype)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), 0., m)  # rows with no visible key: exp gives 0 and no NaN
+    e = torch.exp(s - m)
+    l = e.sum(-1, keepdim=True)
+    out = torch.einsum("bhst,bthd->bshd", e / torch.where(l == 0, 1., l), v.to(dtype))
+    return out.to(q.dtype), (m + torch.log(l)).squeeze(-1).detach()
+
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "invert_block_index"]

@@ -1,0 +1,432 @@
+"""Hybrid attention: exact softmax over the keys at raster indices 0, R, 2R, … plus linear attention over
+the others, under one shared normaliser (the `hybrid` variant's math, `variants/hybrid.py`).
+
+Per batch and head, with T_S = {0, R, 2R, …} (S' = ⌈S/R⌉ keys), s_ij = scale·q_i·k_j, c_i = max_{j∈T_S} s_ij
+and the linear summary KV = Σ_{j∈T_L} φ_k(k_j)ᵀ[v_j, 1] ([2F, D+1], made by the caller in PyTorch):
+
+    out_i = (A_i + N_i) / (l_i + E_i),   A_i = Σ_{j∈T_S} exp(s_ij − c_i) v_j,   l_i = Σ_{j∈T_S} exp(s_ij − c_i),
+                                         [N_i, E_i] = φ_q(q_i)·KV.
+
+Forward: one program per (query block, batch·head) runs an online softmax over T_S, loading k[:, j·R] and
+v[:, j·R] through a strided pointer (the op takes the views k[:, ::R], v[:, ::R]: no gather copy), and
+tracks the running max m, sum l and the argmax key. At the end m = c, so acc and l are already in units
+of exp(s − c) and the linear terms φ_q·KV are added unscaled: out = (acc + N) / (l + E). It stores the
+denominator den = l + E, lse = c + ln den and the argmax.
+
+Backward. With Δ_i = do_i·o_i and P_ij = exp(s_ij − c_i)/den_i = exp(s_ij − lse_i):
+
+    dv_j     = Σ_i P_ij do_i
+    ds_ij    = P_ij (do_i·v_j − Δ_i) + dc_i·[j = argmax_i]        (dq = scale·ds·K_S, dk_S = scale·dsᵀ·Q)
+    dlin_i   = [do_i, −Δ_i] / den_i                              (the gradient of φ_q(q_i)·KV)
+    dφ_q(q_i) = KV·dlin_i,   dKV = Σ_i φ_q(q_i)ᵀ dlin_i
+    dc_i     = (do_i·N_i − Δ_i E_i)/den_i = φ_q(q_i)·dφ_q(q_i)
+
+dc is not zero because A and l scale as exp(−c) and N, E do not: ∂o_i/∂c_i = (o_i l_i − A_i)/den_i =
+(N_i − o_i E_i)/den_i. c is a max, so its gradient goes to the maximising score: the kernels give it to
+the first maximal key, torch's amax splits it among exact ties (they differ only at exact ties).
+
+Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then, as in
+`block_sparse`, two recompute passes with no atomics, so the backward is deterministic: query-major for
+dq and key-major for dk_S, dv_S. dKV = φ_qᵀ·dlin is one batched matmul in torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
+# (bench/NOTES-hybrid.md); the tests shrink the blocks.
+CONFIGS = {
+    "fwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=2),
+    "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+}
+# φ_q·KV runs over the 2F features in chunks of at most this many (one [BM, BF] × [BF, D] product each).
+MAX_BLOCK_F = 64
+
+
+@triton.jit
+def hybrid_fwd_kernel(
+    q, k, v, phi, kv_num, kv_den, o, lse, den, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_pb, stride_ps, stride_ph, stride_ob, stride_os, stride_oh,
+    H, S, SK, F2,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    # k, v are the strided views k[:, ::R], v[:, ::R]: softmax key j sits at raster row j·R.
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    qk_scale = scale * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    a_i = tl.zeros([BLOCK_M], tl.int32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, SK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < SK
+        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
+        # Every block holds a valid key (n0 < SK), so b_max is finite and the first block sets the argmax.
+        b_max, b_arg = tl.max(b_s, 1, return_indices=True)
+        # Strict >: on a tie the earlier key keeps the max.
+        a_i = tl.where(b_max > m_i, n0 + b_arg, a_i)
+        m_new = tl.maximum(m_i, b_max)
+        b_p = tl.exp2(b_s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        m_i = m_new
+
+    if HAS_LINEAR:
+        # m_i is now c_i: the linear terms join acc and l without rescaling.
+        p_base = phi + i_b.to(tl.int64) * stride_pb + i_h * stride_ph
+        kvn_base = kv_num + i_bh.to(tl.int64) * F2 * D
+        kvd_base = kv_den + i_bh.to(tl.int64) * F2
+        for f0 in range(0, F2, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = offs_f < F2
+            b_phi = tl.load(p_base + offs_m[:, None] * stride_ps + offs_f[None, :], mask=m_ok[:, None] & f_ok[None, :],
+                            other=0.)  # [BM, BF]
+            b_kvn = tl.load(kvn_base + offs_f[:, None] * D + offs_d[None, :], mask=f_ok[:, None], other=0.)  # [BF, D]
+            b_kvd = tl.load(kvd_base + offs_f, mask=f_ok, other=0.).to(tl.float32)  # [BF]
+            acc += tl.dot(b_phi, b_kvn, input_precision=PRECISION)
+            l_i += tl.sum(b_phi.to(tl.float32) * b_kvd[None, :], 1)
+
+    tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             (acc / l_i[:, None]).to(o.dtype.element_ty), mask=m_ok[:, None])
+    row = i_bh.to(tl.int64) * S + offs_m
+    tl.store(lse + row, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
+    tl.store(den + row, l_i, mask=m_ok)
+    tl.store(amax + row, a_i, mask=m_ok)
+
+
+@triton.jit
+def hybrid_bwd_preprocess_kernel(
+    o, do, den, delta, dc, phi, kv_num, kv_den, dphi, dlin,
+    stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh, stride_pb, stride_ps, stride_ph,
+    stride_lb, stride_ls, stride_lh,
+    H, S, F2,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, HAS_LINEAR: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    offs_d = tl.arange(0, D)
+    b_o = tl.load(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
+    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
+                   mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
+    b_delta = tl.sum(b_o * b_do, 1)
+    row = i_bh.to(tl.int64) * S + offs_m
+    tl.store(delta + row, b_delta, mask=m_ok)
+    b_dc = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_LINEAR:
+        b_den = tl.load(den + row, mask=m_ok, other=1.)
+        b_g = b_do / b_den[:, None]  # [BM, D] gradient of the linear numerator N
+        b_w = b_delta / b_den  # [BM] minus the gradient of the linear denominator E
+        l_base = dlin + i_b.to(tl.int64) * stride_lb + i_h * stride_lh + offs_m * stride_ls
+        tl.store(l_base[:, None] + offs_d[None, :], b_g.to(dlin.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(l_base + D, (-b_w).to(dlin.dtype.element_ty), mask=m_ok)
+        p_off = i_b.to(tl.int64) * stride_pb + i_h * stride_ph + offs_m[:, None] * stride_ps
+        kvn_base = kv_num + i_bh.to(tl.int64) * F2 * D
+        kvd_base = kv_den + i_bh.to(tl.int64) * F2
+        for f0 in range(0, F2, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            f_ok = offs_f < F2
+            b_kvn = tl.load(kvn_base + offs_f[:, None] * D + offs_d[None, :], mask=f_ok[:, None], other=0.)  # [BF, D]
+            b_kvd = tl.load(kvd_base + offs_f, mask=f_ok, other=0.).to(tl.float32)  # [BF]
+            b_dphi = tl.dot(b_g.to(b_kvn.dtype), tl.trans(b_kvn), input_precision=PRECISION) \
+                - b_w[:, None] * b_kvd[None, :]  # [BM, BF]
+            mf_ok = m_ok[:, None] & f_ok[None, :]
+            b_phi = tl.load(phi + p_off + offs_f[None, :], mask=mf_ok, other=0.).to(tl.float32)  # [BM, BF]
+            # dc from the fp32 dφ_q, before it is rounded to φ's dtype.
+            b_dc += tl.sum(b_phi * b_dphi, 1)
+            tl.store(dphi + p_off + offs_f[None, :], b_dphi.to(dphi.dtype.element_ty), mask=mf_ok)
+    tl.store(dc + row, b_dc, mask=m_ok)
+
+
+@triton.jit
+def hybrid_bwd_dq_kernel(
+    q, k, v, do, dq, lse, delta, dc, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
+    H, S, SK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
+                   mask=m_ok[:, None], other=0.)  # [BM, D]
+    row = i_bh.to(tl.int64) * S + offs_m
+    b_lse = tl.load(lse + row, mask=m_ok, other=0.) * LOG2E  # [BM]
+    b_delta = tl.load(delta + row, mask=m_ok, other=0.)
+    b_dc = tl.load(dc + row, mask=m_ok, other=0.)
+    b_a = tl.load(amax + row, mask=m_ok, other=-1)
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    qk_scale = scale * LOG2E
+
+    b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, SK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < SK
+        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+        b_p = tl.where(n_ok[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None]) + tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+    tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+             (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def hybrid_bwd_dkv_kernel(
+    q, k, v, do, dk, dv, lse, delta, dc, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, stride_eb, stride_es, stride_eh,
+    H, S, SK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (block of softmax keys, batch·head); dk, dv are [B, S', H, D] with strides stride_e*.
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < SK
+    offs_d = tl.arange(0, D)
+    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                  mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                  mask=n_ok[:, None], other=0.)  # [BN, D]
+    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
+    row_base = i_bh.to(tl.int64) * S
+    qk_scale = scale * LOG2E
+
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for m0 in range(0, S, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < S
+        b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
+        b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
+        b_lse = tl.load(lse + row_base + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
+        b_delta = tl.load(delta + row_base + offs_m, mask=m_ok, other=0.)
+        b_dc = tl.load(dc + row_base + offs_m, mask=m_ok, other=0.)
+        b_a = tl.load(amax + row_base + offs_m, mask=m_ok, other=-1)
+        # Transposed scores, keys × queries, so dk and dv accumulate without transposing them.
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+        b_pt = tl.where(m_ok[None, :], tl.exp2(b_st - b_lse[None, :]), 0.)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :]) + tl.where(offs_n[:, None] == b_a[None, :], b_dc[None, :], 0.)
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+    e_off = i_b.to(tl.int64) * stride_eb + i_h * stride_eh + offs_n[:, None] * stride_es + offs_d[None, :]
+    tl.store(dk + e_off, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(dv + e_off, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_f(features: int) -> int:
+    return max(16, min(MAX_BLOCK_F, triton.next_power_of_2(features)))
+
+
+def _split_summary(kv_summary: torch.Tensor | None, like: torch.Tensor):
+    """KV [B, H, 2F, D+1] → numerator [B, H, 2F, D] and denominator [B, H, 2F], contiguous in φ's dtype
+    (rows of D+1 would make every kernel load unaligned); placeholders when there is no linear branch."""
+    if kv_summary is None:
+        return like, like
+    kv_summary = kv_summary.to(like.dtype)
+    return kv_summary[..., :-1].contiguous(), kv_summary[..., -1].contiguous()
+
+
+def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale):
+    B, S, H, D = q.shape
+    SK = k_s.shape[1]
+    has_linear = phi_q is not None
+    F2 = phi_q.shape[-1] if has_linear else 0
+    phi = phi_q if has_linear else q
+    config = CONFIGS["fwd"]
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    den = torch.empty_like(lse)
+    amax = torch.empty(B, H, S, device=q.device, dtype=torch.int32)
+    hybrid_fwd_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
+        q, k_s, v_s, phi, kv_num, kv_den, o, lse, den, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
+        v_s.stride(0), v_s.stride(1), v_s.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        H, S, SK, F2,
+        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=_precision(q.dtype), **config,
+    )
+    return o, lse, den, amax
+
+
+def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale):
+    B, S, H, D = q.shape
+    SK = k_s.shape[1]
+    has_linear = phi_q is not None
+    F2 = phi_q.shape[-1] if has_linear else 0
+    precision = _precision(q.dtype)
+
+    delta = torch.empty_like(lse)
+    dc = torch.empty_like(lse)
+    dphi = torch.empty_like(phi_q) if has_linear else None
+    dlin = torch.empty(B, S, H, D + 1, device=q.device, dtype=phi_q.dtype) if has_linear else None
+    phi, dphi_arg, dlin_arg = (phi_q, dphi, dlin) if has_linear else (q, q, q)
+    config = CONFIGS["preprocess"]
+    hybrid_bwd_preprocess_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
+        o, do, den, delta, dc, phi, kv_num, kv_den, dphi_arg, dlin_arg,
+        o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        phi.stride(0), phi.stride(1), phi.stride(2), dlin_arg.stride(0), dlin_arg.stride(1), dlin_arg.stride(2),
+        H, S, F2,
+        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=_precision(phi.dtype), **config,
+    )
+    dq = torch.empty_like(q)
+    config = CONFIGS["dq"]
+    hybrid_bwd_dq_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
+        q, k_s, v_s, do, dq, lse, delta, dc, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
+        v_s.stride(0), v_s.stride(1), v_s.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, S, SK,
+        D=D, PRECISION=precision, **config,
+    )
+    dk = torch.empty(B, SK, H, D, device=q.device, dtype=k_s.dtype)  # [B, S', H, D]
+    dv = torch.empty_like(dk)
+    config = CONFIGS["dkv"]
+    hybrid_bwd_dkv_kernel[(triton.cdiv(SK, config["BLOCK_N"]), B * H)](
+        q, k_s, v_s, do, dk, dv, lse, delta, dc, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
+        v_s.stride(0), v_s.stride(1), v_s.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        H, S, SK,
+        D=D, PRECISION=precision, **config,
+    )
+    # dKV = Σ_i φ_q(q_i)ᵀ dlin_i: one batched matmul, fp32 accumulation inside.
+    dkv = torch.einsum("bshf,bshe->bhfe", phi_q, dlin) if has_linear else None  # [B, H, 2F, D+1]
+    return dq, dk, dv, dphi, dkv
+
+
+class HybridAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_s, v_s, phi_q, kv_summary, scale):
+        kv_num, kv_den = _split_summary(kv_summary, phi_q if phi_q is not None else q)
+        o, lse, den, amax = hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale)
+        ctx.save_for_backward(q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax)
+        ctx.scale = scale
+        ctx.kv_dtype = None if kv_summary is None else kv_summary.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv, dphi, dkv = hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, ctx.scale)
+        return dq, dk, dv, dphi, None if dkv is None else dkv.to(ctx.kv_dtype), None
+
+
+def _check(q, k, v, phi_q, kv_summary, rate):
+    B, S, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+        raise ValueError(f"rate must be an int ≥ 1, got {rate!r}")
+    if (phi_q is None) != (kv_summary is None):
+        raise ValueError("phi_q and kv_summary go together: pass both (linear branch) or neither")
+    if phi_q is not None:
+        F2 = phi_q.shape[-1]
+        if phi_q.shape[:3] != (B, S, H) or kv_summary.shape != (B, H, F2, D + 1):
+            raise ValueError(f"phi_q must be [B, S, H, 2F] and kv_summary [B, H, 2F, D+1] for q {tuple(q.shape)}, "
+                             f"got {tuple(phi_q.shape)}, {tuple(kv_summary.shape)}")
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor | None,
+    kv_summary: torch.Tensor | None,
+    rate: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention over the keys k[:, ::rate] plus a linear branch, under one normaliser (Triton,
+    CUDA or interpreter); see the module docstring for the formula.
+
+    Args:
+        q: [B, S, H, D] queries; fp16, bf16 or fp32; D a power of two ≥ 16; any strides with a contiguous last dim.
+        k, v: [B, S_kv, H, D] keys and values, all tokens (raster order); the op reads rows 0, R, 2R, … only.
+        phi_q: [B, S, H, 2F] φ_q(q), or None for no linear branch (then this is softmax attention over k[:, ::rate]).
+        kv_summary: [B, H, 2F, D+1] Σ_{j∈T_L} φ_k(k_j)ᵀ[v_j, 1] over the linear keys, or None with phi_q.
+        rate: R ≥ 1.
+        scale: softmax scale, default D ** -0.5.
+
+    Returns:
+        out [B, S, H, D] in q's dtype and strides. Differentiable in q, k, v, phi_q and kv_summary.
+    """
+    _check(q, k, v, phi_q, kv_summary, rate)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if phi_q is not None and phi_q.stride(-1) != 1:
+        phi_q = phi_q.contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # Strided views, not copies: the kernels step through k and v R rows at a time.
+    return HybridAttentionFunction.apply(q, k[:, ::rate], v[:, ::rate], phi_q, kv_summary, scale)
+
+
+def hybrid_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor | None,
+    kv_summary: torch.Tensor | None,
+    rate: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`hybrid_attention` in plain PyTorch through the [B, H, S, S'] score matrix; same arguments and result.
+    Computes in fp32 (fp64 for fp64 inputs); differentiable in every tensor argument."""
+    _check(q, k, v, phi_q, kv_summary, rate)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scores = torch.einsum("bshd,bthd->bhst", q.to(dtype), k[:, ::rate].to(dtype)) * scale  # [B, H, S, S']
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+    numerator = torch.einsum("bhst,bthd->bshd", weights, v[:, ::rate].to(dtype))  # [B, S, H, D]
+    denominator = weights.sum(dim=-1).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    if phi_q is not None:
+        sums = torch.einsum("bshf,bhfe->bshe", phi_q.to(dtype), kv_summary.to(dtype))  # [B, S, H, D+1]
+        numerator = numerator + sums[..., :-1]
+        denominator = denominator + sums[..., -1:]
+    return (numerator / denominator).to(q.dtype)
+
+
+__all__ = ["hybrid_attention", "hybrid_attention_reference"]

@@ -1,0 +1,196 @@
+"""Hybrid attention kernel (Triton) against its plain-PyTorch reference: output and every gradient.
+
+On CPU the kernels run in Triton's interpreter (tests/kernels/__init__.py) at tiny shapes with 16-token
+blocks, so partial blocks and several blocks per walk are covered; fp32 against the reference in fp64,
+relative error ≤ 1e-3. Through the variants: `attend_kernel` against `attend_reference`, feature-map
+parameters included. GPU tests (`-m gpu`) use Wan-1.3B's shape in bf16, relative error ≤ 2e-2 against
+the reference in fp32 on the same bf16 inputs.
+"""
+
+import pytest
+import torch
+
+from surgery.grid import VideoGrid
+from surgery.kernels import hybrid as hy
+from surgery.kernels.hybrid import hybrid_attention, hybrid_attention_reference
+from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index
+from surgery.variants.linear import LinearAttention, LinearConfig
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(x, ref):
+    """‖x − ref‖ / ‖ref‖; absolute where ref is exactly zero (dq, dk with a single softmax key)."""
+    diff, norm = (x.double() - ref.double()).norm(), ref.double().norm()
+    return (diff / norm if norm > 0 else diff).item()
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """16-token query and key blocks, so the tiny cases walk several blocks and end on partial ones."""
+    for name, config in hy.CONFIGS.items():
+        monkeypatch.setitem(hy.CONFIGS, name, {**config, **{b: 16 for b in ("BLOCK_M", "BLOCK_N") if b in config}})
+
+
+def random_inputs(batch, tokens, heads, head_dim, features, rate, generator, dtype=torch.float32, device=DEVICE):
+    """q, k, v and a linear branch built as the variant builds it: φ positive, KV = φ_k(K_L)ᵀ[V_L, 1]."""
+    q, k, v = (torch.randn(batch, tokens, heads, head_dim, generator=generator) for _ in range(3))
+    index = linear_token_index(tokens, rate, torch.device("cpu"))
+    if features == 0 or index.numel() == 0:
+        phi_q = kv = None
+    else:
+        phi_q = torch.randn(batch, tokens, heads, 2 * features, generator=generator).softmax(-1)
+        phi_k = torch.randn(batch, index.numel(), heads, 2 * features, generator=generator).softmax(-1)
+        v_ones = torch.cat([v[:, index], torch.ones(batch, index.numel(), heads, 1)], -1)
+        kv = torch.einsum("blhf,blhe->bhfe", phi_k, v_ones)  # [B, H, 2F, D+1]
+    return [None if t is None else t.to(device, dtype) for t in (q, k, v, phi_q, kv)]
+
+
+def check_against_reference(inputs, rate, tol, scale=None):
+    """Kernel and reference on the same inputs (reference in fp64 for fp32 inputs, else fp32): out and
+    the gradients of q, k, v, φ_q and KV under one random upstream gradient."""
+    names = ["q", "k", "v", "phi_q", "kv"]
+    ours = [None if t is None else t.detach().requires_grad_() for t in inputs]
+    ref_dtype = torch.float64 if inputs[0].dtype == torch.float32 else torch.float32
+    theirs = [None if t is None else t.detach().to(ref_dtype).requires_grad_() for t in inputs]
+    out = hybrid_attention(*ours, rate, scale)
+    ref = hybrid_attention_reference(*theirs, rate, scale)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad.to(ref_dtype))
+    errors = {"out": rel_err(out, ref)}
+    errors.update({f"d{n}": rel_err(a.grad, b.grad) for n, a, b in zip(names, ours, theirs) if a is not None})
+    assert all(e <= tol for e in errors.values()), errors
+    return errors
+
+
+@pytest.mark.parametrize(
+    "tokens,rate,batch,heads,head_dim,features",
+    [(70, 2, 2, 2, 16, 8), (53, 4, 2, 3, 32, 12), (37, 5, 2, 2, 16, 16), (45, 1, 2, 2, 16, 8), (33, 40, 1, 2, 16, 8)],
+    ids=["S70-R2-d16-F8", "S53-R4-d32-F12", "S37-R5-d16-F16", "S45-R1-full", "S33-R40-one-softmax-key"],
+)
+def test_matches_reference(small_blocks, tokens, rate, batch, heads, head_dim, features):
+    g = torch.Generator().manual_seed(tokens * 100 + rate)
+    check_against_reference(random_inputs(batch, tokens, heads, head_dim, features, rate, g), rate, 1e-3)
+
+
+def test_max_gradient_matters(small_blocks):
+    """The linear term is not scaled by exp(−c), so c's gradient is part of dq and dk: dropping it must fail."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v, phi_q, kv = random_inputs(1, 40, 2, 16, 8, 2, g)
+    q = q.requires_grad_()
+    hybrid_attention(q, k, v, phi_q, kv, 2).backward(torch.ones_like(q))
+    reference = q.detach().double().requires_grad_()
+    scores = torch.einsum("bshd,bthd->bhst", reference, k[:, ::2].double()) / 4
+    c = scores.amax(-1, keepdim=True).detach()  # the max held constant: what the kernel must not compute
+    weights = (scores - c).exp()
+    lin = torch.einsum("bshf,bhfe->bshe", phi_q.double(), kv.double())
+    out = (torch.einsum("bhst,bthd->bshd", weights, v[:, ::2].double()) + lin[..., :-1]) / (
+        weights.sum(-1).transpose(1, 2).unsqueeze(-1) + lin[..., -1:])
+    out.backward(torch.ones_like(out))
+    assert rel_err(q.grad, reference.grad) > 1e-2
+
+
+def test_heads_first_layout_and_scale(small_blocks):
+    """[B, H, S, D] tensors go in as transposed views; the output keeps q's strides."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, phi_q, kv = random_inputs(2, 50, 3, 16, 8, 3, g)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    check_against_reference([q, k, v, phi_q, kv], 3, 1e-3, scale=0.4)
+    assert hybrid_attention(q, k, v, phi_q, kv, 3).stride() == q.stride()
+
+
+def random_processor(cls, config, heads, head_dim):
+    """A processor in fp32 with every feature-map parameter random (the init has zeros and an identity)."""
+    processor = cls(config, heads=heads, head_dim=head_dim, dim=heads * head_dim)
+    with torch.no_grad():
+        for p in processor.parameters():
+            p.copy_(0.5 * torch.randn_like(p))
+    return processor
+
+
+@pytest.mark.parametrize(
+    "cls,config,grid",
+    [
+        (HybridAttention, HybridConfig(rate=4, feature_dim=12, hidden_dim=4), VideoGrid(3, 4, 5)),
+        (HybridAttention, HybridConfig(rate=5, feature_dim=8), VideoGrid(2, 5, 7)),
+        (HybridAttention, HybridConfig(rate=1), VideoGrid(2, 3, 5)),
+        (LinearAttention, LinearConfig(feature_dim=8, hidden_dim=4), VideoGrid(3, 4, 5)),
+    ],
+    ids=["hybrid-R4-hidden", "hybrid-R5", "hybrid-R1", "linear"],
+)
+def test_variant_attend_kernel_matches_reference(small_blocks, cls, config, grid):
+    """`attend_kernel` (what `attend` runs on CUDA) against `attend_reference`, both in fp32, called
+    directly (on CPU tensors without CUDA): output and the gradients of q, k, v and every feature-map parameter."""
+    heads, head_dim = 2, 16
+    processor = random_processor(cls, config, heads, head_dim).to(DEVICE)
+    q, k, v = (torch.randn(2, grid.tokens, heads, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
+    inputs = [q, k, v, *processor.parameters()]
+    out, ref = processor.attend_kernel(q, k, v, grid), processor.attend_reference(q, k, v, grid)
+    grad = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, grad, materialize_grads=True)
+    ref_grads = torch.autograd.grad(ref, inputs, grad, materialize_grads=True)
+    names = ["out", "q", "k", "v", *(n for n, _ in processor.named_parameters())]
+    errors = {n: rel_err(a, b) for n, a, b in zip(names, [out, *grads], [ref, *ref_grads])}
+    assert all(e <= 1e-3 for e in errors.values()), errors
+
+
+def test_rejects_bad_arguments():
+    q = torch.randn(1, 32, 2, 16)
+    with pytest.raises(ValueError, match="head_dim"):
+        hybrid_attention(q[..., :12], q[..., :12], q[..., :12], None, None, 2)
+    with pytest.raises(ValueError, match="go together"):
+        hybrid_attention(q, q, q, torch.rand(1, 32, 2, 8), None, 2)
+    with pytest.raises(ValueError, match="kv_summary"):
+        hybrid_attention(q, q, q, torch.rand(1, 32, 2, 8), torch.rand(1, 2, 8, 16), 2)
+    with pytest.raises(ValueError, match="rate"):
+        hybrid_attention(q, q, q, None, None, 0)
+
+
+# ---- GPU: Wan-1.3B's shape in bf16 ----------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every float tensor the kernels allocate starts as NaN, so an unwritten element shows."""
+    empty_like, empty = torch.empty_like, torch.empty
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(empty(*a, **kw)))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rate", [4, 8])
+def test_gpu_wan_shape_bf16(poisoned_empty, rate):
+    """21×30×52 = 32,760 tokens, 12 heads × 128, F = 128, bf16. The fp32 reference forms [S, S/R] score
+    matrices, so it runs three heads at a time (heads are independent)."""
+    g = torch.Generator().manual_seed(rate)
+    inputs = random_inputs(1, VideoGrid(21, 30, 52).tokens, 12, 128, 128, rate, g, torch.bfloat16, "cuda")
+    ours = [t.detach().requires_grad_() for t in inputs]
+    out = hybrid_attention(*ours, rate)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    # Per head: q, k, v, φ_q are [B, S, H, ·] and KV is [B, H, ·, ·].
+    split = [2, 2, 2, 2, 1]
+    refs, ref_grads = [], [[] for _ in inputs]
+    for h in range(0, 12, 3):
+        part = [t.detach().narrow(d, h, 3).float().requires_grad_() for t, d in zip(inputs, split)]
+        ref = hybrid_attention_reference(*part, rate)
+        ref.backward(grad[:, :, h:h + 3].float())
+        refs.append(ref.detach())
+        for acc, t in zip(ref_grads, part):
+            acc.append(t.grad)
+    ref = torch.cat(refs, 2)
+    errors = {"out": rel_err(out, ref)}
+    for name, t, parts, d in zip(["dq", "dk", "dv", "dphi_q", "dkv"], ours, ref_grads, split):
+        assert torch.isfinite(t.grad).all(), name
+        errors[name] = rel_err(t.grad, torch.cat(parts, d))
+    print(errors)
+    assert torch.isfinite(out).all()
+    assert all(e <= 2e-2 for e in errors.values()), errors
