@@ -183,7 +183,8 @@ def generate_video(
     """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
 
     tiny (or a transformer-only export of it): the tiny pipeline of surgery.pipeline around the
-    loaded transformer; a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
+    loaded transformer; toy (or an export of it): the toy sampler with its caption encoder
+    (surgery.toy.sample, uint8 frames); a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
     """
     from diffusers import WanPipeline
 
@@ -194,6 +195,14 @@ def generate_video(
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512
     else:
         transformer = load_model(spec)
+        if fingerprint(dict(transformer.config)) == fingerprint(load_config("toy")):
+            from . import toy
+
+            _, caption_encoder = toy.load_toy()
+            size = dict(zip(("frames", "height", "width"), (frames, height, width)))
+            video = toy.sample(transformer, caption_encoder, prompt, seed=seed, steps=steps,
+                               **{k: v for k, v in size.items() if v is not None})
+            return video.numpy()
         if fingerprint(dict(transformer.config)) != fingerprint(load_config("tiny")):
             raise SurgeryError(
                 f"generate needs a pipeline (a diffusers folder with model_index.json) or the tiny model; {spec} is a bare transformer"

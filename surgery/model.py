@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import toy
 from .errors import ModelLoadError
 from .grid import VAE_SCALE, VideoGrid, video_grid
 
@@ -38,7 +39,7 @@ _WAN_COMMON = dict(
 
 @dataclass(frozen=True)
 class Preset:
-    """A model built from config in code, with the video size its commands default to."""
+    """A named model: its config (and trained weights, if any), with the video size its commands default to."""
 
     config: dict
     frames: int
@@ -47,6 +48,7 @@ class Preset:
     text_tokens: int  # length of the text embedding sequence the model is conditioned on
     about: str
     vae_scale: tuple[int, int, int] = VAE_SCALE  # pixels per latent along frames, height, width
+    weights: Path | None = None  # a transformer folder of trained weights; None builds random ones
 
 
 PRESETS: dict[str, Preset] = {
@@ -69,6 +71,12 @@ PRESETS: dict[str, Preset] = {
         config=dict(_WAN_COMMON, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40),
         frames=81, height=720, width=1280, text_tokens=512,
         about="Wan2.1 T2V 14B config, random weights",
+    ),
+    # Trained here on procedural clips (surgery/toy.py); pixel space, so its "VAE" scale is the codec's.
+    "toy": Preset(
+        config=toy.TRANSFORMER_CONFIG, frames=toy.FRAMES, height=toy.HEIGHT, width=toy.WIDTH,
+        text_tokens=toy.MAX_WORDS, vae_scale=toy.LATENT_SCALE, weights=toy.ASSET_DIR / "transformer",
+        about="6-layer Wan-architecture teacher trained on moving-shape clips (prompts: surgery/toy.py)",
     ),
 }
 
@@ -142,11 +150,13 @@ def load_config(spec: str) -> dict:
 def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=None, seed: int = 0):
     """Load a `WanTransformer3DModel` from `spec`.
 
-    spec: "tiny" (built in code), a preset name (random weights, seeded), a local diffusers folder
-    (a pipeline folder with transformer/, or a transformer folder), or a Hugging Face hub id.
+    spec: "tiny" (built in code), a preset name (random weights, seeded; "toy" loads its trained ones),
+    a local diffusers folder (a pipeline folder with transformer/, or a transformer folder), or a Hugging Face hub id.
     """
     from diffusers import WanTransformer3DModel
 
+    if spec in PRESETS and PRESETS[spec].weights is not None:
+        spec = str(PRESETS[spec].weights)  # a trained preset loads as its transformer folder
     if spec in PRESETS:
         with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
             torch.manual_seed(seed)
