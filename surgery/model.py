@@ -161,7 +161,7 @@ def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=N
         with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
             torch.manual_seed(seed)
             model = WanTransformer3DModel(**PRESETS[spec].config)
-        model = model.to(dtype=dtype) if dtype is not None else model
+        model = _cast(model, dtype) if dtype is not None else model
     elif Path(spec).is_dir():
         folder = _transformer_dir(Path(spec))
         if _read_config(folder)["_class_name"] == SURGERY_CLASS:
@@ -180,6 +180,21 @@ def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=N
     else:
         raise ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
     model.eval()
+    return model
+
+
+def _cast(model, dtype: torch.dtype):
+    """`model.to(dtype)`, keeping diffusers' `_keep_in_fp32_modules` (norms, time embedding,
+    modulation tables, RoPE) in fp32 for half dtypes, as `from_pretrained(torch_dtype=...)` does."""
+    model = torch.nn.Module.to(model, dtype=dtype)  # ModelMixin.to warns about what we handle below
+    if dtype in (torch.float16, torch.bfloat16):
+        keep = set(model._keep_in_fp32_modules or ())
+        for name, module in model.named_modules():
+            if keep & set(name.split(".")):
+                module.float()
+        for name, param in model.named_parameters():
+            if keep & set(name.split(".")):
+                param.data = param.data.float()
     return model
 
 

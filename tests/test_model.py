@@ -75,3 +75,11 @@ def test_presets_have_the_published_configs():
     assert (small["num_layers"], small["num_attention_heads"], small["ffn_dim"]) == (30, 12, 8960)
     assert (large["num_layers"], large["num_attention_heads"], large["ffn_dim"]) == (40, 40, 13824)
     assert small["attention_head_dim"] == large["attention_head_dim"] == 128
+
+
+def test_half_precision_presets_keep_diffusers_fp32_modules():
+    model = surgery.load_model("tiny", dtype=torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert model.rope.freqs_cos.dtype == torch.float32
