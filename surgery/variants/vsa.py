@@ -116,6 +116,33 @@ class VideoSparseAttention(AttentionVariant):
         tiles = block_count(grid, config.tile)
         return config.tiles_kept(tiles) / tiles
 
+    def attend_kernel(self, q, k, v, grid, x=None):
+        """The reference's math with the fine stage in the Triton block-sparse kernel (CUDA).
+
+        Coarse stage and selection stay in fp32 PyTorch (n tiles: cheap): ranking bf16 scores would
+        reorder near-ties and pick other tiles than the reference. Tokens go to tile order and back
+        with one cached gather each way; nothing is padded.
+        """
+        from ..kernels.block_sparse import block_sparse_attention
+        from ..kernels.tile_order import tile_permutation, to_raster_order, to_tile_order
+
+        if x is None:
+            raise SurgeryError("vsa needs the attention input x for its gate")
+        layout = block_layout(grid, self.config.tile, q.device)
+        with torch.autocast(q.device.type, enabled=False):
+            coarse, tile_scores = coarse_attention(q.float(), k.float(), v.float(), layout)  # [B, n, H, D]
+        key_tiles = select_key_tiles(tile_scores, self.config.tiles_kept(layout.num_blocks))  # [B, H, n, k]
+        counts = torch.full(key_tiles.shape[:-1], key_tiles.shape[-1], dtype=torch.int32, device=q.device)
+        order, inverse = tile_permutation(grid, layout.block, q.device)
+        tile_tokens = math.prod(layout.block)  # an upper bound on every tile's size, known without a sync
+        fine, _ = block_sparse_attention(
+            *(to_tile_order(t, order, inverse) for t in (q, k, v)), key_tiles, counts,
+            layout.offsets, layout.offsets, tile_tokens, tile_tokens,
+        )
+        fine = to_raster_order(fine, order, inverse)  # [B, S, H, D]
+        gate = self.gate_compress(x).unflatten(-1, (self.heads, -1))
+        return fine + (gate * coarse[:, layout.block_of_token].to(gate.dtype)).to(fine.dtype)
+
     def attend_reference(self, q, k, v, grid, x=None):
         """q, k, v: [B, S, H, D] raster order; x: [B, S, dim], the gate's input. Returns [B, S, H, D]."""
         if x is None:
