@@ -15,10 +15,12 @@ only counts the visited blocks j with `query_mask[b, h, s, j]`, so a tile should
 its queries' choices. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
 
 Kernels: the forward runs one program per (query tile, batch·head) with an online softmax in fp32 and
-stores the log-sum-exp. The backward recomputes the scores in two passes with no atomics, so it is
-deterministic: a query-major pass for dq (same walk as the forward) and a key-major pass for dk, dv
-that walks the transposed map (for each key block, the query tiles that visit it; built by one sort of
-the index). That is 7 matmuls per block pair against 5 for a single pass that adds dq atomically.
+stores the log-sum-exp. Each visited block's token range is gathered on the host first (`token_ranges`),
+so the K/V addresses hang on one scalar load rather than a chain of two (16% faster forward).
+The backward recomputes the scores in two passes with no atomics, so it is deterministic: a query-major
+pass for dq (same walk as the forward) and a key-major pass for dk, dv that walks the transposed map
+(for each key block, the query tiles that visit it; built by one sort of the index). That is 7 matmuls
+per block pair against 5 for a single pass that adds dq atomically.
 """
 
 from __future__ import annotations
@@ -31,44 +33,31 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
-# Launch settings (H100, head_dim 128; see bench/NOTES.md). GROUP: listed key blocks (fwd, dq) or query
-# tiles (dkv) side by side per loop step, for a GROUP-times wider matmul; "chunked" (key blocks longer
-# than MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
+# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). GROUP (dkv): query tiles side by
+# side per loop step, for a GROUP-times wider matmul. "chunked" (key blocks longer than MAX_FITTED_BLOCK,
+# all three kernels) also sets the chunk length BLOCK_N.
 CONFIGS = {
-    "fwd": dict(GROUP=1, num_warps=4, num_stages=3),
-    "dq": dict(GROUP=1, num_warps=4, num_stages=4),
-    "dkv": dict(GROUP=1, num_warps=4, num_stages=4),
-    "chunked": dict(BLOCK_N=64, GROUP=2, num_warps=4, num_stages=3),
+    "fwd": dict(num_warps=4, num_stages=3),
+    "dq": dict(num_warps=4, num_stages=2),
+    "dkv": dict(GROUP=1, num_warps=4, num_stages=2),
+    "chunked": dict(BLOCK_N=64, GROUP=2, num_warps=4, num_stages=2),
 }
 
 
 @triton.jit
-def _listed_rows(index, offsets, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """Token ids and validity of GROUP consecutive listed blocks index[s], index[s + 1], side by side in
-    rows of BLOCK, from scalar loads (entry s + 1 may be past the list end n: its rows are invalid)."""
-    b0 = tl.load(index + s)
-    start0 = tl.load(offsets + b0)
-    b1 = b0
+def _listed_rows(ranges, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Token ids and validity of GROUP consecutive listed tiles s, s + 1 (token ranges [start, end) at
+    ranges[2s], ranges[2s + 1]), side by side in rows of BLOCK; entry s + 1 may be past the list end n."""
+    start0 = tl.load(ranges + 2 * s)
     rows = start0 + offs_r
-    ends = tl.load(offsets + b0 + 1)
+    ends = tl.load(ranges + 2 * s + 1)
     if GROUP == 2:
         has1 = s + 1 < n
-        b1 = tl.load(index + s + 1, mask=has1, other=0)
-        start1 = tl.load(offsets + b1)
+        start1 = tl.load(ranges + 2 * s + 2, mask=has1, other=0)
         second = offs_r >= BLOCK
         rows = tl.where(second, start1 - BLOCK, start0) + offs_r
-        ends = tl.where(second, tl.where(has1, tl.load(offsets + b1 + 1), start1), ends)
-    return rows, rows < ends, b0, b1
-
-
-@triton.jit
-def _query_mask(m_base, offs_m, m_ok, b0, b1, offs_r, stride_ms, stride_mk, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """[BM, 1] or [BM, GROUP·BLOCK]: whether each query chose the block of each column."""
-    ok = (tl.load(m_base + offs_m * stride_ms + b0 * stride_mk, mask=m_ok, other=0) != 0)[:, None]
-    if GROUP == 2:
-        ok1 = (tl.load(m_base + offs_m * stride_ms + b1 * stride_mk, mask=m_ok, other=0) != 0)[:, None]
-        ok = tl.where((offs_r >= BLOCK)[None, :], ok1, ok)
-    return ok
+        ends = tl.where(second, tl.load(ranges + 2 * s + 3, mask=has1, other=0), ends)
+    return rows, rows < ends
 
 
 @triton.jit
@@ -81,19 +70,18 @@ def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_
     b_p = tl.exp2(b_s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    # Accumulating inside the dot keeps acc in the matmul's own registers (no second [BM, D] add).
     acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    q, k, v, o, lse, kv_index, kv_count, q_offsets, kv_offsets, qmask, scale,
+    q, k, v, o, lse, kv_index, kv_ranges, kv_count, q_offsets, qmask, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_mb, stride_mh, stride_ms, stride_mk,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-    FITTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -107,6 +95,7 @@ def block_sparse_attn_fwd_kernel(
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
     idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
+    rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
     n_slots = tl.load(kv_count + i_bh * NQ + i_q)
     qk_scale = scale * LOG2E
 
@@ -114,24 +103,26 @@ def block_sparse_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], -1e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        # Each listed block is one tile of ≤ BLOCK_N keys; GROUP of them side by side per step.
-        offs_r = tl.arange(0, GROUP * BLOCK_N)
-        for s in range(0, n_slots, GROUP):
-            offs_n, n_ok, kb0, kb1 = _listed_rows(idx_base, kv_offsets, s, n_slots, offs_r, BLOCK_N, GROUP)
+        # Each listed block is one tile of ≤ BLOCK_N keys: one flat loop, which Triton pipelines. Its token
+        # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
+        for s in range(0, n_slots):
+            offs_n = tl.load(rng_base + 2 * s) + offs_c
+            n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
             ok = n_ok[None, :]
             if HAS_MASK:
-                ok = ok & _query_mask(m_base, offs_m, m_ok, kb0, kb1, offs_r, stride_ms, stride_mk, BLOCK_N, GROUP)
+                kb = tl.load(idx_base + s)
+                ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
             m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                       m_i, l_i, acc, qk_scale, PRECISION)
     else:
-        offs_c = tl.arange(0, BLOCK_N)
         for s in range(0, n_slots):
-            kb = tl.load(idx_base + s)
-            kv_end = tl.load(kv_offsets + kb + 1)
+            kv_end = tl.load(rng_base + 2 * s + 1)
             if HAS_MASK:
+                kb = tl.load(idx_base + s)
                 ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
-            for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+            for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
                 offs_n = n0 + offs_c
                 n_ok = offs_n < kv_end
                 ok = n_ok[None, :]
@@ -178,12 +169,12 @@ def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride
 
 @triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, kv_index, kv_count, q_offsets, kv_offsets, qmask, scale,
+    q, k, v, do, dq, lse, delta, kv_index, kv_ranges, kv_count, q_offsets, qmask, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh, stride_mb, stride_mh, stride_ms, stride_mk,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr,
-    FITTED: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -201,27 +192,29 @@ def block_sparse_attn_bwd_dq_kernel(
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
     idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
+    rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
     n_slots = tl.load(kv_count + i_bh * NQ + i_q)
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        offs_r = tl.arange(0, GROUP * BLOCK_N)
-        for s in range(0, n_slots, GROUP):
-            offs_n, n_ok, kb0, kb1 = _listed_rows(idx_base, kv_offsets, s, n_slots, offs_r, BLOCK_N, GROUP)
+        for s in range(0, n_slots):
+            offs_n = tl.load(rng_base + 2 * s) + offs_c
+            n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
             ok = n_ok[None, :]
             if HAS_MASK:
-                ok = ok & _query_mask(m_base, offs_m, m_ok, kb0, kb1, offs_r, stride_ms, stride_mk, BLOCK_N, GROUP)
+                kb = tl.load(idx_base + s)
+                ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                             b_dq, qk_scale, PRECISION)
     else:
-        offs_c = tl.arange(0, BLOCK_N)
         for s in range(0, n_slots):
-            kb = tl.load(idx_base + s)
-            kv_end = tl.load(kv_offsets + kb + 1)
+            kv_end = tl.load(rng_base + 2 * s + 1)
             if HAS_MASK:
+                kb = tl.load(idx_base + s)
                 ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
-            for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+            for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
                 offs_n = n0 + offs_c
                 n_ok = offs_n < kv_end
                 ok = n_ok[None, :]
@@ -235,7 +228,7 @@ def block_sparse_attn_bwd_dq_kernel(
 
 @triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_index, q_offsets, kv_offsets, qmask, scale,
+    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, qmask, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh, stride_mb, stride_mh, stride_ms, stride_mk,
     H, S, NK, L,
@@ -259,7 +252,7 @@ def block_sparse_attn_bwd_dkv_kernel(
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh + kb * stride_mk
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (NK + 1)
-    list_base = q_tile_index + i_bh.to(tl.int64) * L
+    rng_base = q_tile_ranges + i_bh.to(tl.int64) * (2 * L)
     lo = tl.load(ptr_base + kb)
     # A chunk past the end of a shorter block has no keys: give it an empty walk.
     hi = tl.where(kv_start < kv_end, tl.load(ptr_base + kb + 1), lo)
@@ -269,7 +262,7 @@ def block_sparse_attn_bwd_dkv_kernel(
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
     offs_r = tl.arange(0, GROUP * BLOCK_M)
     for i in range(lo, hi, GROUP):
-        offs_m, m_ok, _, _ = _listed_rows(list_base, q_offsets, i, hi, offs_r, BLOCK_M, GROUP)
+        offs_m, m_ok = _listed_rows(rng_base, i, hi, offs_r, BLOCK_M, GROUP)
         b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [GBM, D]
         b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
         b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E
@@ -303,13 +296,25 @@ def _mask_args(query_mask, like: torch.Tensor):
     return query_mask, query_mask.stride()
 
 
-def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, num_kv_blocks: int):
+def _without_group(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "GROUP"}
+
+
+def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[..., 2] int32 (start, end) token range of each block id; ids out of range (unused slots) are clamped."""
+    pairs = torch.stack([offsets[:-1], offsets[1:]], -1).to(torch.int32)  # [n, 2]
+    block_ids = block_ids.clamp(0, offsets.numel() - 2)
+    return pairs.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, 2)
+
+
+def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, q_offsets: torch.Tensor,
+                       num_kv_blocks: int):
     """The transposed block map, for the key-major backward pass: per (batch, head, key block), the
     query tiles that visit it, in increasing order.
 
     kv_block_index: [B, H, NQ, MAXK]; kv_block_count: [B, H, NQ]. Returns `q_tile_ptr` [B·H, n_kv + 1]
-    int32 and `q_tile_index` [B·H, NQ·MAXK] int32: key block j's visitors are
-    `q_tile_index[bh, q_tile_ptr[bh, j]:q_tile_ptr[bh, j + 1]]`. One sort, no host sync.
+    int32 and `q_tile_ranges` [B·H, NQ·MAXK, 2] int32: key block j's visitors are the query tiles
+    (token ranges) `q_tile_ranges[bh, q_tile_ptr[bh, j]:q_tile_ptr[bh, j + 1]]`. One sort, no host sync.
     """
     B, H, NQ, MAXK = kv_block_index.shape
     # Key (block, tile) as one integer; unused slots sort to the end with block id n_kv.
@@ -320,7 +325,7 @@ def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tenso
     key = key.sort(dim=-1).values
     starts = (torch.arange(num_kv_blocks + 1, device=key.device, dtype=dtype) * NQ).expand(B * H, -1).contiguous()
     q_tile_ptr = torch.searchsorted(key, starts, out_int32=True)
-    return q_tile_ptr, (key % NQ).to(torch.int32)
+    return q_tile_ptr, token_ranges(key % NQ, q_offsets)
 
 
 def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
@@ -328,12 +333,13 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     fitted = max_kv_block <= MAX_FITTED_BLOCK
-    config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     qmask, mstrides = _mask_args(query_mask, kv_block_count)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
-        q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, qmask, scale,
+        q, k, v, o, lse, kv_block_index, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, qmask,
+        scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2), *mstrides,
         H, S, NQ, MAXK,
@@ -350,7 +356,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     NK = kv_offsets.numel() - 1
     fitted = max_kv_block <= MAX_FITTED_BLOCK
     BLOCK_M = _tile(max_q_tile)
-    dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
     qmask, mstrides = _mask_args(query_mask, kv_block_count)
     precision = _precision(q.dtype)
@@ -362,20 +368,23 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     )
     dq = torch.empty_like(q)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k, v, do, dq, lse, delta, kv_block_index, kv_block_count, q_offsets, kv_offsets, qmask, scale,
+        q, k, v, do, dq, lse, delta, kv_block_index, token_ranges(kv_block_index, kv_offsets), kv_block_count,
+        q_offsets, qmask, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), *mstrides,
         H, S, NQ, MAXK,
         D=D, BLOCK_M=BLOCK_M, FITTED=fitted, HAS_MASK=query_mask is not None, PRECISION=precision, **dq_config,
     )
-    q_tile_ptr, q_tile_index = invert_block_index(kv_block_index, kv_block_count, NK)
+    q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK)
+    # At most 128 query rows per step: wider ones run out of shared memory.
+    dkv_config = dict(dkv_config, GROUP=min(dkv_config["GROUP"], max(1, 128 // BLOCK_M)))
     chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
-        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_index, q_offsets, kv_offsets, qmask, scale,
+        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, qmask, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), *mstrides,
-        H, S, NK, q_tile_index.shape[-1],
+        H, S, NK, q_tile_ranges.shape[1],
         D=D, BLOCK_M=BLOCK_M, CHUNKS=chunks, HAS_MASK=query_mask is not None, PRECISION=precision, **dkv_config,
     )
     return dq, dk, dv
@@ -405,7 +414,8 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
 def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask):
     B, S, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
-        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
     NQ = q_offsets.numel() - 1

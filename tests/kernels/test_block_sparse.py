@@ -27,7 +27,8 @@ def rel_err(x, ref):
 def random_selection(batch, heads, n_q, n_kv, max_k, generator, device=DEVICE, full=False):
     """Distinct random key blocks per query tile, in random order, with random counts (some zero)."""
     index = torch.rand(batch, heads, n_q, n_kv, generator=generator).argsort(-1)[..., :max_k].int()
-    count = torch.full((batch, heads, n_q), max_k) if full else torch.randint(0, max_k + 1, (batch, heads, n_q), generator=generator)
+    shape = (batch, heads, n_q)
+    count = torch.full(shape, max_k) if full else torch.randint(0, max_k + 1, shape, generator=generator)
     # Garbage in unused slots must be ignored.
     index = torch.where(torch.arange(max_k) < count[..., None], index, -7)
     return index.to(device), count.int().to(device)
@@ -61,7 +62,7 @@ def check_against_reference(q, k, v, args, kwargs, tol):
 )
 def test_tiles_partial_blocks(monkeypatch, grid, tile, batch, heads, head_dim, group):
     """VSA's fine stage: query tiles = key blocks = the grid's tiles, edge tiles partial, no padding."""
-    for name in bs.CONFIGS:
+    for name in ("dkv", "chunked"):
         monkeypatch.setitem(bs.CONFIGS, name, dict(bs.CONFIGS[name], GROUP=group))
     g = torch.Generator().manual_seed(hash((grid, tile, group)) % 2**31)
     layout = block_layout(VideoGrid(*grid), tile, DEVICE)
@@ -89,7 +90,7 @@ def test_heads_first_layout_and_scale():
 def test_query_mask(monkeypatch, kv_sizes, group):
     """VMoBA: key blocks of any length (longer than one kernel tile: chunked), query tiles of 16 that
     cut across them, each query counting only the blocks it chose; some queries choose none."""
-    for name in bs.CONFIGS:
+    for name in ("dkv", "chunked"):
         monkeypatch.setitem(bs.CONFIGS, name, dict(bs.CONFIGS[name], GROUP=group))
     g = torch.Generator().manual_seed(2)
     B, H, D = 2, 2, 16
@@ -113,12 +114,14 @@ def test_query_mask(monkeypatch, kv_sizes, group):
 def test_invert_block_index():
     g = torch.Generator().manual_seed(3)
     index, count = random_selection(2, 3, 7, 5, max_k=4, generator=g)
-    ptr, tiles = bs.invert_block_index(index, count, 5)
+    q_offsets = torch.tensor([0, 3, 4, 9, 12, 20, 21, 30], device=DEVICE)
+    ptr, ranges = bs.invert_block_index(index, count, q_offsets, 5)
     for bh in range(6):
         b, h = divmod(bh, 3)
         for j in range(5):
-            expected = [i for i in range(7) if j in index[b, h, i, : count[b, h, i]].tolist()]
-            assert tiles[bh, ptr[bh, j]: ptr[bh, j + 1]].tolist() == expected
+            tiles = [i for i in range(7) if j in index[b, h, i, : count[b, h, i]].tolist()]
+            expected = [[q_offsets[i].item(), q_offsets[i + 1].item()] for i in tiles]
+            assert ranges[bh, ptr[bh, j]: ptr[bh, j + 1]].tolist() == expected
 
 
 def test_tile_order_round_trip_and_gradient():
