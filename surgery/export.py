@@ -20,7 +20,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from diffusers import WanTransformer3DModel
 
 from .apply import apply
