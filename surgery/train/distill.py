@@ -29,6 +29,7 @@ from ..io import atomic_write_json
 from ..model import default_text_tokens, load_model
 from ..plan import Plan
 from ..recipe import Recipe
+from ..recipe import parse as parse_recipe
 from .data import StepSampler, build_dataset
 from .loop import run_stage
 
@@ -147,8 +148,8 @@ def distill(
     """Run a recipe on model `spec`; write the run folder `out` and return a summary.
 
     out/: recipe.json, plan.json, metrics.jsonl, checkpoints/stage{1,2}/step-N/, student.safetensors,
-    run.json. With resume=True, continue the run in `out` from its newest checkpoint (same recipe,
-    plan, data order and optimiser state). stop_after: stop after that many steps, as a crash would.
+    run.json. With resume=True, continue the run in `out` from its newest checkpoint with the run's
+    own recipe and plan (the `recipe` argument is ignored), data order and optimiser state. stop_after: stop after that many steps, as a crash would.
     """
     out = Path(out)
     accelerator = _accelerator(recipe)
@@ -160,6 +161,8 @@ def distill(
             raise SurgeryError(f"--resume: the run in {out} already finished")
         plan = Plan.load(out / "plan.json")
         spec = run_info["model"]
+        # The run's own recipe: a resumed run continues exactly what was started.
+        recipe = parse_recipe(json.loads((out / "recipe.json").read_text()), f"{out}/recipe.json")
     elif out.exists() and any(out.iterdir()):
         raise SurgeryError(f"{out} already exists and is not empty; choose a new --out or pass --resume")
 
