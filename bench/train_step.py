@@ -20,7 +20,7 @@ from surgery.model import default_text_tokens, load_config, resolve_grid, load_m
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
 from surgery.train.data import StepSampler
-from surgery.train.distill import _stage1_step_fn, _stage2_step_fn, build_student, trainable
+from surgery.train.distill import stage1_step_fn, stage2_step_fn, build_student, trainable
 
 
 class NoiseSamples:
@@ -73,7 +73,7 @@ def main():
     print(f"{args.model} grid {grid} ({grid.tokens} tokens), plan: {args.variant} {args.params} on every layer")
 
     student = build_student(teacher, plan, recipe, stage=1)
-    step1, _ = _stage1_step_fn(teacher, student, StepSampler(samples, 1, 0, 1), device, dtype)
+    step1, _ = stage1_step_fn(teacher, student, StepSampler(samples, 1, 0, 1), device, dtype)
     for step in range(2):  # the first includes one-off compilation and allocation
         seconds, peak = timed(lambda: step1(step))
     print(f"stage 1 step: {seconds:.2f} s, peak {peak:.1f} GiB, {sum(p.numel() for p in trainable(student).values()):,} trainable")
@@ -82,7 +82,7 @@ def main():
     accelerator = Accelerator(mixed_precision="bf16")
     student = build_student(teacher, plan, recipe, stage=2).train()
     student = accelerator.prepare(student)
-    step2 = _stage2_step_fn(teacher, student, StepSampler(samples, 1, 0, 2), recipe, device, dtype, plan, accelerator)
+    step2 = stage2_step_fn(teacher, student, StepSampler(samples, 1, 0, 2), recipe, device, dtype, plan, accelerator)
     for step in range(2):
         seconds, peak = timed(lambda: step2(step))
     print(f"stage 2 step (LoRA, gradient checkpointing): {seconds:.2f} s, peak {peak:.1f} GiB, "

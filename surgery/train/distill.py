@@ -69,7 +69,9 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _stage1_step_fn(teacher, student, sampler, device, dtype):
+def stage1_step_fn(teacher, student, sampler, device, dtype):
+    """step(i) for stage 1: one teacher forward whose taps train each converted layer (L1 on outputs).
+    Also returns {layer index: processor} of the layers that have parameters to train."""
     processors = {
         index: p for index, p in ((int(f.split(".")[1]), p) for f, p in variant_processors(student).items())
         if any(True for _ in p.parameters())
@@ -95,7 +97,8 @@ def _stage1_step_fn(teacher, student, sampler, device, dtype):
     return step, processors
 
 
-def _stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, plan: Plan, accelerator):
+def stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, plan: Plan, accelerator):
+    """step(i) for stage 2: student forward and backward against the teacher's velocity and/or the data."""
     stage2 = recipe.stage2
     targets = {fqn: choice.config for fqn, choice in plan.layers.items()}
 
@@ -203,7 +206,7 @@ def distill(
     student = build_student(teacher, plan, recipe, stage=1)
     stage1_done = out / "stage1.safetensors"
     accelerator.wait_for_everyone()
-    step1, processors = _stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
+    step1, processors = stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
                                         recipe.train.seed, 1, rank, world), device, dtype)
     if not stage1_done.exists():
         if processors and recipe.stage1.steps:
@@ -232,7 +235,7 @@ def distill(
         student.train()
         student = accelerator.prepare(student)
         sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world)
-        step2 = _stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
+        step2 = stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
         last, _ = run_stage(
             "stage2", trainable(student), step2, recipe.stage2,
             out / "checkpoints" / "stage2", metrics_path, recipe.train.checkpoint_every,
