@@ -73,3 +73,16 @@ def test_console_script_reports_errors_without_traceback():
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --height must be a positive multiple of 16, got 17"]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_weights_are_one_line_and_exit_2_for_commands_that_load_them(tiny_model, tmp_path, damage):
+    tiny_model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    if damage == "corrupt":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.unlink()
+    fragment = "not a readable safetensors" if damage == "corrupt" else "no weights to load"
+    assert_one_line_error(run("plan", "--model", str(tmp_path), "--out", str(tmp_path / "p.json")), fragment)
+    assert not (tmp_path / "p.json").exists()
