@@ -163,6 +163,23 @@ def eval_(
 
 
 @command
+def bench(
+    student: Annotated[str, typer.Option(help="The student: an export folder (or any model spec).")],
+    teacher: opt.Model = "tiny",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed forwards of each model (median reported).")] = 5,
+    frames: opt.Frames = None,
+    height: opt.Height = None,
+    width: opt.Width = None,
+    json: opt.Json = False,
+):
+    """Time student and teacher forwards on this device, next to the student's attention FLOPs."""
+    from surgery.benchmark import benchmark
+
+    report = benchmark(student, teacher, repeats=repeats, frames=frames, height=height, width=width)
+    output.print_json(report) if json else output.show_bench(report)
+
+
+@command
 def run(
     recipe: Annotated[str, typer.Option(help="A shipped recipe name or a .toml path.")] = "hybrid",
     budget: Annotated[Optional[float], typer.Option(help="Override the recipe's plan budget.")] = None,

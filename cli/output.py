@@ -192,3 +192,17 @@ def show_run(summary: dict) -> None:
         f"{summary['eval']['final_latent_rel_error']:.3g}, PSNR {summary['eval']['psnr_db']:.1f} dB; "
         f"exported to {summary['exported']}"
     )
+
+
+def show_bench(report: dict) -> None:
+    key_value_table(
+        f"{report['student']} vs {report['teacher']} on {report['device']} (torch {report['torch']})",
+        [
+            ("grid", "{frames}×{height}×{width}".format(**report["grid"])),
+            ("converted self-attention layers", str(report["converted_layers"])),
+            ("attention FLOPs vs dense", f"{report['attention_flops_ratio']:.1%}"),
+            (f"teacher forward (median of {report['repeats']})", f"{report['teacher_ms']:.1f} ms"),
+            (f"student forward (median of {report['repeats']})", f"{report['student_ms']:.1f} ms"),
+            ("speedup", f"{report['speedup']:.2f}×"),
+        ],
+    )

@@ -24,7 +24,7 @@ def assert_one_line_error(result, fragment):
 def test_help_lists_the_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("info", "plan", "distill", "export", "generate", "eval", "run"):
+    for command in ("info", "plan", "distill", "export", "generate", "eval", "bench", "run"):
         assert command in result.stdout
 
 

@@ -126,3 +126,12 @@ def test_pipeline_export_loads_through_wan_pipeline(tmp_path):
     frames = pipe("a red square", num_frames=5, height=32, width=32, num_inference_steps=1,
                   max_sequence_length=16, output_type="np").frames
     assert frames.shape == (1, 5, 32, 32, 3)
+
+
+def test_bench_reports_flops_and_times_without_asserting_speed(finished_run, tmp_path):
+    from surgery.benchmark import benchmark
+
+    out = export(finished_run, tmp_path / "exported")
+    report = benchmark(str(out), "tiny", repeats=1)
+    assert report["attention_flops_ratio"] == pytest.approx(1.0)  # the all-full plan of this run
+    assert report["converted_layers"] == 4 and report["teacher_ms"] > 0 and report["student_ms"] > 0
