@@ -138,12 +138,10 @@ def generate(
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
 ):
     """Generate a video with a (retrofitted) model."""
-    from surgery.evaluate import generate_video, write_video
+    from surgery.evaluate import generate as run_generate
 
-    if out.suffix not in (".mp4", ".gif"):
-        raise SurgeryError(f"--out must end in .mp4 or .gif, got {out.name}")
-    video = generate_video(model, prompt, frames=frames, height=height, width=width, steps=steps, seed=seed)
-    output.console.print(f"wrote {write_video(video, out)} ({len(video)} frames)")
+    path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    output.console.print(f"wrote {path} ({count} frames)")
 
 
 @command(name="eval")

@@ -15,7 +15,7 @@ Model = Annotated[
         help="'tiny' (built in, offline), a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b), a diffusers folder or a hub id.",
     ),
 ]
-Frames = Annotated[Optional[int], typer.Option(help="Video frames in pixels space (4k+1); default: the model's.")]
+Frames = Annotated[Optional[int], typer.Option(help="Video frames (4k+1 for Wan's VAE); default: the model's.")]
 Height = Annotated[Optional[int], typer.Option(help="Video height in pixels (multiple of 16); default: the model's.")]
 Width = Annotated[Optional[int], typer.Option(help="Video width in pixels (multiple of 16); default: the model's.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]

@@ -148,14 +148,26 @@ def evaluate(
     }
 
 
+def _video_path(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix not in (".mp4", ".gif"):
+        raise SurgeryError(f"--out must end in .mp4 or .gif, got {path.name}")
+    return path
+
+
+def generate(spec: str, prompt: str, out: str | Path, **options) -> tuple[Path, int]:
+    """`generate_video` written to `out` (.mp4 or .gif, checked before sampling); returns (path, frames)."""
+    _video_path(out)
+    video = generate_video(spec, prompt, **options)
+    return write_video(video, out), len(video)
+
+
 def write_video(frames, path: str | Path, fps: int = 8) -> Path:
     """frames: [F, H, W, 3] uint8 or floats in [0, 1]; .mp4 through imageio-ffmpeg, .gif otherwise."""
     import imageio.v3 as iio
     import numpy as np
 
-    path = Path(path)
-    if path.suffix not in (".mp4", ".gif"):
-        raise SurgeryError(f"--out must end in .mp4 or .gif, got {path.name}")
+    path = _video_path(path)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
