@@ -11,7 +11,13 @@ import torch
 
 from .apply import variant_processors
 from .errors import SurgeryError
-from .model import default_text_tokens, fingerprint, load_config, load_model, resolve_grid
+from .model import (
+    default_text_tokens,
+    fingerprint,
+    load_config,
+    load_model,
+    resolve_grid,
+)
 from .sensitivity import calibration_inputs
 from .variants import dense_attention_flops
 
@@ -46,7 +52,7 @@ def benchmark(student_spec: str, teacher_spec: str = "tiny", *, repeats: int = 5
     converted = variant_processors(student)
     student_flops = dense - len(converted) * dense_attention_flops(grid.tokens, heads, head_dim) + sum(
         type(p).flops(p.observed_config(), grid, heads, head_dim) for p in converted.values()
-    ) if converted else dense
+    )
     teacher_ms, student_ms = _median_ms(teacher, inputs, repeats), _median_ms(student, inputs, repeats)
     return {
         "teacher": teacher_spec,

@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
-from .model import default_text_tokens, default_video, fingerprint, load_config, load_model, resolve_grid
+from .model import (
+    default_text_tokens,
+    default_video,
+    fingerprint,
+    load_config,
+    load_model,
+    resolve_grid,
+)
+from .sensitivity import relative_l2
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
 
@@ -42,7 +50,7 @@ def sample_latents(model, noise, text, steps: int, reference=None):
         v = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
         if reference is not None:
             v_ref = reference(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
-            errors.append(float((v_ref.float() - v.float()).norm() / v.float().norm().clamp_min(1e-30)))
+            errors.append(relative_l2(v_ref, v))
         x = scheduler.step(v, t, x).prev_sample
     return x, errors
 
@@ -122,7 +130,7 @@ def evaluate(
         z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student)
         z_student, _ = sample_latents(student, noise, text, steps)
         per_step.append(errors)
-        latent_errors.append(float((z_student - z_teacher).norm() / z_teacher.norm().clamp_min(1e-30)))
+        latent_errors.append(relative_l2(z_student, z_teacher))
         if decode is not None:
             a, b = decode(z_teacher)[0], decode(z_student)[0]
         else:

@@ -8,6 +8,7 @@ from .errors import SurgeryError
 from .evaluate import evaluate
 from .export import export
 from .io import atomic_write_json
+from .plan import Plan
 from .recipe import Recipe
 from .train import distill
 
@@ -22,8 +23,6 @@ def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1
     exported = export(out, out / "exported")
     report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed)
     atomic_write_json(out / "eval.json", report)
-    from .plan import Plan
-
     plan = Plan.load(out / "plan.json")
     result = {
         "run": str(out),

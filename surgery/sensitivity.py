@@ -85,6 +85,12 @@ def calibration_inputs(
     return inputs
 
 
+def relative_l2(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖estimate − reference‖ / ‖reference‖ over the whole tensor, in fp32."""
+    reference = reference.float()
+    return float((estimate.float() - reference).norm() / reference.norm().clamp_min(1e-30))
+
+
 @dataclass
 class ErrorTable:
     candidates: list[Candidate]  # column order
@@ -113,11 +119,8 @@ def measure_errors(
             modules[layer] = [
                 VARIANTS[c.variant].from_dense(attn, c.config, layer_index=layer) for c in candidates
             ]
-        reference = y.float()
-        norm = reference.norm().clamp_min(1e-30)
         for j, module in enumerate(modules[layer]):
-            out = module.attend(q, k, v, grid, x).float()
-            sums[layer][j] += float((out - reference).norm() / norm)
+            sums[layer][j] += relative_l2(module.attend(q, k, v, grid, x), y)
 
     with tap_self_attention(model, evaluate):
         for i, model_input in enumerate(inputs):

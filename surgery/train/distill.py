@@ -25,7 +25,7 @@ import torch
 from ..apply import apply, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
-from ..io import atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_json
 from ..model import default_text_tokens, load_model
 from ..plan import Plan
 from ..recipe import Recipe
@@ -219,7 +219,7 @@ def distill(
             summary["stage1_final_loss"] = last.get("loss")
             stop_after = None if stop_after is None else stop_after - ran
         if accelerator.is_main_process:
-            _save_tensors(trainable(student), stage1_done)
+            atomic_save_safetensors(trainable(student), stage1_done)
         accelerator.wait_for_everyone()
     else:
         _load_into(student, stage1_done)
@@ -246,22 +246,13 @@ def distill(
     student.eval()
 
     if accelerator.is_main_process:
-        _save_tensors(student.state_dict(), out / "student.safetensors")
+        atomic_save_safetensors(student.state_dict(), out / "student.safetensors")
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": True,
                                              "stage2_mode": recipe.stage2.mode,
                                              "lora": _lora_settings(recipe) if uses_lora else None})
     summary["stage1_losses"] = _stage1_curve(metrics_path)
     return summary
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors, written to a temporary name and renamed: the file's presence means it is whole."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    tmp.replace(path)
 
 
 def _lora_settings(recipe: Recipe) -> dict:
