@@ -11,13 +11,7 @@ import torch
 
 from .apply import variant_processors
 from .errors import SurgeryError
-from .model import (
-    default_text_tokens,
-    fingerprint,
-    load_config,
-    load_model,
-    resolve_grid,
-)
+from .model import default_text_tokens, fingerprint, load_config, load_model, resolve_grid
 from .sensitivity import calibration_inputs
 from .variants import dense_attention_flops
 

@@ -17,14 +17,7 @@ import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
-from .model import (
-    default_text_tokens,
-    default_video,
-    fingerprint,
-    load_config,
-    load_model,
-    resolve_grid,
-)
+from .model import default_text_tokens, default_video, fingerprint, load_config, load_model, resolve_grid
 from .sensitivity import relative_l2
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
