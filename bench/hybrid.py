@@ -3,12 +3,14 @@
     python3 bench/hybrid.py [--sweep] [--json out.json]
 
 Wan-1.3B's shape (21×30×52 = 32,760 tokens, batch 1, 12 heads × 128, F = 128, bf16), forward and
-forward+backward, triton.testing.do_bench medians. Rows: SDPA cuDNN (dense); the fused op alone
-(`hybrid_attention` on a given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants'
-`attend_kernel` (feature maps, summary, op; backward into q, k, v and the φ parameters); and the
-yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention plus the linear
-variant would take. TFLOP/s count the softmax branch's 4·H·S·S'·D (fwd+bwd: 3.5× that).
-`--sweep` first times launch configs of each kernel at R = 4 and keeps the fastest.
+forward+backward, triton.testing.do_bench medians. Rows: SDPA cuDNN (dense); one feature map φ over all
+S tokens, the reference `FeatureMap.forward` and the fused kernel (`FeatureMap.forward_kernel`, backward
+into x, W and b); the fused op alone (`hybrid_attention` on a given φ_q and KV) at R = 4 and 8; the whole
+`hybrid` and `linear` variants' `attend_kernel` (φ through the fused kernel, summary, op; backward into
+q, k, v and the φ parameters); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold
+cut of dense attention plus the linear variant would take. TFLOP/s count the softmax branch's
+4·H·S·S'·D (fwd+bwd: 3.5× that). `--sweep` first times launch configs of each kernel (the hybrid op's
+at R = 4) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from surgery.grid import VideoGrid  # noqa: E402
+from surgery.kernels import feature_map as fm  # noqa: E402
 from surgery.kernels import hybrid as hy  # noqa: E402
+from surgery.variants.feature_maps import FeatureMap  # noqa: E402
 from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index  # noqa: E402
 from surgery.variants.linear import LinearAttention, LinearConfig  # noqa: E402
 
@@ -51,8 +55,34 @@ def op_inputs(rate, requires_grad=True):
     return [t.requires_grad_(requires_grad) for t in (q, k, v, phi_q, kv)]
 
 
+def feature_map_inputs():
+    """One φ as the variants hold it (identity init, bf16), x [1, S, H, D], and the tensors whose gradients
+    the backward makes (x and the parameters)."""
+    feature_map = FeatureMap(HEADS, HEAD_DIM, HEAD_DIM, 0).to("cuda", DTYPE)
+    x = torch.randn(1, GRID.tokens, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True)
+    return feature_map, x, [x, *feature_map.parameters()]
+
+
+def keep_fastest(log, op, configs, name, candidates, call, grads):
+    """Time `call` under each launch config in `candidates` for `op`'s kernel `name`; keep the fastest in `configs`."""
+    results = []
+    for config in candidates:
+        configs[name] = config
+        try:
+            ms = bench(call, grad_to_none=grads, rep=100)
+        except Exception as e:  # e.g. out of shared memory
+            ms = float("inf")
+            log(f"  {op} {name} {config}: {type(e).__name__}")
+        results.append((ms, config))
+        log(f"  sweep {op} {name} {config}: {ms:.3f} ms")
+    best_ms, best = min(results, key=lambda r: r[0])
+    configs[name] = best
+    log(f"best {op} {name}: {best} {best_ms:.3f} ms")
+
+
 def sweep(log):
-    """Time launch configs of each kernel at R = 4 (fwd alone, or fwd+bwd for the backward kernels)."""
+    """Time launch configs of each kernel, the hybrid op's at R = 4 (fwd alone, or fwd+bwd for the backward
+    kernels)."""
     inputs = op_inputs(4)
     do = torch.randn_like(inputs[0])
     candidates = {
@@ -64,22 +94,18 @@ def sweep(log):
                 for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]],
     }
     for name, configs in candidates.items():
-        results = []
-        for config in configs:
-            hy.CONFIGS[name] = config
-            try:
-                if name == "fwd":
-                    ms = bench(lambda: hy.hybrid_attention(*inputs, 4), rep=100)
-                else:
-                    ms = bench(lambda: hy.hybrid_attention(*inputs, 4).backward(do), grad_to_none=inputs, rep=100)
-            except Exception as e:  # e.g. out of shared memory
-                ms = float("inf")
-                log(f"  {name} {config}: {type(e).__name__}")
-            results.append((ms, config))
-            log(f"  sweep {name} {config}: {ms:.3f} ms")
-        best_ms, best = min(results, key=lambda r: r[0])
-        hy.CONFIGS[name] = best
-        log(f"best {name}: {best} {best_ms:.3f} ms")
+        if name == "fwd":
+            call = lambda: hy.hybrid_attention(*inputs, 4)
+        else:
+            call = lambda: hy.hybrid_attention(*inputs, 4).backward(do)
+        keep_fastest(log, "hybrid", hy.CONFIGS, name, configs, call, inputs)
+    del inputs, do
+    feature_map, x, grads = feature_map_inputs()
+    phi = feature_map.forward_kernel
+    dphi = torch.randn(*x.shape[:-1], 2 * HEAD_DIM, device="cuda", dtype=DTYPE)
+    configs = [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)]
+    keep_fastest(log, "feature map", fm.CONFIGS, "fwd", configs, lambda: phi(x), grads)
+    keep_fastest(log, "feature map", fm.CONFIGS, "bwd", configs, lambda: phi(x).backward(dphi), grads)
 
 
 def variant_call(cls, config):
@@ -99,7 +125,7 @@ def main():
         f"cuDNN {torch.backends.cudnn.version()}")
     if args.sweep:
         sweep(log)
-    log(f"configs: {hy.CONFIGS}")
+    log(f"configs: hybrid {hy.CONFIGS}, feature map {fm.CONFIGS}")
     S = GRID.tokens
     rows = []
 
@@ -123,6 +149,10 @@ def main():
 
     cudnn = add("SDPA cuDNN (dense)", dense, [q, k, v], 4.0 * HEADS * S * S * HEAD_DIM)
     del q, k, v
+    feature_map, x, grads = feature_map_inputs()
+    add("feature map φ, reference (FeatureMap.forward)", lambda: feature_map(x), grads)
+    add("feature map φ, fused kernel (forward_kernel)", lambda: feature_map.forward_kernel(x), grads)
+    del feature_map, x, grads
     linear = add("linear variant (attend_kernel)", *variant_call(LinearAttention, LinearConfig()))
     for rate in (4, 8):
         softmax_flops = 4.0 * HEADS * S * -(-S // rate) * HEAD_DIM
@@ -136,7 +166,7 @@ def main():
                          fwd_bwd_ms=cudnn["fwd_bwd_ms"] / rate + linear["fwd_bwd_ms"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(configs=hy.CONFIGS, rows=rows), f, indent=1)
+            json.dump(dict(configs=hy.CONFIGS, feature_map_configs=fm.CONFIGS, rows=rows), f, indent=1)
     lines = ["| what | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | × cuDNN fwd / fwd+bwd |", "|---|---|---|---|---|"]
     for r in rows:
         tflops = f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else ""

@@ -85,6 +85,16 @@ class FeatureMap(nn.Module):
             psi = psi + torch.einsum("bshk,hkf->bshf", hidden, self.hidden_out.to(x.dtype))
         return torch.cat([psi, -psi], dim=-1).softmax(dim=-1)
 
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` through the fused Triton op (`kernels/feature_map.py`), the variants' CUDA path: same
+        shapes and result. Falls back to `forward` where the op does not apply: a second layer
+        (hidden_dim > 0), or a dtype, head dim, F or device it does not take (`unsupported_reason`)."""
+        from ..kernels.feature_map import feature_map, unsupported_reason  # Triton only where the kernel runs
+
+        if self.hidden_dim or unsupported_reason(x, self.weight):
+            return self(x)
+        return feature_map(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
     def extra_repr(self) -> str:
         heads, head_dim, feature_dim = self.weight.shape
         return f"heads={heads}, head_dim={head_dim}, feature_dim={feature_dim}, hidden_dim={self.hidden_dim}"
@@ -119,13 +129,17 @@ class FeatureMapAttention(AttentionVariant):
         sums = 2 * heads * (queries + keys) * 2 * feature_dim * (head_dim + 1)
         return maps + sums
 
-    def linear_attention_sums(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+    def linear_attention_sums(self, q, k, v, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-causal linear attention's numerator and denominator, never forming a query×key matrix.
 
-        q: [B, S, H, D] queries; k, v: [B, L, H, D] linear keys and values, all in one dtype.
+        q: [B, S, H, D] queries; k, v: [B, L, H, D] linear keys and values, all in one dtype; kernel:
+        φ through `FeatureMap.forward_kernel` (the CUDA path) rather than the reference `forward`.
         Returns φ_q(q_i)·Σ_j φ_k(k_j)ᵀv_j: [B, S, H, D] and φ_q(q_i)·Σ_j φ_k(k_j): [B, S, H, 1].
         """
-        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)  # [B, S, H, 2F], [B, L, H, 2F]
+        if kernel:
+            phi_q, phi_k = self.feature_map_q.forward_kernel(q), self.feature_map_k.forward_kernel(k)
+        else:
+            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)  # [B, S, H, 2F], [B, L, H, 2F]
         # A column of ones makes Σφ(k) ride along in the same matmul as Σφ(k)ᵀv.
         v_ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # [B, L, H, D+1]
         summary = torch.einsum("blhf,blhe->bhfe", phi_k, v_ones)  # [B, H, 2F, D+1]

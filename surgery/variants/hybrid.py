@@ -108,11 +108,12 @@ class HybridAttention(FeatureMapAttention):
         return (numerator / denominator).to(q.dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The fused Triton op (`kernels/hybrid.py`): same math and result as `attend_reference`. φ and the
-        summary stay in torch, in q's dtype so half inputs run on the tensor cores (fp32 sums inside): at
-        Wan-1.3B's 32,760 tokens, R = 4, the summary φ(K_L)ᵀ[V_L, 1] is one 19.5 GFLOP batched matmul and
-        φ_q, φ_k 22.5 GFLOP, against 1,648 GFLOP in the softmax branch, which the kernel runs. (Their time
-        is not in the matmuls but in the feature maps' elementwise passes: bench/NOTES-hybrid.md.)"""
+        """The fused Triton op (`kernels/hybrid.py`): same math and result as `attend_reference`. φ_q and φ_k
+        run through the fused feature-map op (`kernels/feature_map.py`), whose time was in PyTorch's
+        elementwise passes, not in its matmuls (bench/NOTES-hybrid.md). The summary stays in torch, in q's
+        dtype so half inputs run on the tensor cores (fp32 sums inside): at Wan-1.3B's 32,760 tokens, R = 4,
+        φ(K_L)ᵀ[V_L, 1] is one 19.5 GFLOP batched matmul and φ_q, φ_k 22.5 GFLOP, against 1,648 GFLOP in the
+        softmax branch, which the kernel runs."""
         from ..kernels.hybrid import hybrid_attention  # Triton is imported only where the kernel runs
 
         rate, tokens = self.config.rate, q.shape[1]
@@ -120,8 +121,8 @@ class HybridAttention(FeatureMapAttention):
         with torch.autocast(q.device.type, enabled=False):
             if softmax_token_count(tokens, rate) < tokens:
                 index = linear_token_index(tokens, rate, q.device)
-                phi_k = self.feature_map_k(k.index_select(1, index))  # [B, L, H, 2F]
+                phi_k = self.feature_map_k.forward_kernel(k.index_select(1, index))  # [B, L, H, 2F]
                 v_ones = F.pad(v.index_select(1, index), (0, 1), value=1.0)  # [B, L, H, D+1]
                 summary = torch.einsum("blhf,blhe->bhfe", phi_k, v_ones)  # [B, H, 2F, D+1]
-                phi_q = self.feature_map_q(q)  # [B, S, H, 2F]
+                phi_q = self.feature_map_q.forward_kernel(q)  # [B, S, H, 2F]
             return hybrid_attention(q, k, v, phi_q, summary, rate, softmax_scale(q.shape[-1]))

@@ -48,10 +48,10 @@ class LinearAttention(FeatureMapAttention):
         return (numerator / denominator).to(q.dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The CUDA path, with no Triton kernel: φ(K)ᵀ[V, 1] and its application to φ(Q) are two batched
-        matmuls already at the matmul floor (26 GFLOP each at Wan-1.3B's 32,760 tokens), so this is the
-        reference's code with one change: half inputs stay half, so the matmuls use the tensor cores (fp32
-        sums inside them) instead of fp32 ones; the division is in fp32."""
+        """The CUDA path: φ_q and φ_k through the fused feature-map op (`kernels/feature_map.py`: one pass
+        each way instead of PyTorch's bias, concatenation and softmax passes over [B, S, H, 2F]). φ(K)ᵀ[V, 1]
+        and its application to φ(Q) stay two batched matmuls (26 GFLOP each at Wan-1.3B's 32,760 tokens), in
+        q's dtype so half inputs use the tensor cores (fp32 sums inside them); the division is in fp32."""
         with torch.autocast(q.device.type, enabled=False):
-            numerator, denominator = self.linear_attention_sums(q, k, v)
+            numerator, denominator = self.linear_attention_sums(q, k, v, kernel=True)
         return (numerator.float() / denominator.float()).to(q.dtype)
