@@ -57,7 +57,7 @@ TRANSFORMER_CONFIG = dict(
 # cleanest; the shift matters little and matches the training noise levels' (scripts/train_toy_teacher.py).
 SAMPLE_STEPS = 24
 GUIDANCE_SCALE = 3.0
-SHIFT = 2.0
+SHIFT = 3.0
 
 # Circle comes last: a rotating circle looks still, so rotating clips draw from the others.
 SHAPES = ("square", "triangle", "star", "cross", "circle")
@@ -72,6 +72,7 @@ _RIGHT_TO_LEFT, _TOP_TO_BOTTOM, _BOTTOM_TO_TOP, _CLOCKWISE = (
     DIRECTIONS.index(d) for d in ("right to left", "top to bottom", "bottom to top", "clockwise")
 )
 _BACKGROUNDS = 4  # smooth noise, stripes, checker, gradient
+TRAIL = ((6.0, 0.25), (3.0, 0.45))  # (frames behind, opacity) of the shape's fading copies, oldest first
 
 
 def caption_vocabulary() -> list[str]:
@@ -139,11 +140,13 @@ def sample_clips(n: int, generator: torch.Generator) -> ClipParams:
     colour = torch.randint(len(COLOURS), (n,), generator=generator)
     rgb = (torch.tensor(list(COLOURS.values()))[colour] + uniform(n, 3, low=-0.06, high=0.06)).clamp(0, 1)
     size = uniform(n, low=0.14, high=0.2)
-    margin = size + 0.03
+    margin = size + 0.02
 
-    # Translations: travel 35–60% of the frame along the axis, at a random place across it.
-    along_start = margin + uniform(n) * (0.45 - margin)
-    along_end = torch.minimum(along_start + uniform(n, low=0.35, high=0.6), 1 - margin)
+    # Translations run edge to edge (44–68% of the frame), at a random place across it: the caption
+    # then decides where the shape starts as well as where it goes, which gives the direction words
+    # a large, consistent effect on the clip (with starts anywhere, a small model ignored them).
+    along_start = margin + uniform(n, high=0.06)
+    along_end = 1 - margin - uniform(n, high=0.06)
     across = margin + uniform(n) * (1 - 2 * margin)
     backwards = (direction == _RIGHT_TO_LEFT) | (direction == _BOTTOM_TO_TOP)
     along_start = torch.where(backwards, 1 - along_start, along_start)
@@ -175,10 +178,11 @@ def sample_clips(n: int, generator: torch.Generator) -> ClipParams:
     )
 
 
-def _shape_distance(params: ClipParams, frames: int, height: int, width: int) -> torch.Tensor:
-    """Signed distance in pixels from every pixel to each clip's shape, negative inside: [B, F, H, W]."""
+def _shape_distance(params: ClipParams, frames: int, height: int, width: int, lag: float = 0.0) -> torch.Tensor:
+    """Signed distance in pixels from every pixel to each clip's shape, negative inside: [B, F, H, W].
+    With `lag` > 0, to where the shape was `lag` frames earlier (extrapolated before the first frame)."""
     device = params.size.device
-    s = torch.linspace(0, 1, frames, device=device)  # [F] clip time
+    s = (torch.arange(frames, device=device) - lag) / (frames - 1)  # [F] clip time, 0 to 1 at lag 0
     centre = params.start[:, None] + (params.end - params.start)[:, None] * s[None, :, None]  # [B, F, 2]
     hop = params.hop_height[:, None] * torch.sin(math.pi * params.hops[:, None] * s).abs()
     cy = centre[..., 1] - torch.where(params.motion[:, None] == _BOUNCING, hop, 0.0)
@@ -230,11 +234,19 @@ def render_clips(params: ClipParams, frames: int = FRAMES, height: int = HEIGHT,
                  device=None) -> torch.Tensor:
     """Draw clips as uint8 video [B, F, H, W, 3] on `device` (default: the CPU)."""
     params = params.to(device or "cpu")
+    video = _backgrounds(params, height, width)[:, None].expand(-1, frames, -1, -1, -1)  # [B, F, H, W, 3]
+    rgb = params.rgb[:, None, None, None]
+    # A fading trail (where the shape was TRAIL frames ago) shows the motion's direction within each
+    # frame. Without it the direction only shows across frames, and a model whose only positions are
+    # relative (Wan's RoPE) learned colour and shape but ignored the direction words.
+    for lag, opacity in TRAIL:
+        ghost = (0.5 - _shape_distance(params, frames, height, width, lag)[..., None]).clamp(0, 1)
+        video = video + (rgb - video) * (opacity * ghost)
     distance = _shape_distance(params, frames, height, width)[..., None]  # [B, F, H, W, 1]
     coverage = (0.5 - distance).clamp(0, 1)  # one-pixel anti-aliased edge
     outline = (2.0 - distance).clamp(0, 1)  # a dark rim 1.5 px wide keeps the shape apart from the texture
-    video = _backgrounds(params, height, width)[:, None] * (1 - 0.7 * outline)
-    video = video + (params.rgb[:, None, None, None] - video) * coverage
+    video = video * (1 - 0.7 * outline)
+    video = video + (rgb - video) * coverage
     return (video * 255).round().to(torch.uint8)
 
 
@@ -292,6 +304,66 @@ def decode(latents: torch.Tensor) -> torch.Tensor:
     x = F.pixel_shuffle(latents.transpose(1, 2).flatten(0, 1).float(), LATENT_SCALE[1])  # [B·F, 3, H, W]
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return x.unflatten(0, (b, f)).permute(0, 1, 3, 4, 2)
+
+
+# The axis (0 = x, 1 = y, y downwards) and sign of each translating direction.
+TRAVEL_AXES = {"left to right": (0, 1), "right to left": (0, -1), "top to bottom": (1, 1), "bottom to top": (1, -1)}
+
+
+def shape_track(video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Find the shape in each frame of a uint8 video [F, H, W, 3]: backgrounds are muted greys and
+    shapes saturated colours, so the shape is the pixels whose channels spread by more than 0.45 and
+    by at least 3/4 of the frame's most saturated pixels' (the 99th percentile), which leaves out its
+    fainter trail. Returns the centroids (x, y) in pixels [F, 2] (NaN in a frame with no such pixel)
+    and the masks [F, H, W]."""
+    v = video.float() / 255
+    saturation = v.amax(-1) - v.amin(-1)  # [F, H, W]
+    threshold = (0.75 * saturation.flatten(1).quantile(0.99, dim=1)).clamp(min=0.45)  # [F]
+    masks = saturation > threshold[:, None, None]
+    ys, xs = torch.meshgrid(torch.arange(video.shape[1]), torch.arange(video.shape[2]), indexing="ij")
+    count = masks.sum((1, 2)).float()
+    centres = torch.stack([(masks * xs).sum((1, 2)) / count, (masks * ys).sum((1, 2)) / count], 1)
+    return centres, masks
+
+
+def travel(video: torch.Tensor, direction: str) -> float:
+    """How far the shape in a uint8 video [F, H, W, 3] went along `direction` (a key of TRAVEL_AXES),
+    as a fraction of the frame: the mean centroid over the last quarter of the frames minus that over the
+    first quarter. NaN when the shape is not found in those frames."""
+    axis, sign = TRAVEL_AXES[direction]
+    centres, _ = shape_track(video)
+    quarter = max(1, len(centres) // 4)
+    moved = centres[-quarter:, axis].mean() - centres[:quarter, axis].mean()
+    return sign * moved.item() / video.shape[2 - axis]
+
+
+TRANSLATIONS = [(motion, direction) for motion in ("moving", "bouncing") for direction in MOTIONS[motion]]
+
+
+def translation_prompt(motion: str, direction: str, seed: int) -> str:
+    colour = list(COLOURS)[seed % len(COLOURS)]
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {SHAPES[seed % len(SHAPES)]} {motion} {direction}"
+
+
+def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15, **sample_kwargs) -> dict:
+    """Does `model` follow the direction words? For every translating motion and direction, sample
+    `seeds` clips (seed i: colour i mod 6, shape i mod 5) and measure each one's `travel`; a clip
+    follows its prompt when it went more than `min_travel` of the frame the prompt's way (a clip
+    where the shape is not found does not). Rotation is not scored: on blurry samples the tracker
+    cannot tell a turn from noise. Returns per "motion direction" the share that follows and the mean
+    travel, and under "all" the share over every clip."""
+    rows, hits = {}, []
+    for motion, direction in TRANSLATIONS:
+        moved = [travel(sample(model, encoder, translation_prompt(motion, direction, seed), seed=seed,
+                               **sample_kwargs).cpu(), direction) for seed in range(seeds)]
+        follows = [m > min_travel for m in moved]  # NaN > x is False
+        hits += follows
+        found = [m for m in moved if m == m]
+        rows[f"{motion} {direction}"] = dict(
+            follows=sum(follows) / seeds, mean_travel=sum(found) / len(found) if found else float("nan"))
+    rows["all"] = dict(follows=sum(hits) / len(hits))
+    return rows
 
 
 class CaptionEncoder(nn.Module):
