@@ -64,6 +64,9 @@ def parse_args(argv=None):
                         help="torch.compile the training forward (default: on CUDA only)")
     parser.add_argument("--direction-seeds", type=int, default=8,
                         help="clips per direction for the report's direction scores (surgery.toy.direction_scores)")
+    parser.add_argument("--direction-every", type=int, default=1000,
+                        help="at logged steps that are multiples of N, score the EMA model's directions "
+                             "(2 clips per direction); 0: never")
     parser.add_argument("--init", type=Path, help="continue from this asset folder's weights instead of random ones")
     parser.add_argument("--smoke", action="store_true", help="tiny model and clips, a few steps (CPU check)")
     return parser.parse_args(argv)
@@ -107,6 +110,8 @@ def main(argv=None) -> list[dict]:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {steps} steps of {batch} clips "
           f"({frames}×{height}×{width}) on {device}", flush=True)
 
+    sample_size = dict(frames=frames, height=height, width=width,
+                       steps=SMOKE["sample_steps"] if args.smoke else toy.SAMPLE_STEPS)
     log, running, started = [], torch.zeros((), device=device), time.time()
     for step in range(steps):
         clips = toy.sample_clips(batch, toy.clip_generator(args.seed, step))
@@ -136,6 +141,11 @@ def main(argv=None) -> list[dict]:
             count = (step % args.log_every) + 1
             row = dict(step=step + 1, loss=running.item() / count, lr=schedule.get_last_lr()[0],
                        seconds=round(time.time() - started, 1))
+            if args.direction_every and (step + 1) % args.direction_every == 0:
+                # When does the model pick up the direction words? Scored on the weights that ship.
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    scores = toy.direction_scores(ema_model, ema_encoder, 2, **sample_size)
+                row["direction_follows"] = {name: score["follows"] for name, score in scores.items()}
             log.append(row)
             running.zero_()
             print(json.dumps(row), flush=True)
@@ -145,8 +155,6 @@ def main(argv=None) -> list[dict]:
     args.report.mkdir(parents=True, exist_ok=True)
     write_sample_grid(ema_model, ema_encoder, args.report / "samples.png", frames, height, width,
                       SMOKE["sample_steps"] if args.smoke else toy.SAMPLE_STEPS)
-    sample_size = dict(frames=frames, height=height, width=width,
-                       steps=SMOKE["sample_steps"] if args.smoke else toy.SAMPLE_STEPS)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         directions = toy.direction_scores(ema_model, ema_encoder, 1 if args.smoke else args.direction_seeds,
                                           **sample_size)

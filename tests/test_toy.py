@@ -2,6 +2,7 @@
 shipped weights behind `load_model("toy")`, and the training script's smoke mode."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -133,9 +134,13 @@ def test_training_smoke_mode_runs_and_writes_loadable_assets(tmp_path):
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     log = train.main(
-        ["--smoke", "--log-every", "1", "--out", str(tmp_path / "toy"), "--report", str(tmp_path / "report")]
+        ["--smoke", "--log-every", "1", "--direction-every", "2", "--out", str(tmp_path / "toy"),
+         "--report", str(tmp_path / "report")]
     )
     assert len(log) == train.SMOKE["steps"] and all(math.isfinite(row["loss"]) for row in log)
+    assert [row["step"] for row in log if "direction_follows" in row] == [2]
+    report = json.loads((tmp_path / "report" / "training.json").read_text())
+    assert set(report["directions"]) == {f"{motion} {direction}" for motion, direction in toy.TRANSLATIONS} | {"all"}
     model = surgery.load_model(str(tmp_path / "toy" / "transformer"))
     assert model.config.num_layers == train.SMOKE["config"]["num_layers"]
     assert toy.CaptionEncoder.load(tmp_path / "toy" / "caption_encoder").vocabulary == toy.caption_vocabulary()
