@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.memory import peak_gib  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.kernels import block_sparse as bs  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation, to_tile_order  # noqa: E402
@@ -39,16 +40,6 @@ DTYPE = torch.bfloat16
 
 def bench(fn, grad_to_none=None, rep=300):
     return do_bench(fn, warmup=50, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-
-
-def peak_gib(fn):
-    """Peak memory allocated while `fn` runs, above what was allocated before it (GiB)."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def load_peers():

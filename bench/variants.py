@@ -49,6 +49,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.memory import peak_gib  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation  # noqa: E402
 from surgery.variants.vmoba import QUERY_TILE, VideoMixtureOfBlockAttention, VMoBAConfig, block_scores  # noqa: E402
@@ -93,17 +94,12 @@ def time_ms(fn, grads, cuda: bool) -> float:
     return statistics.median(times) * 1e3
 
 
-def peak_gib(fn, cuda: bool) -> float | None:
-    """Peak memory allocated while `fn` runs, above what was allocated before it (GiB); None on CPU."""
+def peak_gib_or_none(fn, cuda: bool) -> float | None:
+    """`memory.peak_gib` on the GPU; on CPU (smoke runs) just run `fn` and return None."""
     if not cuda:
         fn()
         return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    return peak_gib(fn)
 
 
 def measure(rows, log, shape, family, name, forward, grads, upstream, cuda, peer=False, **info):
@@ -126,8 +122,8 @@ def measure(rows, log, shape, family, name, forward, grads, upstream, cuda, peer
         row["fwd_ms"] = time_ms(fwd, [], cuda)
         row["fwd_bwd_ms"] = time_ms(fwd_bwd, grads, cuda)
         clear()
-        row["fwd_peak_gib"] = peak_gib(fwd, cuda)
-        row["fwd_bwd_peak_gib"] = peak_gib(fwd_bwd, cuda)
+        row["fwd_peak_gib"] = peak_gib_or_none(fwd, cuda)
+        row["fwd_bwd_peak_gib"] = peak_gib_or_none(fwd_bwd, cuda)
     except Exception as e:
         if not peer:
             raise
