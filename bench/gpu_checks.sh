@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU runs the issues ask for, grouped so that each group fits one 10-minute device call.
+#
+#   bash bench/gpu_checks.sh tests kernels      # groups run in the order given; logs and JSON under $OUT
+#
+# Groups: tests (every GPU-marked test), kernels (bench/attention.py at 1.3B), hybrid
+# (bench/hybrid.py --sweep), variants (bench/variants.py, 1.3B), train (bench/train_step.py, hybrid
+# R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# The GPU machine has no package index: the wheels it lacks come from .whl/ (bash
+# ../shared/gpu/wheels.sh fetches them; carry ".whl" with the call).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-checks}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+
+for group in "$@"; do
+  echo "== $group ($(date -u +%H:%M:%S))"
+  case $group in
+    tests) python3 -m pytest -m gpu -q -s -p no:warnings tests 2>&1 | tee "$OUT/gpu-tests.txt" ;;
+    kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
+    hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;
+    variants) python3 bench/variants.py --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
+    train)
+      python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
+      python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
+    toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
+    *) echo "unknown group '$group' (tests, kernels, hybrid, variants, train, toy)" >&2; exit 2 ;;
+  esac
+done
