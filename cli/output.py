@@ -154,10 +154,15 @@ def training_progress():
 
 def show_distill(summary: dict) -> None:
     table = Table(title=f"run {summary['run']}", title_justify="left")
-    for column in ("layer", "stage-1 loss first", "last", "fell by"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    # "uniform": the same L1 loss for uniform attention (every query gets the mean of v), the yardstick.
+    for column in ("layer", "stage-1 first", "last", "fell by", "uniform", "last vs uniform"):
+        table.add_column(column, justify="left" if column == "layer" else "right", no_wrap=column == "layer")
+    uniform = summary.get("stage1_uniform_attention", {})
     for fqn, (first, last) in summary.get("stage1_losses", {}).items():
-        table.add_row(fqn, f"{first:.4g}", f"{last:.4g}", f"{first / max(last, 1e-30):.1f}×")
+        baseline = uniform.get(fqn)
+        table.add_row(fqn, f"{first:.4g}", f"{last:.4g}", f"{first / max(last, 1e-30):.1f}×",
+                      "—" if baseline is None else f"{baseline:.4g}",
+                      "—" if baseline is None else f"{baseline / max(last, 1e-30):.1f}× below")
     if summary.get("stage1_losses"):
         console.print(table)
     if summary.get("stage2_final_loss") is not None:
@@ -180,6 +185,7 @@ def show_eval(report: dict) -> None:
 
 def show_run(summary: dict) -> None:
     show_distill({"run": summary["run"], "stage1_losses": summary["stage1_losses"],
+                  "stage1_uniform_attention": summary["stage1_uniform_attention"],
                   "stage2_final_loss": summary["stage2_final_loss"]})
     show_eval(summary["eval"])
     counts: dict[str, int] = {}

@@ -32,6 +32,7 @@ def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1
         "attention_flops_saved": 1 - plan.meta["flops_ratio"],
         "variants": {fqn: choice.variant for fqn, choice in plan.layers.items()},
         "stage1_losses": summary.get("stage1_losses", {}),
+        "stage1_uniform_attention": summary.get("stage1_uniform_attention", {}),
         "stage2_final_loss": summary.get("stage2_final_loss"),
         "eval": report,
     }

@@ -57,6 +57,10 @@ def test_stage1_trains_only_new_attention_and_leaves_the_teacher_bit_identical(t
     assert set(summary["stage1_losses"]) == {"blocks.1.attn1", "blocks.2.attn1"}
     for first, last in summary["stage1_losses"].values():
         assert last < first
+    # Uniform attention's loss is logged beside it: the mean of v against the teacher's output.
+    assert set(summary["stage1_uniform_attention"]) == set(summary["stage1_losses"])
+    for fqn, uniform in summary["stage1_uniform_attention"].items():
+        assert uniform > summary["stage1_losses"][fqn][1] > 0
     assert all(torch.equal(v, teacher_before[k]) for k, v in surgery.load_model("tiny").state_dict().items())
 
 

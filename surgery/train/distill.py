@@ -80,6 +80,7 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
     def step(step_index: int) -> dict:
         batch = sampler.batch(step_index, device, dtype)
         losses: dict[int, float] = {}
+        uniform: dict[int, float] = {}
 
         def transfer(layer, q, k, v, x, y, grid):
             with torch.enable_grad():
@@ -87,11 +88,15 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
                 loss = (out.float() - y.detach().float()).abs().mean()  # value-based L1 loss
                 loss.backward()
             losses[layer] = loss.item()
+            # The same loss for uniform attention (every query gets the mean value): the yardstick a
+            # student has to beat, since any attention pattern is a weighted mean of the values.
+            uniform[layer] = (v.float().mean(1, keepdim=True) - y.float()).abs().mean().item()
 
         with torch.no_grad(), tap_self_attention(teacher, transfer, layers=set(processors)):
             teacher(hidden_states=batch.noisy, timestep=batch.timestep, encoder_hidden_states=batch.text)
         per_layer = {f"blocks.{i}.attn1": losses[i] for i in sorted(losses)}
         return {"loss": sum(per_layer.values()) / max(1, len(per_layer)), "layers": per_layer,
+                "uniform_attention": {f"blocks.{i}.attn1": uniform[i] for i in sorted(uniform)},
                 "samples": batch.noisy.shape[0]}
 
     return step, processors
@@ -251,7 +256,7 @@ def distill(
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": True,
                                              "stage2_mode": recipe.stage2.mode,
                                              "lora": _lora_settings(recipe) if uses_lora else None})
-    summary["stage1_losses"] = _stage1_curve(metrics_path)
+    summary["stage1_losses"], summary["stage1_uniform_attention"] = _stage1_curve(metrics_path)
     return summary
 
 
@@ -268,16 +273,20 @@ def _load_into(model, path: Path) -> None:
             model.get_parameter(name).copy_(tensor)
 
 
-def _stage1_curve(metrics_path: Path) -> dict[str, tuple[float, float]]:
-    """Per layer: (first, last) stage-1 loss, for the summary."""
-    if not metrics_path.exists():
-        return {}
+def _stage1_curve(metrics_path: Path) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Per layer, for the summary: (first, last) stage-1 loss, and uniform attention's loss averaged over
+    the same steps."""
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    for line in metrics_path.read_text().splitlines():
-        entry = json.loads(line)
+    uniform: dict[str, list[float]] = {}
+    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    for entry in map(json.loads, lines):
         if entry["stage"] == "stage1":
             for fqn, value in entry["layers"].items():
                 first.setdefault(fqn, value)
                 last[fqn] = value
-    return {fqn: (first[fqn], last[fqn]) for fqn in first if math.isfinite(last[fqn])}
+            for fqn, value in entry.get("uniform_attention", {}).items():  # absent from runs before it was logged
+                uniform.setdefault(fqn, []).append(value)
+    kept = [fqn for fqn in first if math.isfinite(last[fqn])]
+    return ({fqn: (first[fqn], last[fqn]) for fqn in kept},
+            {fqn: sum(uniform[fqn]) / len(uniform[fqn]) for fqn in kept if fqn in uniform})
