@@ -40,14 +40,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
-               D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
-    """This program's batch, head, token offsets and their mask, W[h] [D, F], and φ₊, φ₋ [BS, F] in fp32 (the
-    forward, and its recompute in the backward)."""
-    i_s, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    offs_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = offs_s < S
+def phi_tile(x, weight, bias, i_b, i_h, offs_s, s_ok, stride_xb, stride_xs, stride_xh,
+             D: tl.constexpr, F: tl.constexpr, PRECISION: tl.constexpr):
+    """For the tokens offs_s of batch i_b, head i_h (rows where s_ok is false read x = 0): W[h] [D, F] and
+    φ₊, φ₋ [BS, F] in fp32. Shared with `kernels/linear_attention.py`, which runs φ inside its own loops."""
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     b_x = tl.load(x + i_b.to(tl.int64) * stride_xb + i_h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :],
                   mask=s_ok[:, None], other=0.)  # [BS, D]
@@ -59,7 +55,29 @@ def _block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
     b_pos = tl.exp2(b_psi - b_m[:, None])
     b_neg = tl.exp2(-b_psi - b_m[:, None])
     b_z = tl.sum(b_pos, 1) + tl.sum(b_neg, 1)
-    return i_b, i_h, offs_s, s_ok, b_w, b_pos / b_z[:, None], b_neg / b_z[:, None]
+    return b_w, b_pos / b_z[:, None], b_neg / b_z[:, None]
+
+
+@triton.jit
+def block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
+              D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+    """`phi_tile` for the token block of a (token block, batch·head) program: also returns the program's
+    batch, head, token offsets and their mask."""
+    i_s, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_s = i_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = offs_s < S
+    b_w, b_pos, b_neg = phi_tile(x, weight, bias, i_b, i_h, offs_s, s_ok, stride_xb, stride_xs, stride_xh,
+                                 D, F, PRECISION)
+    return i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg
+
+
+@triton.jit
+def softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg):
+    """dψ [BS, F] from φ₊, φ₋ and the gradients dφ₊, dφ₋ (all [BS, F], fp32): the backward of the softmax
+    over [ψ, −ψ], with s = Σ_f φ_f·dφ_f over all 2F features."""
+    b_s = tl.sum(b_pos * b_dpos, 1) + tl.sum(b_neg * b_dneg, 1)  # [BS]
+    return b_pos * (b_dpos - b_s[:, None]) - b_neg * (b_dneg - b_s[:, None])
 
 
 @triton.jit
@@ -69,8 +87,8 @@ def feature_map_fwd_kernel(
     H, S,
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_b, i_h, offs_s, s_ok, _, b_pos, b_neg = _block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
-                                                         D, F, BLOCK_S, PRECISION)
+    i_b, i_h, offs_s, s_ok, _, b_pos, b_neg = block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
+                                                        D, F, BLOCK_S, PRECISION)
     p_off = i_b.to(tl.int64) * stride_pb + i_h * stride_ph + offs_s[:, None] * stride_ps + tl.arange(0, F)[None, :]
     tl.store(phi + p_off, b_pos.to(phi.dtype.element_ty), mask=s_ok[:, None])
     tl.store(phi + p_off + F, b_neg.to(phi.dtype.element_ty), mask=s_ok[:, None])
@@ -84,17 +102,15 @@ def feature_map_bwd_kernel(
     H, S,
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg = _block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
-                                                           D, F, BLOCK_S, PRECISION)
+    i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg = block_phi(x, weight, bias, stride_xb, stride_xs, stride_xh, H, S,
+                                                          D, F, BLOCK_S, PRECISION)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     g_off = i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_s[:, None] * stride_gs + offs_f[None, :]
     # Rows past S load dφ = 0, so their dψ is exactly 0.
     b_dpos = tl.load(dphi + g_off, mask=s_ok[:, None], other=0.).to(tl.float32)  # [BS, F]
     b_dneg = tl.load(dphi + g_off + F, mask=s_ok[:, None], other=0.).to(tl.float32)  # [BS, F]
-    b_s = tl.sum(b_pos * b_dpos, 1) + tl.sum(b_neg * b_dneg, 1)  # [BS]
-    b_dpsi = b_pos * (b_dpos - b_s[:, None]) - b_neg * (b_dneg - b_s[:, None])  # [BS, F]
     # Rounded to x's dtype once: the dx product's operand and what dW is summed from.
-    b_dpsi = b_dpsi.to(dpsi.dtype.element_ty)
+    b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
     b_dx = tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)  # [BS, D]
     tl.store(dx + i_b.to(tl.int64) * stride_dxb + i_h * stride_dxh + offs_s[:, None] * stride_dxs + offs_d[None, :],
              b_dx.to(dx.dtype.element_ty), mask=s_ok[:, None])
@@ -102,7 +118,7 @@ def feature_map_bwd_kernel(
              b_dpsi, mask=s_ok[:, None])
 
 
-def _precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -116,7 +132,7 @@ def feature_map_fwd(x, weight, bias):
         x, weight, bias, phi,
         x.stride(0), x.stride(1), x.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
         H, S,
-        D=D, F=F, PRECISION=_precision(x.dtype), **config,
+        D=D, F=F, PRECISION=input_precision(x.dtype), **config,
     )
     return phi
 
@@ -132,7 +148,7 @@ def feature_map_bwd(dphi, x, weight, bias):
         x.stride(0), x.stride(1), x.stride(2), dphi.stride(0), dphi.stride(1), dphi.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2), dpsi.stride(0), dpsi.stride(1), dpsi.stride(2),
         H, S,
-        D=D, F=F, PRECISION=_precision(x.dtype), **config,
+        D=D, F=F, PRECISION=input_precision(x.dtype), **config,
     )
     return dx, dpsi
 
@@ -147,13 +163,21 @@ class FeatureMapFunction(torch.autograd.Function):
     def backward(ctx, dphi):
         x, weight, bias = ctx.saved_tensors
         dx, dpsi = feature_map_bwd(dphi if dphi.stride(-1) == 1 else dphi.contiguous(), x, weight, bias)
-        dweight = torch.einsum("bshd,bshf->hdf", x, dpsi) if ctx.needs_input_grad[1] else None  # [H, D, F]
-        dbias = dpsi.sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias
+        return dx, *parameter_grads(x, dpsi, bias, *ctx.needs_input_grad[1:3])
 
 
-def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why `feature_map` cannot run on x [B, S, H, D] with weight [H, D, F], or None when it can."""
+def parameter_grads(x, dpsi, bias, needs_weight: bool, needs_bias: bool):
+    """dW = Σ_tokens xᵀ dψ [H, D, F] (one batched matmul, fp32 accumulation inside: deterministic) and
+    db = Σ_tokens dψ [H, F] for x [B, S, H, D] and dψ [B, S, H, F]; None where not needed."""
+    dweight = torch.einsum("bshd,bshf->hdf", x, dpsi) if needs_weight else None
+    dbias = dpsi.sum(dim=(0, 1), dtype=torch.float32).to(bias.dtype) if needs_bias else None
+    return dweight, dbias
+
+
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, kernel=None) -> str | None:
+    """Why `feature_map` cannot run on x [B, S, H, D] with weight [H, D, F], or None when it can. `kernel`: the
+    jit function whose mode (compiled or interpreted) decides where it runs, by default this module's forward;
+    `kernels/linear_attention.py` passes its own."""
     if x.dtype not in DTYPES:
         return f"it takes fp16, bf16 or fp32, got {x.dtype}"
     # tl.arange needs powers of two, tl.dot sizes of at least 16.
@@ -161,7 +185,7 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
         if size < 16 or size & (size - 1):
             return f"{name} must be a power of two ≥ 16, got {size}"
     # triton.jit picks the interpreter once, when triton is imported with TRITON_INTERPRET=1.
-    if not x.is_cuda and not isinstance(feature_map_fwd_kernel, InterpretedFunction):
+    if not x.is_cuda and not isinstance(kernel or feature_map_fwd_kernel, InterpretedFunction):
         return f"tensors on {x.device} need CUDA or Triton's interpreter (TRITON_INTERPRET=1)"
     return None
 
