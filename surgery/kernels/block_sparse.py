@@ -61,6 +61,43 @@ def _listed_rows(ranges, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr)
 
 
 @triton.jit
+def _query_tile(q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK,
+                D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """What the forward and dq kernels share for their program's query tile and batch·head: the ids, the
+    tile's token offsets and mask, its queries [BM, D], the K/V/mask bases and the tile's key-block list
+    (index and token-range bases, slot count)."""
+    i_q, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    q_end = tl.load(q_offsets + i_q + 1)
+    offs_m = tl.load(q_offsets + i_q) + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < q_end
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
+    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
+    rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
+    n_slots = tl.load(kv_count + i_bh * NQ + i_q)
+    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots
+
+
+@triton.jit
+def _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk, HAS_MASK: tl.constexpr):
+    """Slot s of a query tile's list when every block fits one BLOCK_N step: its key offsets, which of them are
+    real keys, and the [BM, BN] mask of the pairs to count (with per-query masks, the queries that chose it)."""
+    offs_n = tl.load(rng_base + 2 * s) + offs_c
+    n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
+    ok = n_ok[None, :]
+    if HAS_MASK:
+        kb = tl.load(idx_base + s)
+        ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
+    return offs_n, n_ok, ok
+
+
+@triton.jit
 def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, m_i, l_i, acc, qk_scale,
               PRECISION: tl.constexpr):
     b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
@@ -83,20 +120,9 @@ def block_sparse_attn_fwd_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_q, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    q_end = tl.load(q_offsets + i_q + 1)
-    offs_m = tl.load(q_offsets + i_q) + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_end
-    offs_d = tl.arange(0, D)
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.)  # [BM, D]
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
-    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
-    rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
-    n_slots = tl.load(kv_count + i_bh * NQ + i_q)
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots = _query_tile(
+        q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
 
     # A finite start: a row whose keys are all masked so far gets exp2(-inf) = 0 and alpha 1, never NaN.
@@ -108,12 +134,8 @@ def block_sparse_attn_fwd_kernel(
         # Each listed block is one tile of ≤ BLOCK_N keys: one flat loop, which Triton pipelines. Its token
         # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
         for s in range(0, n_slots):
-            offs_n = tl.load(rng_base + 2 * s) + offs_c
-            n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
-            ok = n_ok[None, :]
-            if HAS_MASK:
-                kb = tl.load(idx_base + s)
-                ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
+            offs_n, n_ok, ok = _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk,
+                                            HAS_MASK)
             m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                       m_i, l_i, acc, qk_scale, PRECISION)
     else:
@@ -176,36 +198,21 @@ def block_sparse_attn_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_q, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    q_end = tl.load(q_offsets + i_q + 1)
-    offs_m = tl.load(q_offsets + i_q) + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < q_end
-    offs_d = tl.arange(0, D)
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots = _query_tile(
+        q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
     b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
-    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
-    rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
-    n_slots = tl.load(kv_count + i_bh * NQ + i_q)
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
         for s in range(0, n_slots):
-            offs_n = tl.load(rng_base + 2 * s) + offs_c
-            n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
-            ok = n_ok[None, :]
-            if HAS_MASK:
-                kb = tl.load(idx_base + s)
-                ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
+            offs_n, n_ok, ok = _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk,
+                                            HAS_MASK)
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                             b_dq, qk_scale, PRECISION)
     else:

@@ -51,6 +51,21 @@ MAX_BLOCK_F = 64
 
 
 @triton.jit
+def _head_rows(x, i_b, i_h, offs, ok, stride_b, stride_s, stride_h, offs_d):
+    """Rows `offs` of batch i_b, head i_h of a [B, S, H, D] tensor: [len(offs), D], zeros where not `ok`."""
+    return tl.load(x + i_b.to(tl.int64) * stride_b + i_h * stride_h + offs[:, None] * stride_s + offs_d[None, :],
+                   mask=ok[:, None], other=0.)
+
+
+@triton.jit
+def _backward_row_stats(lse, delta, dc, amax, row, ok):
+    """Per query row for the backward: its log-sum-exp in log2 units, δ = rowsum(dO∘O), the gradient dc of
+    the shared normaliser through the running max, and the softmax key that held that max."""
+    return (tl.load(lse + row, mask=ok, other=0.) * LOG2E, tl.load(delta + row, mask=ok, other=0.),
+            tl.load(dc + row, mask=ok, other=0.), tl.load(amax + row, mask=ok, other=-1))
+
+
+@triton.jit
 def hybrid_fwd_kernel(
     q, k, v, phi, kv_num, kv_den, o, lse, den, amax, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -64,8 +79,7 @@ def hybrid_fwd_kernel(
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
     offs_d = tl.arange(0, D)
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.)  # [BM, D]
+    b_q = _head_rows(q, i_b, i_h, offs_m, m_ok, stride_qb, stride_qs, stride_qh, offs_d)  # [BM, D]
     # k, v are the strided views k[:, ::R], v[:, ::R]: softmax key j sits at raster row j·R.
     k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
@@ -130,10 +144,8 @@ def hybrid_bwd_preprocess_kernel(
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
     offs_d = tl.arange(0, D)
-    b_o = tl.load(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
-    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
-                   mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
+    b_o = _head_rows(o, i_b, i_h, offs_m, m_ok, stride_ob, stride_os, stride_oh, offs_d).to(tl.float32)  # [BM, D]
+    b_do = _head_rows(do, i_b, i_h, offs_m, m_ok, stride_gb, stride_gs, stride_gh, offs_d).to(tl.float32)
     b_delta = tl.sum(b_o * b_do, 1)
     row = i_bh.to(tl.int64) * S + offs_m
     tl.store(delta + row, b_delta, mask=m_ok)
@@ -176,15 +188,9 @@ def hybrid_bwd_dq_kernel(
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
     offs_d = tl.arange(0, D)
-    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.)  # [BM, D]
-    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
-                   mask=m_ok[:, None], other=0.)  # [BM, D]
-    row = i_bh.to(tl.int64) * S + offs_m
-    b_lse = tl.load(lse + row, mask=m_ok, other=0.) * LOG2E  # [BM]
-    b_delta = tl.load(delta + row, mask=m_ok, other=0.)
-    b_dc = tl.load(dc + row, mask=m_ok, other=0.)
-    b_a = tl.load(amax + row, mask=m_ok, other=-1)
+    b_q = _head_rows(q, i_b, i_h, offs_m, m_ok, stride_qb, stride_qs, stride_qh, offs_d)  # [BM, D]
+    b_do = _head_rows(do, i_b, i_h, offs_m, m_ok, stride_gb, stride_gs, stride_gh, offs_d)  # [BM, D]
+    b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, i_bh.to(tl.int64) * S + offs_m, m_ok)
     k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
@@ -218,10 +224,8 @@ def hybrid_bwd_dkv_kernel(
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SK
     offs_d = tl.arange(0, D)
-    b_k = tl.load(k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                  mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                  mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_k = _head_rows(k, i_b, i_h, offs_n, n_ok, stride_kb, stride_ks, stride_kh, offs_d)  # [BN, D]
+    b_v = _head_rows(v, i_b, i_h, offs_n, n_ok, stride_vb, stride_vs, stride_vh, offs_d)  # [BN, D]
     q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     row_base = i_bh.to(tl.int64) * S
@@ -234,10 +238,7 @@ def hybrid_bwd_dkv_kernel(
         m_ok = offs_m < S
         b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
         b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
-        b_lse = tl.load(lse + row_base + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
-        b_delta = tl.load(delta + row_base + offs_m, mask=m_ok, other=0.)
-        b_dc = tl.load(dc + row_base + offs_m, mask=m_ok, other=0.)
-        b_a = tl.load(amax + row_base + offs_m, mask=m_ok, other=-1)
+        b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, row_base + offs_m, m_ok)
         # Transposed scores, keys × queries, so dk and dv accumulate without transposing them.
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
         b_pt = tl.where(m_ok[None, :], tl.exp2(b_st - b_lse[None, :]), 0.)
