@@ -3,7 +3,7 @@
 On CPU the kernel runs in Triton's interpreter at tiny shapes with 16-token blocks (partial last blocks,
 several heads, batch 2, F ≠ D); fp32 against the reference in fp64, relative error ≤ 1e-3, and fp16. Not
 bf16: the interpreter's tl.dot gets bf16 operands wrong (triton 3.9; the hybrid kernel's too). Through the
-variants: `attend_kernel` with the kernel bound against `attend_reference`. The GPU test (`-m gpu`) uses
+hybrid variant: `attend_kernel` with the kernel bound against `attend_reference`. The GPU test (`-m gpu`) uses
 Wan-1.3B's shape in bf16, relative error ≤ 1e-2 against the reference in fp32 on the same bf16 values.
 """
 
@@ -18,7 +18,6 @@ from surgery.kernels import feature_map as fm
 from surgery.kernels.feature_map import feature_map
 from surgery.variants.feature_maps import FeatureMap
 from surgery.variants.hybrid import HybridAttention, HybridConfig
-from surgery.variants.linear import LinearAttention, LinearConfig
 
 from .test_hybrid import DEVICE, gpu, needs_cuda, random_processor, rel_err
 
@@ -121,19 +120,12 @@ def test_rejects_bad_arguments():
         feature_map(x, weight[..., :12], bias[..., :12])
 
 
-@pytest.mark.parametrize(
-    "cls,config,grid",
-    [
-        (LinearAttention, LinearConfig(feature_dim=32), VideoGrid(2, 3, 5)),
-        (HybridAttention, HybridConfig(rate=4, feature_dim=16), VideoGrid(2, 3, 5)),
-    ],
-    ids=["linear-F32", "hybrid-R4-F16"],
-)
-def test_variant_attend_kernel_matches_reference(small_blocks, kernel_calls, cls, config, grid):
-    """`attend_kernel` (φ_q, φ_k through the kernel) against `attend_reference`, both fp32: the output and the
-    gradients of q, k, v and every feature-map parameter."""
-    heads, head_dim = 2, 16
-    processor = random_processor(cls, config, heads, head_dim).to(DEVICE)
+def test_hybrid_attend_kernel_matches_reference(small_blocks, kernel_calls):
+    """The hybrid variant's `attend_kernel` (φ_q, φ_k through the kernel) against `attend_reference`, both fp32:
+    the output and the gradients of q, k, v and every feature-map parameter. (The linear variant's runs φ inside
+    its own op: tests/kernels/test_linear_attention.py.)"""
+    heads, head_dim, grid = 2, 16, VideoGrid(2, 3, 5)
+    processor = random_processor(HybridAttention, HybridConfig(rate=4, feature_dim=16), heads, head_dim).to(DEVICE)
     q, k, v = (torch.randn(2, grid.tokens, heads, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
     inputs = [q, k, v, *processor.parameters()]
     out, ref = processor.attend_kernel(q, k, v, grid), processor.attend_reference(q, k, v, grid)
