@@ -5,10 +5,12 @@
 Wan-1.3B's shape (21×30×52 = 32,760 tokens, batch 1, 12 heads × 128, F = 128, bf16), forward and
 forward+backward, triton.testing.do_bench medians. Rows: SDPA cuDNN (dense); one feature map φ over all
 S tokens, the reference `FeatureMap.forward` and the fused kernel (`FeatureMap.forward_kernel`, backward
-into x, W and b); the fused op alone (`hybrid_attention` on a given φ_q and KV) at R = 4 and 8; the whole
-`hybrid` and `linear` variants' `attend_kernel` (φ through the fused kernel, summary, op; backward into
-q, k, v and the φ parameters); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold
-cut of dense attention plus the linear variant would take. TFLOP/s count the softmax branch's
+into x, W and b); the fused linear-attention op alone (`linear_attention`: φ_q, φ_k computed inside its
+kernels; backward into q, k, v, W and b of both maps); the fused hybrid op alone (`hybrid_attention` on a
+given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants' `attend_kernel` (hybrid: φ
+through the fused kernel, summary, op; linear: the linear-attention op; backward into q, k, v and the φ
+parameters); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention
+plus the linear variant would take. TFLOP/s count the softmax branch's
 4·H·S·S'·D (fwd+bwd: 3.5× that). `--sweep` first times launch configs of each kernel (the hybrid op's
 at R = 4) and keeps the fastest.
 """
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from surgery.grid import VideoGrid  # noqa: E402
 from surgery.kernels import feature_map as fm  # noqa: E402
 from surgery.kernels import hybrid as hy  # noqa: E402
+from surgery.kernels import linear_attention as la  # noqa: E402
 from surgery.variants.feature_maps import FeatureMap  # noqa: E402
 from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index  # noqa: E402
 from surgery.variants.linear import LinearAttention, LinearConfig  # noqa: E402
@@ -63,6 +66,16 @@ def feature_map_inputs():
     return feature_map, x, [x, *feature_map.parameters()]
 
 
+def linear_op_call():
+    """The linear-attention op on q, k, v and two feature maps' bf16 parameters (identity init), and the tensors
+    whose gradients its backward makes."""
+    S = GRID.tokens
+    q, k, v = (torch.randn(1, S, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+    maps = [FeatureMap(HEADS, HEAD_DIM, HEAD_DIM, 0).to("cuda", DTYPE) for _ in range(2)]
+    params = [p for m in maps for p in (m.weight, m.bias)]
+    return lambda: la.linear_attention(q, k, v, *params), [q, k, v, *params]
+
+
 def keep_fastest(log, op, configs, name, candidates, call, grads):
     """Time `call` under each launch config in `candidates` for `op`'s kernel `name`; keep the fastest in `configs`."""
     results = []
@@ -82,7 +95,7 @@ def keep_fastest(log, op, configs, name, candidates, call, grads):
 
 def sweep(log):
     """Time launch configs of each kernel, the hybrid op's at R = 4 (fwd alone, or fwd+bwd for the backward
-    kernels)."""
+    kernels and the linear op's summary kernel)."""
     inputs = op_inputs(4)
     do = torch.randn_like(inputs[0])
     candidates = {
@@ -106,6 +119,18 @@ def sweep(log):
     configs = [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)]
     keep_fastest(log, "feature map", fm.CONFIGS, "fwd", configs, lambda: phi(x), grads)
     keep_fastest(log, "feature map", fm.CONFIGS, "bwd", configs, lambda: phi(x).backward(dphi), grads)
+    del feature_map, x, grads, dphi
+    call, grads = linear_op_call()
+    do = torch.randn_like(grads[0])
+    blocks = [dict(BLOCK_S=bs, num_warps=w) for bs, w in [(32, 4), (64, 4), (64, 8), (128, 8)]]
+    summary = [dict(BLOCK_S=bs, BLOCK_D=bd, CHUNK_S=c, num_warps=w)
+               for bs, bd, c, w in [(64, 64, 1024, 8), (32, 64, 1024, 4), (64, 128, 1024, 8), (64, 64, 512, 8),
+                                    (64, 64, 2048, 8), (32, 128, 1024, 8)]]
+    keep_fastest(log, "linear", la.CONFIGS, "fwd", blocks, call, grads)
+    # The summary kernel runs in both directions (φ_kᵀV forward, φ_qᵀ·do/z backward).
+    keep_fastest(log, "linear", la.CONFIGS, "summary", summary, lambda: call().backward(do), grads)
+    for name in ("bwd_query", "bwd_key"):
+        keep_fastest(log, "linear", la.CONFIGS, name, blocks, lambda: call().backward(do), grads)
 
 
 def variant_call(cls, config):
@@ -125,7 +150,7 @@ def main():
         f"cuDNN {torch.backends.cudnn.version()}")
     if args.sweep:
         sweep(log)
-    log(f"configs: hybrid {hy.CONFIGS}, feature map {fm.CONFIGS}")
+    log(f"configs: hybrid {hy.CONFIGS}, feature map {fm.CONFIGS}, linear {la.CONFIGS}")
     S = GRID.tokens
     rows = []
 
@@ -153,6 +178,7 @@ def main():
     add("feature map φ, reference (FeatureMap.forward)", lambda: feature_map(x), grads)
     add("feature map φ, fused kernel (forward_kernel)", lambda: feature_map.forward_kernel(x), grads)
     del feature_map, x, grads
+    add("linear op alone (linear_attention)", *linear_op_call())
     linear = add("linear variant (attend_kernel)", *variant_call(LinearAttention, LinearConfig()))
     for rate in (4, 8):
         softmax_flops = 4.0 * HEADS * S * -(-S // rate) * HEAD_DIM
@@ -166,7 +192,8 @@ def main():
                          fwd_bwd_ms=cudnn["fwd_bwd_ms"] / rate + linear["fwd_bwd_ms"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(configs=hy.CONFIGS, feature_map_configs=fm.CONFIGS, rows=rows), f, indent=1)
+            json.dump(dict(configs=hy.CONFIGS, feature_map_configs=fm.CONFIGS, linear_configs=la.CONFIGS, rows=rows),
+                      f, indent=1)
     lines = ["| what | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | × cuDNN fwd / fwd+bwd |", "|---|---|---|---|---|"]
     for r in rows:
         tflops = f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else ""

@@ -48,10 +48,16 @@ class LinearAttention(FeatureMapAttention):
         return (numerator / denominator).to(q.dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The CUDA path: φ_q and φ_k through the fused feature-map op (`kernels/feature_map.py`: one pass
-        each way instead of PyTorch's bias, concatenation and softmax passes over [B, S, H, 2F]). φ(K)ᵀ[V, 1]
-        and its application to φ(Q) stay two batched matmuls (26 GFLOP each at Wan-1.3B's 32,760 tokens), in
-        q's dtype so half inputs use the tensor cores (fp32 sums inside them); the division is in fp32."""
+        """The CUDA path: the fused linear-attention op (`kernels/linear_attention.py`), which computes φ_q and
+        φ_k inside its kernels and never writes them (nor the [B, S, H, D+1] sums) to memory. Where it does not
+        apply — a second feature-map layer (hidden_dim > 0), or a dtype, head dim, F or device it does not take —
+        φ goes through the fused feature-map op and the summary φ(K)ᵀ[V, 1] and its application to φ(Q) through
+        two batched matmuls in q's dtype (fp32 sums inside them), with the division in fp32."""
+        from ..kernels.linear_attention import linear_attention, unsupported_reason  # Triton only where it runs
+
+        maps = (self.feature_map_q, self.feature_map_k)
         with torch.autocast(q.device.type, enabled=False):
+            if not self.config.hidden_dim and not unsupported_reason(q, self.feature_map_q.weight):
+                return linear_attention(q, k, v, *(p.to(q.dtype) for m in maps for p in (m.weight, m.bias)))
             numerator, denominator = self.linear_attention_sums(q, k, v, kernel=True)
         return (numerator.float() / denominator.float()).to(q.dtype)

@@ -19,7 +19,7 @@ from surgery.kernels.feature_map import feature_map
 from surgery.variants.feature_maps import FeatureMap
 from surgery.variants.hybrid import HybridAttention, HybridConfig
 
-from .test_hybrid import DEVICE, gpu, needs_cuda, random_processor, rel_err
+from .test_hybrid import DEVICE, attend_kernel_errors, gpu, needs_cuda, random_processor, rel_err
 
 
 @pytest.fixture
@@ -124,17 +124,9 @@ def test_hybrid_attend_kernel_matches_reference(small_blocks, kernel_calls):
     """The hybrid variant's `attend_kernel` (φ_q, φ_k through the kernel) against `attend_reference`, both fp32:
     the output and the gradients of q, k, v and every feature-map parameter. (The linear variant's runs φ inside
     its own op: tests/kernels/test_linear_attention.py.)"""
-    heads, head_dim, grid = 2, 16, VideoGrid(2, 3, 5)
-    processor = random_processor(HybridAttention, HybridConfig(rate=4, feature_dim=16), heads, head_dim).to(DEVICE)
-    q, k, v = (torch.randn(2, grid.tokens, heads, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
-    inputs = [q, k, v, *processor.parameters()]
-    out, ref = processor.attend_kernel(q, k, v, grid), processor.attend_reference(q, k, v, grid)
+    processor = random_processor(HybridAttention, HybridConfig(rate=4, feature_dim=16), 2, 16).to(DEVICE)
+    errors = attend_kernel_errors(processor, VideoGrid(2, 3, 5))
     assert len(kernel_calls) == 2
-    grad = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, inputs, grad)
-    ref_grads = torch.autograd.grad(ref, inputs, grad)
-    names = ["out", "q", "k", "v", *(n for n, _ in processor.named_parameters())]
-    errors = {n: rel_err(a, b) for n, a, b in zip(names, [out, *grads], [ref, *ref_grads])}
     assert all(e <= 1e-3 for e in errors.values()), errors
 
 

@@ -111,6 +111,21 @@ def random_processor(cls, config, heads, head_dim):
     return processor
 
 
+def attend_kernel_errors(processor, grid):
+    """A processor's `attend_kernel` against its `attend_reference` on fresh random q, k, v [2, S, H, D] in fp32:
+    relative errors of the output and of the gradients of q, k, v and every parameter under one random upstream
+    gradient."""
+    q, k, v = (torch.randn(2, grid.tokens, processor.heads, processor.head_dim, device=DEVICE, requires_grad=True)
+               for _ in range(3))
+    inputs = [q, k, v, *processor.parameters()]
+    out, ref = processor.attend_kernel(q, k, v, grid), processor.attend_reference(q, k, v, grid)
+    grad = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, inputs, grad, materialize_grads=True)
+    ref_grads = torch.autograd.grad(ref, inputs, grad, materialize_grads=True)
+    names = ["out", "q", "k", "v", *(n for n, _ in processor.named_parameters())]
+    return {n: rel_err(a, b) for n, a, b in zip(names, [out, *grads], [ref, *ref_grads])}
+
+
 @pytest.mark.parametrize(
     "cls,config,grid",
     [
@@ -124,16 +139,7 @@ def random_processor(cls, config, heads, head_dim):
 def test_variant_attend_kernel_matches_reference(small_blocks, cls, config, grid):
     """`attend_kernel` (what `attend` runs on CUDA) against `attend_reference`, both in fp32, called
     directly (on CPU tensors without CUDA): output and the gradients of q, k, v and every feature-map parameter."""
-    heads, head_dim = 2, 16
-    processor = random_processor(cls, config, heads, head_dim).to(DEVICE)
-    q, k, v = (torch.randn(2, grid.tokens, heads, head_dim, device=DEVICE, requires_grad=True) for _ in range(3))
-    inputs = [q, k, v, *processor.parameters()]
-    out, ref = processor.attend_kernel(q, k, v, grid), processor.attend_reference(q, k, v, grid)
-    grad = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, inputs, grad, materialize_grads=True)
-    ref_grads = torch.autograd.grad(ref, inputs, grad, materialize_grads=True)
-    names = ["out", "q", "k", "v", *(n for n, _ in processor.named_parameters())]
-    errors = {n: rel_err(a, b) for n, a, b in zip(names, [out, *grads], [ref, *ref_grads])}
+    errors = attend_kernel_errors(random_processor(cls, config, 2, 16).to(DEVICE), grid)
     assert all(e <= 1e-3 for e in errors.values()), errors
 
 
