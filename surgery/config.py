@@ -69,9 +69,16 @@ def coerce(value, hint, where: str):
         if len(value) != len(args):
             raise SurgeryError(f"{where} must have {len(args)} entries, got {value!r}")
         return tuple(coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SurgeryError(f"{where} must be a table, got {value!r}")
+        key_type, value_type = args
+        return {coerce(k, key_type, where): coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SurgeryError(f"{where} must be float, got {value!r}")
         return float(value)
     if hint in (int, str, bool):
         if type(value) is not hint:

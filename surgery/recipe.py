@@ -71,7 +71,28 @@ class StageSettings:
 
 @dataclass(frozen=True)
 class Stage1(StageSettings):
-    """Attention transfer: new attention vs the teacher's attention output, L1 (value-based) loss."""
+    """Attention transfer: new attention vs the teacher's attention output, L1 (value-based) loss.
+
+    lr_by_variant: a peak lr per variant name, for plans that mix variants whose parameters want different
+    steps: feature maps start at the identity and take large ones, VSA's zero-initialised gate (a dim → H·D
+    projection) overshoots at them and makes its layer worse than no gate.
+    """
+
+    lr_by_variant: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .variants import VARIANTS
+
+        for name, lr in self.lr_by_variant.items():
+            if name not in VARIANTS:
+                raise ValueError(f"lr_by_variant: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+            if lr <= 0:
+                raise ValueError(f"lr_by_variant.{name} must be > 0, got {lr}")
+
+    def lr_scale(self, variant: str) -> float:
+        """The factor on the schedule's lr for parameters of `variant`."""
+        return self.lr_by_variant.get(variant, self.lr) / self.lr
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ def test_overrides_set_single_fields():
         ('name = "x"\n[plan]\nbudget = 1.5\n', "budget must be in (0, 1]"),
         ('name = "x"\nbogus = 1\n', "unknown key 'bogus'"),
         ('name = "x"\n[stage1\n', "not valid TOML"),
+        ('name = "x"\n[stage1.lr_by_variant]\nvsb = 1e-3\n', "unknown variant 'vsb'"),
+        ('name = "x"\n[stage1.lr_by_variant]\nvsa = "slow"\n', "stage1.lr_by_variant.vsa must be float"),
+        ('name = "x"\n[stage1.lr_by_variant]\nvsa = -1.0\n', "lr_by_variant.vsa must be > 0"),
     ],
 )
 def test_bad_recipe_files_name_the_key(tmp_path, text, message):
@@ -38,3 +41,8 @@ def test_bad_recipe_files_name_the_key(tmp_path, text, message):
 def test_unknown_recipe_name_lists_the_shipped_ones():
     with pytest.raises(SurgeryError, match="shipped: hybrid"):
         load_recipe("hybird")
+
+
+def test_stage1_lr_by_variant_scales_the_schedule():
+    recipe = load_recipe("hybrid", ["stage1.lr=0.02", "stage1.lr_by_variant.vsa=0.001"])
+    assert recipe.stage1.lr_scale("vsa") == pytest.approx(0.05) and recipe.stage1.lr_scale("hybrid") == 1.0

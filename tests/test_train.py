@@ -10,7 +10,7 @@ from surgery.errors import SurgeryError
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
 from surgery.train import distill
-from surgery.train.loop import StopRequested
+from surgery.train.loop import StopRequested, run_stage
 
 GRID = surgery.VideoGrid(6, 10, 10)
 
@@ -103,3 +103,18 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "run" / "something").write_text("x")
     with pytest.raises(SurgeryError, match="not empty"):
         distill("tiny", load_recipe("hybrid", RECIPE), tmp_path / "run", plan=hybrid_plan())
+
+
+def test_lr_scales_give_each_parameter_its_own_step(tmp_path):
+    # AdamW's first step moves every parameter by about lr (its update is m/√v = ±1 then), so the two
+    # moves compare the learning rates each parameter got.
+    params = {"a": torch.nn.Parameter(torch.zeros(4)), "b": torch.nn.Parameter(torch.zeros(4))}
+
+    def step(_):
+        (params["a"].sum() + params["b"].sum()).backward()
+        return {"loss": 1.0}
+
+    schedule = load_recipe("hybrid", ["stage1.steps=1", "stage1.lr=0.1"]).stage1
+    run_stage("s", params, step, schedule, tmp_path / "ck", tmp_path / "m.jsonl", checkpoint_every=1,
+              lr_scales={"a": 0.01})
+    assert torch.allclose(params["b"], torch.full((4,), -0.1)) and torch.allclose(params["a"], torch.full((4,), -0.001))

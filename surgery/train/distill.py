@@ -215,11 +215,16 @@ def distill(
                                         recipe.train.seed, 1, rank, world), device, dtype)
     if not stage1_done.exists():
         if processors and recipe.stage1.steps:
+            params = trainable(student)
+            # A parameter's variant is its layer's in the plan: "blocks.3.attn1.processor.gate_compress.weight".
+            lr_scales = {name: recipe.stage1.lr_scale(plan.layers[name.split(".processor.")[0]].variant)
+                         for name in params}
             last, ran = run_stage(
-                "stage1", trainable(student), step1, recipe.stage1,
+                "stage1", params, step1, recipe.stage1,
                 out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
                 # Stage-1 losses backpropagate inside the teacher's forward, outside any DDP wrapper.
                 accelerator=accelerator, progress=progress, stop_after=stop_after, sync_grads=True,
+                lr_scales=lr_scales,
             )
             summary["stage1_final_loss"] = last.get("loss")
             stop_after = None if stop_after is None else stop_after - ran
@@ -274,19 +279,22 @@ def _load_into(model, path: Path) -> None:
 
 
 def _stage1_curve(metrics_path: Path) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
-    """Per layer, for the summary: (first, last) stage-1 loss, and uniform attention's loss averaged over
-    the same steps."""
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
+    """Per layer, for the summary: the stage-1 loss at the start and at the end, each the mean over a tenth
+    of the steps (at least one), since single steps differ by their noise levels; and uniform attention's
+    loss over all the steps."""
+    curves: dict[str, list[float]] = {}
     uniform: dict[str, list[float]] = {}
     lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
     for entry in map(json.loads, lines):
         if entry["stage"] == "stage1":
             for fqn, value in entry["layers"].items():
-                first.setdefault(fqn, value)
-                last[fqn] = value
+                curves.setdefault(fqn, []).append(value)
             for fqn, value in entry.get("uniform_attention", {}).items():  # absent from runs before it was logged
                 uniform.setdefault(fqn, []).append(value)
-    kept = [fqn for fqn in first if math.isfinite(last[fqn])]
-    return ({fqn: (first[fqn], last[fqn]) for fqn in kept},
-            {fqn: sum(uniform[fqn]) / len(uniform[fqn]) for fqn in kept if fqn in uniform})
+    ends = {}
+    for fqn, values in curves.items():
+        tenth = max(1, len(values) // 10)
+        first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+        if math.isfinite(last):
+            ends[fqn] = (first, last)
+    return ends, {fqn: sum(uniform[fqn]) / len(uniform[fqn]) for fqn in ends if fqn in uniform}

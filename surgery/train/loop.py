@@ -88,15 +88,22 @@ def run_stage(
     progress: Callable[[str, int, int, dict], None] | None = None,
     stop_after: int | None = None,
     sync_grads: bool = False,
+    lr_scales: dict[str, float] | None = None,
 ) -> tuple[dict, int]:
     """Train `params` for `schedule.steps` steps; resumes from the newest checkpoint in `checkpoints`.
 
     step_fn(step) runs forward + backward and returns metrics with a scalar "loss".
     stop_after: stop (with a checkpoint) after this many steps in this call, as an interruption would.
     sync_grads: average gradients over processes here, for parameters that no DDP wrapper syncs.
+    lr_scales: parameter name → factor on the schedule's lr (default 1); one AdamW group per factor.
     Returns the last step's metrics and how many steps this call ran.
     """
-    optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    scales = {name: (lr_scales or {}).get(name, 1.0) for name in params}
+    factors = sorted(set(scales.values()))
+    # Parameters in group order, so that index i of the optimiser's state is the i-th name (checkpoints).
+    params = {name: params[name] for factor in factors for name in params if scales[name] == factor}
+    groups = [{"params": [p for n, p in params.items() if scales[n] == factor], "lr_scale": factor} for factor in factors]
+    optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
     if accelerator is not None:
         optimizer = accelerator.prepare(optimizer)
     start = 0
@@ -111,7 +118,7 @@ def run_stage(
     for step in range(start, schedule.steps):
         began = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
+            group["lr"] = schedule.lr_at(step) * group["lr_scale"]
         metrics = step_fn(step)
         if sync_grads and accelerator is not None and accelerator.num_processes > 1:
             for param in params.values():
