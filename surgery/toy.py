@@ -108,15 +108,15 @@ class ClipParams:
         return ClipParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def captions(self) -> list[str]:
-        motions = list(MOTIONS)
-        colours = list(COLOURS)
-        out = []
-        for shape, colour, motion, direction in zip(
-            self.shape.tolist(), self.colour.tolist(), self.motion.tolist(), self.direction.tolist()
-        ):
-            article = "an" if colours[colour][0] in "aeiou" else "a"
-            out.append(f"{article} {colours[colour]} {SHAPES[shape]} {motions[motion]} {DIRECTIONS[direction]}")
-        return out
+        motions, colours = list(MOTIONS), list(COLOURS)
+        return [caption(colours[colour], SHAPES[shape], motions[motion], DIRECTIONS[direction])
+                for shape, colour, motion, direction in zip(
+                    self.shape.tolist(), self.colour.tolist(), self.motion.tolist(), self.direction.tolist())]
+
+
+def caption(colour: str, shape: str, motion: str, direction: str) -> str:
+    """ "a red square bouncing left to right": the caption of a clip, and the prompt that asks for one."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {motion} {direction}"
 
 
 def clip_generator(seed: int, index: int) -> torch.Generator:
@@ -340,12 +340,6 @@ def travel(video: torch.Tensor, direction: str) -> float:
 TRANSLATIONS = [(motion, direction) for motion in ("moving", "bouncing") for direction in MOTIONS[motion]]
 
 
-def translation_prompt(motion: str, direction: str, seed: int) -> str:
-    colour = list(COLOURS)[seed % len(COLOURS)]
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {SHAPES[seed % len(SHAPES)]} {motion} {direction}"
-
-
 def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15, **sample_kwargs) -> dict:
     """Does `model` follow the direction words? For every translating motion and direction, sample
     `seeds` clips (seed i: colour i mod 6, shape i mod 5) and measure each one's `travel`; a clip
@@ -355,8 +349,10 @@ def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15, *
     travel, and under "all" the share over every clip."""
     rows, hits = {}, []
     for motion, direction in TRANSLATIONS:
-        moved = [travel(sample(model, encoder, translation_prompt(motion, direction, seed), seed=seed,
-                               **sample_kwargs).cpu(), direction) for seed in range(seeds)]
+        prompts = [caption(list(COLOURS)[seed % len(COLOURS)], SHAPES[seed % len(SHAPES)], motion, direction)
+                   for seed in range(seeds)]
+        moved = [travel(sample(model, encoder, prompt, seed=seed, **sample_kwargs).cpu(), direction)
+                 for seed, prompt in enumerate(prompts)]
         follows = [m > min_travel for m in moved]  # NaN > x is False
         hits += follows
         found = [m for m in moved if m == m]

@@ -136,15 +136,15 @@ class FeatureMapAttention(AttentionVariant):
         φ through `FeatureMap.forward_kernel` (the CUDA path) rather than the reference `forward`.
         Returns φ_q(q_i)·Σ_j φ_k(k_j)ᵀv_j: [B, S, H, D] and φ_q(q_i)·Σ_j φ_k(k_j): [B, S, H, 1].
         """
-        if kernel:
-            phi_q, phi_k = self.feature_map_q.forward_kernel(q), self.feature_map_k.forward_kernel(k)
-        else:
-            phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)  # [B, S, H, 2F], [B, L, H, 2F]
-        # A column of ones makes Σφ(k) ride along in the same matmul as Σφ(k)ᵀv.
-        v_ones = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # [B, L, H, D+1]
-        summary = torch.einsum("blhf,blhe->bhfe", phi_k, v_ones)  # [B, H, 2F, D+1]
-        sums = torch.einsum("bshf,bhfe->bshe", phi_q, summary)  # [B, S, H, D+1]
+        phi_q = self.feature_map_q.forward_kernel(q) if kernel else self.feature_map_q(q)  # [B, S, H, 2F]
+        sums = torch.einsum("bshf,bhfe->bshe", phi_q, self.linear_summary(k, v, kernel))  # [B, S, H, D+1]
         return sums[..., :-1], sums[..., -1:]
+
+    def linear_summary(self, k, v, kernel: bool = False) -> torch.Tensor:
+        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, 2F, D+1] for linear keys and values k, v [B, L, H, D]; kernel: φ_k
+        through `FeatureMap.forward_kernel`. The column of ones makes Σφ(k) ride along in the matmul of Σφ(k)ᵀv."""
+        phi_k = self.feature_map_k.forward_kernel(k) if kernel else self.feature_map_k(k)  # [B, L, H, 2F]
+        return torch.einsum("blhf,blhe->bhfe", phi_k, F.pad(v, (0, 1), value=1.0))
 
 
 def promoted(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from ..grid import VideoGrid
 from .base import softmax_scale
@@ -121,8 +120,6 @@ class HybridAttention(FeatureMapAttention):
         with torch.autocast(q.device.type, enabled=False):
             if softmax_token_count(tokens, rate) < tokens:
                 index = linear_token_index(tokens, rate, q.device)
-                phi_k = self.feature_map_k.forward_kernel(k.index_select(1, index))  # [B, L, H, 2F]
-                v_ones = F.pad(v.index_select(1, index), (0, 1), value=1.0)  # [B, L, H, D+1]
-                summary = torch.einsum("blhf,blhe->bhfe", phi_k, v_ones)  # [B, H, 2F, D+1]
+                summary = self.linear_summary(k.index_select(1, index), v.index_select(1, index), kernel=True)
                 phi_q = self.feature_map_q.forward_kernel(q)  # [B, S, H, 2F]
             return hybrid_attention(q, k, v, phi_q, summary, rate, softmax_scale(q.shape[-1]))
