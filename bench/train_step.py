@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from surgery.model import default_text_tokens, load_config, resolve_grid, load_model
+from surgery.model import conditioner, default_text_tokens, latent_channels, load_config, load_model, resolve_grid
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
 from surgery.train.data import StepSampler
@@ -29,7 +29,7 @@ class NoiseSamples:
     def __init__(self, config, grid, text_tokens, samples=2):
         pt, ph, pw = config["patch_size"]
         g = torch.Generator().manual_seed(0)
-        shape = (samples, config["in_channels"], grid.frames * pt, grid.height * ph, grid.width * pw)
+        shape = (samples, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw)
         self.latents = torch.randn(*shape, generator=g)
         self.text = torch.randn(samples, text_tokens, config["text_dim"], generator=g)
 
@@ -73,7 +73,7 @@ def main():
     print(f"{args.model} grid {grid} ({grid.tokens} tokens), plan: {args.variant} {args.params} on every layer")
 
     student = build_student(teacher, plan, recipe, stage=1)
-    step1, _ = stage1_step_fn(teacher, student, StepSampler(samples, 1, 0, 1), device, dtype)
+    step1, _ = stage1_step_fn(teacher, student, StepSampler(samples, 1, 0, 1, condition=conditioner(config)), device, dtype)
     for step in range(2):  # the first includes one-off compilation and allocation
         seconds, peak = timed(lambda: step1(step))
     print(f"stage 1 step: {seconds:.2f} s, peak {peak:.1f} GiB, {sum(p.numel() for p in trainable(student).values()):,} trainable")
@@ -82,7 +82,7 @@ def main():
     accelerator = Accelerator(mixed_precision="bf16")
     student = build_student(teacher, plan, recipe, stage=2).train()
     student = accelerator.prepare(student)
-    step2 = stage2_step_fn(teacher, student, StepSampler(samples, 1, 0, 2), recipe, device, dtype, plan, accelerator)
+    step2 = stage2_step_fn(teacher, student, StepSampler(samples, 1, 0, 2, condition=conditioner(config)), recipe, device, dtype, plan, accelerator)
     for step in range(2):
         seconds, peak = timed(lambda: step2(step))
     print(f"stage 2 step (LoRA, gradient checkpointing): {seconds:.2f} s, peak {peak:.1f} GiB, "

@@ -53,7 +53,7 @@ def measure(model, latents: torch.Tensor, noise: torch.Tensor, text: torch.Tenso
 
     xt = latents + (noise - latents) * t
     with torch.no_grad(), tap_self_attention(model, record):
-        model(xt, torch.full((len(xt),), t * 1000), text, return_dict=False)
+        model(toy.with_positions(xt), torch.full((len(xt),), t * 1000), text, return_dict=False)
     return [per_layer[layer] for layer in sorted(per_layer)]
 
 

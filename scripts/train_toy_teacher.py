@@ -1,6 +1,6 @@
 """Train the toy teacher (surgery/assets/toy) on procedural clips with rectified-flow matching.
 
-    python scripts/train_toy_teacher.py            # one H100: ~8.5 minutes (7.4 training, compile
+    python scripts/train_toy_teacher.py            # one H100: ~8 minutes (7.3 training, compile
                                                    # included); writes the assets and
                                                    # docs/toy-teacher/{samples.png, training.json}
     python scripts/train_toy_teacher.py --smoke --out /tmp/toy --report /tmp/report   # CPU, seconds
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=toy.ASSET_DIR, help="asset folder to write")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "toy-teacher",
                         help="folder for samples.png and training.json")
-    parser.add_argument("--steps", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=300)
@@ -58,13 +58,13 @@ def parse_args(argv=None):
     parser.add_argument("--shift", type=float, default=3.0,
                         help="time shift of the training noise levels (the formula of surgery.toy.sample's)")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty prompts, for guidance")
-    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the training forward (default: on CUDA only)")
     parser.add_argument("--direction-seeds", type=int, default=8,
                         help="clips per direction for the report's direction scores (surgery.toy.direction_scores)")
-    parser.add_argument("--direction-every", type=int, default=1000,
+    parser.add_argument("--direction-every", type=int, default=500,
                         help="at logged steps that are multiples of N, score the EMA model's directions "
                              "(2 clips per direction); 0: never")
     parser.add_argument("--init", type=Path, help="continue from this asset folder's weights instead of random ones")
@@ -125,7 +125,7 @@ def main(argv=None) -> list[dict]:
         noise = torch.randn(x0.shape, generator=noise_generator, device=device)
         xt = x0 + (noise - x0) * t.view(-1, 1, 1, 1, 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            v = forward(xt, t * 1000, encoder(prompts), return_dict=False)[0]
+            v = forward(toy.with_positions(xt), t * 1000, encoder(prompts), return_dict=False)[0]
         loss = F.mse_loss(v.float(), noise - x0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
-from .model import default_text_tokens, default_video, fingerprint, load_config, load_model, resolve_grid
+from .model import (
+    conditioner, default_text_tokens, default_video, fingerprint, latent_channels, load_config, load_model, resolve_grid,
+)
 from .sensitivity import relative_l2
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
@@ -36,13 +38,15 @@ def sample_latents(model, noise, text, steps: int, reference=None):
     """Euler flow-matching sampling from `noise`; with `reference`, also the reference's velocity
     error per step along `model`'s trajectory. Returns (latents, [errors])."""
     scheduler = _scheduler(steps)
+    condition = conditioner(dict(model.config))
     x = noise
     errors = []
     for t in scheduler.timesteps:
         timestep = t.expand(x.shape[0]).to(x.device)
-        v = model(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+        inputs = condition(x)
+        v = model(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text).sample
         if reference is not None:
-            v_ref = reference(hidden_states=x, timestep=timestep, encoder_hidden_states=text).sample
+            v_ref = reference(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text).sample
             errors.append(relative_l2(v_ref, v))
         x = scheduler.step(v, t, x).prev_sample
     return x, errors
@@ -117,7 +121,7 @@ def evaluate(
     g = torch.Generator().manual_seed(seed)
     per_step, latent_errors, psnrs, ssims = [], [], [], []
     for _ in range(samples):
-        noise = torch.randn(1, teacher.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw,
+        noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
                             generator=g)
         text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
         z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student)

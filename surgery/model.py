@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -261,6 +262,24 @@ def fingerprint(config: dict) -> str:
     public = json.loads(json.dumps(public, default=list))  # tuples and lists hash alike
     digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
     return digest[:16]
+
+
+def latent_channels(config: dict) -> int:
+    """Channels of the latents a model denoises (what it predicts)."""
+    return config.get("out_channels") or config["in_channels"]
+
+
+def conditioner(config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """noisy latents [B, latent_channels, F, H, W] → the transformer's input. A model that reads more
+    channels than it predicts gets them appended: the toy its pixel coordinates
+    (surgery.toy.with_positions), any other (Wan image-to-video: an image's latents and mask) zeros,
+    that is no image."""
+    if fingerprint(config) == fingerprint(PRESETS["toy"].config):
+        return toy.with_positions
+    extra = config["in_channels"] - latent_channels(config)
+    if extra <= 0:
+        return lambda noisy: noisy
+    return lambda noisy: torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], 1)
 
 
 def self_attention_fqns(num_layers: int) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from .capture import tap_self_attention
 from .errors import SurgeryError
 from .grid import VideoGrid
+from .model import conditioner, latent_channels
 from .variants import VARIANTS, AttentionVariant, VariantConfig
 
 
@@ -53,7 +54,8 @@ def calibration_inputs(
     """
     g = torch.Generator().manual_seed(seed)
     pt, ph, pw = model.config.patch_size
-    shape = (1, model.config.in_channels, grid.frames * pt, grid.height * ph, grid.width * pw)
+    shape = (1, latent_channels(dict(model.config)), grid.frames * pt, grid.height * ph, grid.width * pw)
+    condition = conditioner(dict(model.config))
     rows = None
     if dataset_path is not None:
         from .recipe import DataSection
@@ -77,7 +79,7 @@ def calibration_inputs(
             text = row["text_embeddings"].float().unsqueeze(0)
         inputs.append(
             dict(
-                hidden_states=latents.to(param.device, param.dtype),
+                hidden_states=condition(latents).to(param.device, param.dtype),
                 timestep=torch.tensor([t * 1000.0], device=param.device),
                 encoder_hidden_states=text.to(param.device, param.dtype),
             )

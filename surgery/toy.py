@@ -13,9 +13,19 @@ captioned from its parameters: "a red square bouncing left to right".
   (1, 2, 2). The transformer's (1, 2, 2) patches then make one 48-value token per 4×4 pixels of a
   frame. Tokens stay well below the model width (256): with 8×8-pixel tokens (192 values) a model
   this small predicts the velocity too coarsely and samples come out blotchy.
-- Text: `CaptionEncoder`, a closed word vocabulary with learned word and position embeddings,
-  trained jointly with the transformer. Positions matter ("left to right" vs "right to left");
-  padding is zero, as Wan pads its text embeddings. The empty prompt is the unconditional input.
+- Positions: Wan has no absolute positions (RoPE is relative, the patch embedding has no padding),
+  so on its own it cannot draw "the square starts on the left": its best guess at high noise, the
+  clip the caption describes on average, is out of reach, and teachers v1–v3 took the direction of
+  travel from the noise whatever the words said. The toy reads two more input channels than it
+  predicts, the x and y coordinate of every latent pixel (`with_positions`), the way Wan's
+  image-to-video models read their image's latents beside the noisy ones.
+- Text: `CaptionEncoder`, a closed word vocabulary with learned word and position embeddings plus
+  one embedding per (position, word), trained jointly with the transformer. Order decides the
+  direction ("left to right" vs "right to left" hold the same words): with only word + position
+  the two captions differ to the transformer only through nonlinear mixing, and teacher v2 barely
+  told them apart; a word's own embedding at each position makes "left first" a feature by itself,
+  as the contextual embeddings of Wan's T5 encoder would. Padding is zero, as Wan pads its text
+  embeddings. The empty prompt is the unconditional input.
 - Sampling: rectified flow, x_t = (1 − t)·x0 + t·ε with the model predicting v = ε − x0 at timestep
   t·1000 (Wan's convention); `sample` takes Euler steps on a shifted schedule with classifier-free
   guidance.
@@ -42,12 +52,13 @@ ASSET_DIR = Path(__file__).parent / "assets" / "toy"
 FRAMES, HEIGHT, WIDTH = 16, 48, 48
 LATENT_SCALE = (1, 2, 2)  # pixels per latent along frames, height, width
 LATENT_CHANNELS = 3 * LATENT_SCALE[1] * LATENT_SCALE[2]
+POSITION_CHANNELS = 2  # x and y of every latent pixel, appended to the noisy latents (`with_positions`)
 MAX_WORDS = 8  # longest caption: "an orange triangle moving bottom to top" has 7
 TEXT_DIM = 64
 
 # 4 heads × 64, 6 layers: 5.4M parameters, 10.8 MB in bf16.
 TRANSFORMER_CONFIG = dict(
-    patch_size=(1, 2, 2), in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+    patch_size=(1, 2, 2), in_channels=LATENT_CHANNELS + POSITION_CHANNELS, out_channels=LATENT_CHANNELS,
     num_attention_heads=4, attention_head_dim=64, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=512, num_layers=6,
     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None,
     rope_max_seq_len=1024,
@@ -298,6 +309,16 @@ def encode(video: torch.Tensor) -> torch.Tensor:
     return x.unflatten(0, (b, f)).transpose(1, 2)
 
 
+def with_positions(noisy: torch.Tensor) -> torch.Tensor:
+    """The toy transformer's input: noisy latents [B, 12, F, h, w] and the x and y coordinate of
+    every latent pixel, from −1 to 1 across the frame: [B, 14, F, h, w]."""
+    b, _, f, h, w = noisy.shape
+    y = torch.linspace(-1, 1, h, device=noisy.device, dtype=noisy.dtype)[:, None].expand(h, w)
+    x = torch.linspace(-1, 1, w, device=noisy.device, dtype=noisy.dtype)[None, :].expand(h, w)
+    coordinates = torch.stack([x, y])[None, :, None].expand(b, -1, f, -1, -1)
+    return torch.cat([noisy, coordinates], 1)
+
+
 def decode(latents: torch.Tensor) -> torch.Tensor:
     """latents [B, 12, F, H/2, W/2] → uint8 video [B, F, H, W, 3]; exact inverse of `encode`."""
     b, _, f, h, w = latents.shape
@@ -363,7 +384,9 @@ def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15, *
 
 
 class CaptionEncoder(nn.Module):
-    """Prompts → text embeddings [B, MAX_WORDS, TEXT_DIM]: word + position embedding per word, zero padding."""
+    """Prompts → text embeddings [B, MAX_WORDS, TEXT_DIM]: per word, its word embedding + its
+    position's + its own at that position (zero at the start, so training begins from word +
+    position); zero padding."""
 
     def __init__(self, vocabulary: list[str], max_words: int = MAX_WORDS, dim: int = TEXT_DIM):
         super().__init__()
@@ -371,6 +394,7 @@ class CaptionEncoder(nn.Module):
         self._index = {word: i for i, word in enumerate(self.vocabulary)}
         self.words = nn.Parameter(torch.randn(len(self.vocabulary), dim))
         self.positions = nn.Parameter(torch.randn(max_words, dim))
+        self.word_at_position = nn.Parameter(torch.zeros(max_words, len(self.vocabulary), dim))
 
     @property
     def max_words(self) -> int:
@@ -395,7 +419,9 @@ class CaptionEncoder(nn.Module):
             ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
             present[row, : len(words)] = 1
         device = self.words.device
-        return (self.words[ids.to(device)] + self.positions) * present.to(device)
+        ids = ids.to(device)
+        own = self.word_at_position[torch.arange(self.max_words, device=device), ids]  # [B, max_words, dim]
+        return (self.words[ids] + self.positions + own) * present.to(device)
 
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
@@ -403,7 +429,7 @@ class CaptionEncoder(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "vocab.json").write_text(json.dumps({"words": self.vocabulary, "max_words": self.max_words}) + "\n")
-        tensors = {"words": self.words.detach().float().cpu(), "positions": self.positions.detach().float().cpu()}
+        tensors = {name: tensor.detach().float().cpu() for name, tensor in self.state_dict().items()}
         save_file(tensors, folder / "embeddings.safetensors")
 
     @classmethod
@@ -414,10 +440,12 @@ class CaptionEncoder(nn.Module):
         try:
             vocab = json.loads((folder / "vocab.json").read_text())
             tensors = load_file(folder / "embeddings.safetensors")
-        except (OSError, ValueError) as e:  # missing files, bad JSON, unreadable safetensors
-            raise SurgeryError(f"cannot load the caption encoder from {folder}: {e}") from None
-        encoder = cls(vocab["words"], vocab["max_words"], tensors["words"].shape[1])
-        encoder.load_state_dict(tensors)
+            encoder = cls(vocab["words"], vocab["max_words"], tensors["words"].shape[1])
+            encoder.load_state_dict(tensors)
+        # Missing files, bad JSON, unreadable safetensors; missing or misshapen tensors.
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            message = " ".join(str(e).split())  # torch's state-dict errors span lines
+            raise SurgeryError(f"cannot load the caption encoder from {folder}: {message}") from None
         return encoder.eval().requires_grad_(False)
 
 
@@ -451,7 +479,8 @@ def sample(model, caption_encoder: CaptionEncoder, prompt: str, seed: int = 0, s
     sigmas = (shift * s / (1 + (shift - 1) * s)).tolist()
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         timestep = torch.full((len(prompts),), sigma * 1000, device=device)
-        v = model(x.to(dtype).expand(len(prompts), -1, -1, -1, -1), timestep, text, return_dict=False)[0].float()
+        inputs = with_positions(x.to(dtype).expand(len(prompts), -1, -1, -1, -1))
+        v = model(inputs, timestep, text, return_dict=False)[0].float()
         if len(prompts) == 2:
             v = v[1] + guidance_scale * (v[0] - v[1])
         x = x + (sigma_next - sigma) * v

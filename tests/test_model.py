@@ -83,3 +83,22 @@ def test_half_precision_presets_keep_diffusers_fp32_modules():
     assert model.blocks[0].scale_shift_table.dtype == torch.float32
     assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
     assert model.rope.freqs_cos.dtype == torch.float32
+
+
+def test_conditioner_appends_what_the_model_reads_beyond_its_latents():
+    from surgery.model import conditioner, latent_channels, load_config
+
+    noisy = torch.randn(2, 16, 3, 4, 6)
+    assert conditioner(load_config("tiny"))(noisy) is noisy
+    # Wan image-to-video reads 36 channels and predicts 16: no image is zeros.
+    i2v = dict(load_config("wan2.1-t2v-1.3b"), in_channels=36)
+    assert latent_channels(i2v) == 16
+    inputs = conditioner(i2v)(noisy)
+    assert inputs.shape == (2, 36, 3, 4, 6) and torch.equal(inputs[:, :16], noisy) and not inputs[:, 16:].any()
+    toy_config = load_config("toy")
+    assert latent_channels(toy_config) == 12 and toy_config["in_channels"] == 14
+    inputs = conditioner(toy_config)(torch.zeros(1, 12, 2, 3, 5))
+    assert inputs.shape == (1, 14, 2, 3, 5)
+    x, y = inputs[0, 12], inputs[0, 13]  # [F, h, w]: x runs along the width, y down the height
+    assert torch.equal(x[0, 0], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0])) and torch.equal(x[1], x[0])
+    assert torch.equal(y[0, :, 0], torch.tensor([-1.0, 0.0, 1.0])) and torch.equal(y[0, :, 4], y[0, :, 0])

@@ -111,6 +111,21 @@ def test_caption_encoder(shipped):
         encoder(["a red square moving left to right to right"])
 
 
+def test_caption_encoder_round_trips_and_refuses_incomplete_files(tmp_path):
+    encoder = toy.CaptionEncoder(toy.caption_vocabulary())
+    with torch.no_grad():
+        encoder.word_at_position.normal_()  # a trained encoder's order embeddings are not zero
+    encoder.save(tmp_path / "enc")
+    prompts = ["a red square bouncing left to right", "a red square bouncing right to left"]
+    assert torch.equal(toy.CaptionEncoder.load(tmp_path / "enc")(prompts), encoder(prompts).detach())
+    from safetensors.torch import save_file
+
+    save_file({"words": encoder.words.detach(), "positions": encoder.positions.detach()},
+              tmp_path / "enc" / "embeddings.safetensors")
+    with pytest.raises(surgery.SurgeryError, match="cannot load the caption encoder.*word_at_position"):
+        toy.CaptionEncoder.load(tmp_path / "enc")
+
+
 def test_shipped_toy_loads_and_runs(shipped):
     model, encoder = shipped
     assert isinstance(model, WanTransformer3DModel) and model.dtype == torch.float32  # bf16 file, fp32 model
@@ -122,11 +137,19 @@ def test_shipped_toy_loads_and_runs(shipped):
     with torch.no_grad():
         latents = toy.encode(torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8))
         text = encoder(["a blue circle moving top to bottom"])
-        out = model(latents, torch.tensor([500.0]), text, return_dict=False)[0]
+        out = model(toy.with_positions(latents), torch.tensor([500.0]), text, return_dict=False)[0]
     assert out.shape == latents.shape and torch.isfinite(out).all()
     video = toy.sample(model, encoder, "a red square moving left to right", seed=1, steps=2, frames=2, height=32,
                        width=32)
     assert video.shape == (2, 32, 32, 3) and video.dtype == torch.uint8
+
+
+def test_shipped_toy_follows_the_direction_words(shipped):
+    # The acceptance prompt and its mirror, same seed: the words, not the noise, decide the way.
+    model, encoder = shipped
+    for direction in ("left to right", "right to left"):
+        video = toy.sample(model, encoder, f"a red square bouncing {direction}", seed=0, steps=12)
+        assert toy.travel(video, direction) > 0.25, direction
 
 
 def test_training_smoke_mode_runs_and_writes_loadable_assets(tmp_path):

@@ -88,7 +88,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     def poisoned_from_step_3(self, step, device, dtype):
         batch = real_batch(self, step, device, dtype)
         if step >= 2:
-            batch.noisy.fill_(float("nan"))
+            batch.inputs.fill_(float("nan"))
         return batch
 
     monkeypatch.setattr(StepSampler, "batch", poisoned_from_step_3)

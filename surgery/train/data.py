@@ -36,9 +36,11 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
             raise SurgeryError(f"dataset {data.path} lacks column {sorted(missing)[0]!r}")
         return dataset.with_format("torch")
 
+    from ..model import latent_channels
+
     pt, ph, pw = model_config["patch_size"]
     g = torch.Generator().manual_seed(seed)
-    shape = (model_config["in_channels"], grid.frames * pt, grid.height * ph, grid.width * pw)
+    shape = (latent_channels(model_config), grid.frames * pt, grid.height * ph, grid.width * pw)
     latents = torch.randn(data.samples, *shape, generator=g)
     text = torch.randn(data.samples, text_tokens, model_config["text_dim"], generator=g)
     dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
@@ -47,7 +49,7 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
 
 @dataclass
 class Batch:
-    noisy: torch.Tensor  # [B, C, F, H, W] x_t
+    inputs: torch.Tensor  # [B, C_in, F, H, W] the transformer's: x_t, then any channels its conditioner appends
     timestep: torch.Tensor  # [B] t·1000
     text: torch.Tensor  # [B, L, text_dim]
     clean: torch.Tensor  # [B, C, F, H, W] x0
@@ -57,9 +59,12 @@ class Batch:
 class StepSampler:
     """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1):
+    def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1,
+                 condition=None):
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
         self.rank, self.world = rank, world
+        # x_t → the transformer's input (surgery.model.conditioner); None: x_t as it is.
+        self.condition = condition or (lambda noisy: noisy)
 
     def _indices(self, step: int) -> list[int]:
         n = len(self.dataset)
@@ -80,6 +85,6 @@ class StepSampler:
         sigma = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * clean + sigma * noise
         return Batch(
-            noisy.to(device, dtype), (t * 1000).to(device), rows["text_embeddings"].to(device, dtype),
+            self.condition(noisy).to(device, dtype), (t * 1000).to(device), rows["text_embeddings"].to(device, dtype),
             clean.to(device, dtype), noise.to(device, dtype),
         )

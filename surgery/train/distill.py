@@ -26,7 +26,7 @@ from ..apply import apply, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json
-from ..model import default_text_tokens, load_model
+from ..model import conditioner, default_text_tokens, load_model
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
@@ -93,11 +93,11 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
             uniform[layer] = (v.float().mean(1, keepdim=True) - y.float()).abs().mean().item()
 
         with torch.no_grad(), tap_self_attention(teacher, transfer, layers=set(processors)):
-            teacher(hidden_states=batch.noisy, timestep=batch.timestep, encoder_hidden_states=batch.text)
+            teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text)
         per_layer = {f"blocks.{i}.attn1": losses[i] for i in sorted(losses)}
         return {"loss": sum(per_layer.values()) / max(1, len(per_layer)), "layers": per_layer,
                 "uniform_attention": {f"blocks.{i}.attn1": uniform[i] for i in sorted(uniform)},
-                "samples": batch.noisy.shape[0]}
+                "samples": batch.inputs.shape[0]}
 
     return step, processors
 
@@ -112,13 +112,13 @@ def stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, pla
             _anneal_sparsity(student, targets, stage2.sparsity_anneal, step_index)
         batch = sampler.batch(step_index, device, dtype)
         with accelerator.autocast():
-            prediction = student(hidden_states=batch.noisy, timestep=batch.timestep,
+            prediction = student(hidden_states=batch.inputs, timestep=batch.timestep,
                                  encoder_hidden_states=batch.text).sample.float()
             loss = prediction.new_zeros(())
             metrics = {}
             if stage2.distill_weight:
                 with torch.no_grad():
-                    target = teacher(hidden_states=batch.noisy, timestep=batch.timestep,
+                    target = teacher(hidden_states=batch.inputs, timestep=batch.timestep,
                                      encoder_hidden_states=batch.text).sample.float()
                 distill = torch.nn.functional.mse_loss(prediction, target)
                 loss = loss + stage2.distill_weight * distill
@@ -128,7 +128,7 @@ def stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, pla
                 loss = loss + stage2.flow_weight * flow
                 metrics["flow_matching"] = flow.item()
         accelerator.backward(loss)
-        return {"loss": loss.item(), **metrics, "samples": batch.noisy.shape[0]}
+        return {"loss": loss.item(), **metrics, "samples": batch.inputs.shape[0]}
 
     return step
 
@@ -211,8 +211,9 @@ def distill(
     student = build_student(teacher, plan, recipe, stage=1)
     stage1_done = out / "stage1.safetensors"
     accelerator.wait_for_everyone()
+    condition = conditioner(dict(teacher.config))
     step1, processors = stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
-                                        recipe.train.seed, 1, rank, world), device, dtype)
+                                        recipe.train.seed, 1, rank, world, condition), device, dtype)
     if not stage1_done.exists():
         if processors and recipe.stage1.steps:
             params = trainable(student)
@@ -244,7 +245,7 @@ def distill(
                 student.get_parameter(name).copy_(tensor)
         student.train()
         student = accelerator.prepare(student)
-        sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world)
+        sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world, condition)
         step2 = stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
         last, _ = run_stage(
             "stage2", trainable(student), step2, recipe.stage2,
