@@ -1,6 +1,6 @@
 """Time the whole `vsa` and `vmoba` variant paths against dense SDPA and the peers' whole VSA, in one run on one GPU.
 
-    python3 bench/variants.py [--shapes 1.3b 720p] [--json out.json]
+    python3 bench/variants.py [--shapes 1.3b 720p] [--no-vmoba] [--json out.json]
     TRITON_INTERPRET=1 python3 bench/variants.py --smoke    # CPU, tiny grid: checks the code paths only
 
 Rows take q, k, v as a Wan layer hands them to its attention: [B, S, H, D], raster order (batch 1,
@@ -11,8 +11,8 @@ above what was allocated before it. Rows:
 
 - SDPA with the cuDNN backend (dense): the baseline every speedup is against.
 - ours `vsa`: `VideoSparseAttention.attend_kernel` at 87.5% and 75% of tiles skipped: permutation to tile
-  order, fp32 coarse stage and top-k, the block-sparse fine stage, the gate projection and product, and
-  the permutation back. Target: faster than the best fastvideo-kernel row at the same sparsity.
+  order with the tile means, fp32 coarse attention and top-k, the block-sparse fine stage, the gate
+  projection, and the gated sum written back in raster order. Target: faster than the best fastvideo-kernel row at the same sparsity.
 - the peers' whole VSA (`video_sparse_attn` of fastvideo-kernel, once per backend that loads, and of
   vsa), same sparsity and top-k, in two forms: (1) wrapped as FastVideo's VSA layer wraps it (same gate
   projection; q, k, v, gate stacked and scattered into zero-padded 64-token tiles, [B, H, S_pad, D] copies,
@@ -286,7 +286,7 @@ def dense_attention(q, k, v, cuda: bool):
         return F.scaled_dot_product_attention(*bhsd).transpose(1, 2)
 
 
-def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log) -> list[dict]:
+def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log, vmoba_layers=VMOBA_LAYERS) -> list[dict]:
     S, H, D = grid.tokens, setup.heads, setup.head_dim
     cuda, dim = setup.cuda, H * D
     make = lambda *shape: torch.randn(*shape, device=setup.device, dtype=setup.dtype, requires_grad=True)
@@ -327,7 +327,7 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log)
                     lambda: peer.call(*pretiled[:3], tiles.sizes, top_k, pretiled[3]), pretiled, upstream_padded,
                     cuda, peer=True, **info)
 
-    for layer_index in VMOBA_LAYERS:
+    for layer_index in vmoba_layers:
         vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
                                              heads=H, head_dim=D, dim=dim, layer_index=layer_index)
         partition = vmoba.partition
@@ -423,6 +423,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["1.3b"], choices=list(SHAPES))
     parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--no-vmoba", action="store_true", help="leave out the vmoba rows (the slowest)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU, grid {SMOKE_GRID}, {SMOKE.heads} heads × {SMOKE.head_dim}, fp32, no peers; "
                              "needs TRITON_INTERPRET=1 in the environment; checks code paths, timings mean nothing")
@@ -443,7 +444,7 @@ def main():
         loaded = "loaded" + (f"; {peer.note}" if peer.note else "")
         log(f"peer {peer.name}: " + (f"not available: {peer.missing}" if peer.call is None else loaded))
     torch.manual_seed(0)
-    rows = [row for label, grid in grids.items() for row in run_shape(label, grid, setup, peers, log)]
+    rows = [row for label, grid in grids.items() for row in run_shape(label, grid, setup, peers, log, () if args.no_vmoba else VMOBA_LAYERS)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)

@@ -52,15 +52,14 @@ class VSAConfig(VariantConfig):
         return min(max(math.ceil((1.0 - self.sparsity) * num_tiles), 1), num_tiles)
 
 
-def coarse_attention(q, k, v, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def coarse_attention(q_tiles, k_tiles, v_tiles) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention (scale 1/√D) between tile means.
 
-    q, k, v: [B, S, H, D] in raster order. Returns the coarse output per tile [B, n, H, D] and the
-    tile scores [B, H, n, n] before the softmax (they rank key tiles the same as its probabilities,
-    without ties from underflow).
+    q_tiles, k_tiles, v_tiles: [B, n, H, D] tile means. Returns the coarse output per tile
+    [B, n, H, D] and the tile scores [B, H, n, n] before the softmax (they rank key tiles the same as
+    its probabilities, without ties from underflow).
     """
-    q_tiles, k_tiles, v_tiles = (mean_pool_blocks(t, layout) for t in (q, k, v))  # [B, n, H, D]
-    tile_scores = torch.einsum("bihd,bjhd->bhij", q_tiles, k_tiles) * softmax_scale(q.shape[-1])
+    tile_scores = torch.einsum("bihd,bjhd->bhij", q_tiles, k_tiles) * softmax_scale(q_tiles.shape[-1])
     return torch.einsum("bhij,bjhd->bihd", tile_scores.softmax(dim=-1), v_tiles), tile_scores
 
 
@@ -119,29 +118,31 @@ class VideoSparseAttention(AttentionVariant):
     def attend_kernel(self, q, k, v, grid, x=None):
         """The reference's math with the fine stage in the Triton block-sparse kernel (CUDA).
 
-        Coarse stage and selection stay in fp32 PyTorch (n tiles: cheap): ranking bf16 scores would
-        reorder near-ties and pick other tiles than the reference. Tokens go to tile order and back
-        with one cached gather each way; nothing is padded.
+        One pass per input takes q, k, v to tile order and pools their tile means in fp32
+        (`to_tiles_with_means`); one pass adds the gated coarse output to the fine one and goes back
+        to raster order (`gated_coarse_to_raster`); nothing is padded. The coarse attention and the
+        selection run in fp32 (n tiles: cheap): ranking bf16 scores would reorder near-ties and pick
+        other tiles than the reference.
         """
         from ..kernels.block_sparse import block_sparse_attention
-        from ..kernels.tile_order import tile_permutation, to_raster_order, to_tile_order
+        from ..kernels.tile_order import tile_permutation
+        from ..kernels.vsa_tiles import gated_coarse_to_raster, to_tiles_with_means
 
         if x is None:
             raise SurgeryError("vsa needs the attention input x for its gate")
         layout = block_layout(grid, self.config.tile, q.device)
+        order, _ = tile_permutation(grid, layout.block, q.device)
+        tile_tokens = math.prod(layout.block)  # an upper bound on every tile's size, known without a sync
+        (q, q_tiles), (k, k_tiles), (v, v_tiles) = (
+            to_tiles_with_means(t, order, layout.offsets, tile_tokens) for t in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
-            coarse, tile_scores = coarse_attention(q.float(), k.float(), v.float(), layout)  # [B, n, H, D]
+            coarse, tile_scores = coarse_attention(q_tiles, k_tiles, v_tiles)  # [B, n, H, D], [B, H, n, n]
         key_tiles = select_key_tiles(tile_scores, self.config.tiles_kept(layout.num_blocks))  # [B, H, n, k]
         counts = torch.full(key_tiles.shape[:-1], key_tiles.shape[-1], dtype=torch.int32, device=q.device)
-        order, inverse = tile_permutation(grid, layout.block, q.device)
-        tile_tokens = math.prod(layout.block)  # an upper bound on every tile's size, known without a sync
-        fine, _ = block_sparse_attention(
-            *(to_tile_order(t, order, inverse) for t in (q, k, v)), key_tiles, counts,
-            layout.offsets, layout.offsets, tile_tokens, tile_tokens,
-        )
-        fine = to_raster_order(fine, order, inverse)  # [B, S, H, D]
+        fine, _ = block_sparse_attention(q, k, v, key_tiles, counts, layout.offsets, layout.offsets,
+                                         tile_tokens, tile_tokens)
         gate = self.gate_compress(x).unflatten(-1, (self.heads, -1))
-        return fine + (gate * coarse[:, layout.block_of_token].to(gate.dtype)).to(fine.dtype)
+        return gated_coarse_to_raster(fine, gate, coarse, order, layout.offsets, tile_tokens)  # [B, S, H, D]
 
     def attend_reference(self, q, k, v, grid, x=None):
         """q, k, v: [B, S, H, D] raster order; x: [B, S, dim], the gate's input. Returns [B, S, H, D]."""
@@ -152,7 +153,7 @@ class VideoSparseAttention(AttentionVariant):
         # Autocast would run the matmuls in half precision again; the reference computes in fp32 or wider.
         with torch.autocast(q.device.type, enabled=False):
             q, k, v, x = (t.to(dtype) for t in (q, k, v, x))
-            coarse, tile_scores = coarse_attention(q, k, v, layout)  # [B, n, H, D], [B, H, n, n]
+            coarse, tile_scores = coarse_attention(*(mean_pool_blocks(t, layout) for t in (q, k, v)))
             key_tiles = select_key_tiles(tile_scores, self.config.tiles_kept(layout.num_blocks))
             fine = attend_selected_blocks(q, k, v, layout, tile_block_mask(key_tiles, layout))  # [B, S, H, D]
             gate = F.linear(x, self.gate_compress.weight.to(dtype), self.gate_compress.bias.to(dtype))

@@ -1,0 +1,47 @@
+"""Where a variant's kernel path spends its time: a torch.profiler table of CUDA kernels for one
+forward+backward of `attend_kernel` at the Wan-1.3B shape (batch 1, 12 heads × 128, bf16).
+
+    python3 bench/profile_variant.py [--variant vsa] [--params '{"sparsity": 0.875}'] [--rows 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from surgery.grid import VideoGrid
+from surgery.variants import VARIANTS
+
+GRID, HEADS, HEAD_DIM = VideoGrid(21, 30, 52), 12, 128
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="vsa", choices=sorted(VARIANTS))
+    parser.add_argument("--params", default='{"sparsity": 0.875}', help="the variant's config, as JSON")
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+    cls = VARIANTS[args.variant]
+    dim = HEADS * HEAD_DIM
+    variant = cls(cls.Config(**json.loads(args.params)), heads=HEADS, head_dim=HEAD_DIM, dim=dim).cuda().bfloat16()
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (make(1, GRID.tokens, HEADS, HEAD_DIM) for _ in range(3))
+    x = make(1, GRID.tokens, dim)
+    upstream = torch.randn_like(q)
+    step = lambda: variant.attend_kernel(q, k, v, GRID, x).backward(upstream)
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"{args.variant} {args.params}, grid {GRID}: CUDA time per forward+backward (5 runs)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()

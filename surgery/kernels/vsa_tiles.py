@@ -1,0 +1,187 @@
+"""VSA's per-tile stages around the fine kernel, each one pass over the tokens (Triton, fwd and bwd).
+
+- `to_tiles_with_means(x, order, offsets, max_tile)`: raster [B, S, H, D] → the same tokens in tile order
+  (what the block-sparse kernel reads) and each tile's mean in fp32 (the coarse stage's input), from one
+  read of x. Its backward adds each tile's mean gradient (÷ tile size) to its tokens' gradients and
+  writes them back to raster order.
+- `gated_coarse_to_raster(fine, gate, coarse, order, offsets, max_tile)`: out = fine + gate ⊙ coarse of
+  the token's tile, written in raster order: `fine` is tile-ordered, `gate` raster-ordered, `coarse`
+  [B, n, H, D] per tile. Its backward returns the fine gradient in tile order, the gate gradient in
+  raster order and the coarse gradient as a per-tile sum in fp32.
+
+Tile i is tile-order positions `offsets[i]:offsets[i + 1]` (partial tiles are shorter; nothing is
+padded) and `order[p]` is the raster token at position p (`grid.block_layout`). One program per
+(tile, batch·head) moves the tile's rows; every raster row is written exactly once, so there are no
+atomics and no zero fills. Without these, the same math in PyTorch costs fp32 copies, an index_add and
+~10 extra passes over [B, S, H, D] per layer (bench/variants.py, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_rows(order, offsets, tile, BLOCK_S: tl.constexpr):
+    """Tile-order positions of `tile`, their raster rows, whether each is in the tile, and the tile's size."""
+    start, end = tl.load(offsets + tile), tl.load(offsets + tile + 1)
+    positions = start + tl.arange(0, BLOCK_S)
+    valid = positions < end
+    rows = tl.load(order + positions, mask=valid, other=0)
+    return positions, rows, valid, (end - start).to(tl.float32)
+
+
+@triton.jit
+def to_tiles_fwd_kernel(x, tiled, means, order, offsets, H, stride_b, stride_s, stride_h, stride_mb, stride_mn,
+                        stride_mh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    positions, rows, valid, size = _tile_rows(order, offsets, tile, BLOCK_S)
+    cols = tl.arange(0, D)
+    base = b * stride_b + h * stride_h + cols[None, :]
+    values = tl.load(x + base + rows[:, None] * stride_s, mask=valid[:, None], other=0.0)
+    tl.store(tiled + base + positions[:, None] * stride_s, values, mask=valid[:, None])
+    mean = tl.sum(values.to(tl.float32), axis=0) / size
+    tl.store(means + b * stride_mb + tile * stride_mn + h * stride_mh + cols, mean)
+
+
+@triton.jit
+def to_tiles_bwd_kernel(grad_tiled, grad_means, grad_x, order, offsets, H, stride_b, stride_s, stride_h,
+                        stride_mb, stride_mn, stride_mh, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    positions, rows, valid, size = _tile_rows(order, offsets, tile, BLOCK_S)
+    cols = tl.arange(0, D)
+    base = b * stride_b + h * stride_h + cols[None, :]
+    grad = tl.load(grad_tiled + base + positions[:, None] * stride_s, mask=valid[:, None], other=0.0).to(tl.float32)
+    grad_mean = tl.load(grad_means + b * stride_mb + tile * stride_mn + h * stride_mh + cols)
+    grad = grad + grad_mean[None, :] / size
+    tl.store(grad_x + base + rows[:, None] * stride_s, grad.to(grad_x.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def gated_coarse_fwd_kernel(fine, gate, coarse, out, order, offsets, H, stride_b, stride_s, stride_h, stride_cb,
+                            stride_cn, stride_ch, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    positions, rows, valid, _ = _tile_rows(order, offsets, tile, BLOCK_S)
+    cols = tl.arange(0, D)
+    base = b * stride_b + h * stride_h + cols[None, :]
+    raster = base + rows[:, None] * stride_s
+    f = tl.load(fine + base + positions[:, None] * stride_s, mask=valid[:, None], other=0.0).to(tl.float32)
+    g = tl.load(gate + raster, mask=valid[:, None], other=0.0).to(tl.float32)
+    c = tl.load(coarse + b * stride_cb + tile * stride_cn + h * stride_ch + cols).to(tl.float32)
+    tl.store(out + raster, (f + g * c[None, :]).to(out.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def gated_coarse_bwd_kernel(grad_out, gate, coarse, grad_fine, grad_gate, grad_coarse, order, offsets, H, stride_b,
+                            stride_s, stride_h, stride_cb, stride_cn, stride_ch, D: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    positions, rows, valid, _ = _tile_rows(order, offsets, tile, BLOCK_S)
+    cols = tl.arange(0, D)
+    base = b * stride_b + h * stride_h + cols[None, :]
+    raster = base + rows[:, None] * stride_s
+    grad = tl.load(grad_out + raster, mask=valid[:, None], other=0.0)
+    g = tl.load(gate + raster, mask=valid[:, None], other=0.0).to(tl.float32)
+    per_tile = b * stride_cb + tile * stride_cn + h * stride_ch + cols
+    c = tl.load(coarse + per_tile).to(tl.float32)
+    tl.store(grad_fine + base + positions[:, None] * stride_s, grad.to(grad_fine.dtype.element_ty),
+             mask=valid[:, None])
+    grad = grad.to(tl.float32)
+    tl.store(grad_gate + raster, (grad * c[None, :]).to(grad_gate.dtype.element_ty), mask=valid[:, None])
+    tl.store(grad_coarse + per_tile, tl.sum(grad * g, axis=0))
+
+
+def _check(*tensors: torch.Tensor):
+    """Contiguous [B, S or n, H, D] tensors agreeing on B, H and D, D a power of two ≥ 16."""
+    first = tensors[0]
+    for t in tensors:
+        if t.dim() != 4 or t.shape[0] != first.shape[0] or t.shape[2:] != first.shape[2:]:
+            raise ValueError(f"expected [B, S or n, H, D] tensors agreeing on B, H, D; got {tuple(first.shape)} "
+                             f"and {tuple(t.shape)}")
+    d = first.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two ≥ 16, got {d}")
+
+
+def _grid_and_block(x: torch.Tensor, offsets: torch.Tensor, max_tile: int):
+    b, _, h, _ = x.shape
+    return (offsets.numel() - 1, b * h), max(16, triton.next_power_of_2(max_tile))
+
+
+class _ToTilesWithMeans(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, offsets, max_tile):
+        x = x.contiguous()
+        b, _, h, d = x.shape
+        tiled = torch.empty_like(x)
+        means = torch.empty(b, offsets.numel() - 1, h, d, device=x.device, dtype=torch.float32)
+        grid, block = _grid_and_block(x, offsets, max_tile)
+        to_tiles_fwd_kernel[grid](x, tiled, means, order, offsets, h, *x.stride()[:3], *means.stride()[:3], D=d,
+                                  BLOCK_S=block)
+        ctx.save_for_backward(order, offsets)
+        ctx.max_tile = max_tile
+        return tiled, means
+
+    @staticmethod
+    def backward(ctx, grad_tiled, grad_means):
+        order, offsets = ctx.saved_tensors
+        grad_tiled, grad_means = grad_tiled.contiguous(), grad_means.float().contiguous()
+        grad_x = torch.empty_like(grad_tiled)
+        h, d = grad_tiled.shape[2:]
+        grid, block = _grid_and_block(grad_tiled, offsets, ctx.max_tile)
+        to_tiles_bwd_kernel[grid](grad_tiled, grad_means, grad_x, order, offsets, h, *grad_tiled.stride()[:3],
+                                  *grad_means.stride()[:3], D=d, BLOCK_S=block)
+        return grad_x, None, None, None
+
+
+class _GatedCoarseToRaster(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fine, gate, coarse, order, offsets, max_tile):
+        fine, gate, coarse = fine.contiguous(), gate.contiguous(), coarse.contiguous()
+        out = torch.empty_like(fine)
+        h, d = fine.shape[2:]
+        grid, block = _grid_and_block(fine, offsets, max_tile)
+        gated_coarse_fwd_kernel[grid](fine, gate, coarse, out, order, offsets, h, *fine.stride()[:3],
+                                      *coarse.stride()[:3], D=d, BLOCK_S=block)
+        ctx.save_for_backward(gate, coarse, order, offsets)
+        ctx.max_tile, ctx.fine_dtype = max_tile, fine.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, coarse, order, offsets = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_fine = torch.empty_like(grad_out, dtype=ctx.fine_dtype)
+        grad_gate = torch.empty_like(gate)
+        grad_coarse = torch.empty(coarse.shape, device=coarse.device, dtype=torch.float32)
+        h, d = gate.shape[2:]
+        grid, block = _grid_and_block(gate, offsets, ctx.max_tile)
+        gated_coarse_bwd_kernel[grid](grad_out, gate, coarse, grad_fine, grad_gate, grad_coarse, order, offsets, h,
+                                      *gate.stride()[:3], *coarse.stride()[:3], D=d, BLOCK_S=block)
+        return grad_fine, grad_gate, grad_coarse.to(coarse.dtype), None, None, None
+
+
+def to_tiles_with_means(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                        max_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D] raster → (x in tile order [B, S, H, D], tile means [B, n, H, D] fp32); differentiable.
+
+    order: [S] raster token at each tile-order position; offsets: [n + 1] tile starts; max_tile: an
+    upper bound on tile sizes (≤ 128 keeps a tile in one program's registers)."""
+    _check(x)
+    return _ToTilesWithMeans.apply(x, order, offsets, int(max_tile))
+
+
+def gated_coarse_to_raster(fine: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor, order: torch.Tensor,
+                           offsets: torch.Tensor, max_tile: int) -> torch.Tensor:
+    """fine + gate ⊙ coarse[tile of the token], in raster order and fine's dtype; differentiable.
+
+    fine: [B, S, H, D] tile order; gate: [B, S, H, D] raster order; coarse: [B, n, H, D] one row per tile.
+    Sums and products run in fp32."""
+    _check(fine, gate, coarse)
+    return _GatedCoarseToRaster.apply(fine, gate, coarse, order, offsets, int(max_tile))
