@@ -2,7 +2,7 @@
 
     python scripts/train_toy_teacher.py            # one H100: ~8 minutes (7.3 training, compile
                                                    # included); writes the assets and
-                                                   # docs/toy-teacher/{samples.png, training.json}
+                                                   # docs/toy-teacher/{samples.png, loss.png, training.json}
     python scripts/train_toy_teacher.py --smoke --out /tmp/toy --report /tmp/report   # CPU, seconds
 
 Every step renders a fresh batch of clips on the device (surgery.toy.sample_clips/render_clips,
@@ -164,6 +164,7 @@ def main(argv=None) -> list[dict]:
                   train_seconds=round(train_seconds, 1), video=[frames, height, width], log=log,
                   directions=directions)
     (args.report / "training.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_loss_curve(log, args.report / "loss.png")
     return log
 
 
@@ -203,6 +204,38 @@ def write_sample_grid(model, encoder, path: Path, frames: int, height: int, widt
     iio.imwrite(path, grid.repeat_interleave(2, 0).repeat_interleave(2, 1).cpu().numpy())
     print(f"wrote {path}: rows = {list(SAMPLE_PROMPTS)}", flush=True)
     return clips
+
+
+def write_loss_curve(log: list[dict], path: Path, width: int = 640, height: int = 360) -> None:
+    """The logged loss against the step (log scale, blue) and, where scored, the share of clips that
+    follow their direction words (0–100%, orange dots), as a PNG."""
+    from PIL import Image, ImageDraw
+
+    left, right, top, bottom = 60, width - 50, 20, height - 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    steps = [row["step"] for row in log]
+    losses = [math.log10(row["loss"]) for row in log]
+    low, high = math.floor(min(losses)), math.ceil(max(losses))
+    high = max(high, low + 1)
+    x = lambda step: left + (right - left) * step / max(steps)
+    y_loss = lambda value: bottom - (bottom - top) * (value - low) / (high - low)
+    y_share = lambda share: bottom - (bottom - top) * share
+    draw.rectangle((left, top, right, bottom), outline="black")
+    for decade in range(low, high + 1):
+        draw.text((8, y_loss(decade) - 6), f"1e{decade}", fill="black")
+    for share in (0.0, 0.5, 1.0):
+        draw.text((right + 6, y_share(share) - 6), f"{share:.0%}", fill="darkorange")
+    for step in (0, max(steps) // 2, max(steps)):
+        draw.text((x(step) - 12, bottom + 6), str(step), fill="black")
+    draw.text((left, bottom + 22), "step; blue: training loss (log scale), orange: direction words followed",
+              fill="black")
+    draw.line([(x(s), y_loss(v)) for s, v in zip(steps, losses)], fill="royalblue", width=2)
+    for row in log:
+        if "direction_follows" in row:
+            cx, cy = x(row["step"]), y_share(row["direction_follows"]["all"])
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill="darkorange")
+    image.save(path)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,7 @@ def test_training_smoke_mode_runs_and_writes_loadable_assets(tmp_path):
     assert model.config.num_layers == train.SMOKE["config"]["num_layers"]
     assert toy.CaptionEncoder.load(tmp_path / "toy" / "caption_encoder").vocabulary == toy.caption_vocabulary()
     assert (tmp_path / "report" / "samples.png").stat().st_size > 0
+    assert (tmp_path / "report" / "loss.png").stat().st_size > 0
     # A continuation starts from the written weights.
     log = train.main(["--smoke", "--init", str(tmp_path / "toy"), "--out", str(tmp_path / "more"),
                       "--report", str(tmp_path / "report")])
