@@ -152,6 +152,16 @@ def test_shipped_toy_follows_the_direction_words(shipped):
         assert toy.travel(video, direction) > 0.25, direction
 
 
+def test_direction_script_scores_a_model_spec(tmp_path):
+    spec = importlib.util.spec_from_file_location("toy_directions", REPO / "scripts" / "toy_directions.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    scores = script.main(["--model", "toy", "--seeds", "1", "--steps", "1", "--json", str(tmp_path / "d.json")])
+    assert set(scores) == {f"{motion} {direction}" for motion, direction in toy.TRANSLATIONS} | {"all"}
+    written = json.loads((tmp_path / "d.json").read_text())  # mean travel may be NaN: compare shares
+    assert {name: row["follows"] for name, row in written.items()} == {n: r["follows"] for n, r in scores.items()}
+
+
 def test_training_smoke_mode_runs_and_writes_loadable_assets(tmp_path):
     spec = importlib.util.spec_from_file_location("train_toy_teacher", REPO / "scripts" / "train_toy_teacher.py")
     train = importlib.util.module_from_spec(spec)
