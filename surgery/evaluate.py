@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
 from .model import (
-    conditioner, default_text_tokens, default_video, fingerprint, latent_channels, load_config, load_model, resolve_grid,
+    conditioner, default_text_tokens, default_video, fingerprint, is_toy, latent_channels, load_config, load_model,
+    resolve_grid,
 )
 from .sensitivity import relative_l2
 
@@ -77,6 +78,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
 
 def _decoder(spec: str):
     """A function latents → video [B, F, C, H, W] in [0, 1], or None when the model has no decoder."""
+    if is_toy(load_config(spec)):
+        from .toy import decode_unit
+
+        return decode_unit
     if spec == "tiny":
         from .pipeline import build_tiny_pipeline
 
@@ -119,11 +124,21 @@ def evaluate(
     decode = _decoder(teacher_spec)
     pt, ph, pw = teacher.config.patch_size
     g = torch.Generator().manual_seed(seed)
+    prompts = None
+    if is_toy(dict(teacher.config)):
+        # The toy has a text encoder: its own captions, not random embeddings it never saw.
+        from . import toy
+
+        prompts = toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
+        toy_text = toy.caption_embeddings(prompts)
     per_step, latent_errors, psnrs, ssims = [], [], [], []
-    for _ in range(samples):
+    for i in range(samples):
         noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
                             generator=g)
-        text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
+        if prompts is None:
+            text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
+        else:
+            text = toy_text[i : i + 1]
         z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student)
         z_student, _ = sample_latents(student, noise, text, steps)
         per_step.append(errors)
@@ -145,6 +160,7 @@ def evaluate(
         "steps": steps,
         "seed": seed,
         "compared_on": "decoded video" if decode is not None else "latents",
+        "prompts": prompts or "random text embeddings",
         "velocity_error_per_step": steps_mean,
         "velocity_error_mean": sum(steps_mean) / len(steps_mean),
         "final_latent_rel_error": sum(latent_errors) / samples,
@@ -212,7 +228,7 @@ def generate_video(
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512
     else:
         transformer = load_model(spec)
-        if fingerprint(dict(transformer.config)) == fingerprint(load_config("toy")):
+        if is_toy(dict(transformer.config)):
             from . import toy
 
             _, caption_encoder = toy.load_toy()

@@ -264,6 +264,11 @@ def fingerprint(config: dict) -> str:
     return digest[:16]
 
 
+def is_toy(config: dict) -> bool:
+    """Whether `config` is the toy teacher's architecture (the preset, a training run's or an export of it)."""
+    return fingerprint(config) == fingerprint(PRESETS["toy"].config)
+
+
 def latent_channels(config: dict) -> int:
     """Channels of the latents a model denoises (what it predicts)."""
     return config.get("out_channels") or config["in_channels"]
@@ -274,7 +279,7 @@ def conditioner(config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     channels than it predicts gets them appended: the toy its pixel coordinates
     (surgery.toy.with_positions), any other (Wan image-to-video: an image's latents and mask) zeros,
     that is no image."""
-    if fingerprint(config) == fingerprint(PRESETS["toy"].config):
+    if is_toy(config):
         return toy.with_positions
     extra = config["in_channels"] - latent_channels(config)
     if extra <= 0:

@@ -35,10 +35,11 @@ class PlanSection:
 @dataclass(frozen=True)
 class DataSection:
     # "noise": self-distillation inputs made from noise, timesteps and text embeddings (no data);
-    # "dataset": a `datasets` folder (save_to_disk) with `latents` and `text_embeddings` columns.
-    source: Literal["noise", "dataset"] = "noise"
+    # "dataset": a `datasets` folder (save_to_disk) with `latents` and `text_embeddings` columns;
+    # "toy": the toy teacher's own kind of clips and captions (surgery.toy), for `--model toy`.
+    source: Literal["noise", "dataset", "toy"] = "noise"
     path: str | None = None
-    samples: int = 32  # size of the self-distillation set (source = "noise")
+    samples: int = 32  # size of the training set (source = "noise" or "toy")
     batch_size: int = 1
 
     def __post_init__(self):

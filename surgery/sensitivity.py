@@ -15,7 +15,7 @@ import torch
 from .capture import tap_self_attention
 from .errors import SurgeryError
 from .grid import VideoGrid
-from .model import conditioner, latent_channels
+from .model import conditioner, is_toy, latent_channels
 from .variants import VARIANTS, AttentionVariant, VariantConfig
 
 
@@ -48,21 +48,22 @@ def calibration_inputs(
     """`samples` model inputs at `grid`, with timesteps spread evenly over (0, 1000).
 
     Without a dataset: random latents and random text embeddings (a random-weight model has no data
-    distribution to prefer). With `dataset_path` (a `datasets.save_to_disk` folder with `latents`
-    and `text_embeddings` columns, as for distillation): its rows in order, noised to each
-    timestep by flow matching, x_t = (1 − t)·x0 + t·ε.
+    distribution to prefer), except for the toy teacher, which gets clips and captions of the kind
+    it was trained on (data source "toy"). With `dataset_path` (a `datasets.save_to_disk` folder with
+    `latents` and `text_embeddings` columns, as for distillation): its rows in order. Rows are
+    noised to each timestep by flow matching, x_t = (1 − t)·x0 + t·ε.
     """
     g = torch.Generator().manual_seed(seed)
     pt, ph, pw = model.config.patch_size
     shape = (1, latent_channels(dict(model.config)), grid.frames * pt, grid.height * ph, grid.width * pw)
     condition = conditioner(dict(model.config))
     rows = None
-    if dataset_path is not None:
+    if dataset_path is not None or is_toy(dict(model.config)):
         from .recipe import DataSection
         from .train.data import build_dataset
 
-        rows = build_dataset(DataSection(source="dataset", path=dataset_path), dict(model.config), grid,
-                             text_tokens, seed)
+        source = dict(source="dataset", path=dataset_path) if dataset_path else dict(source="toy", samples=samples)
+        rows = build_dataset(DataSection(**source), dict(model.config), grid, text_tokens, seed)
     param = next(model.parameters())
     inputs = []
     for i in range(samples):

@@ -449,6 +449,17 @@ class CaptionEncoder(nn.Module):
         return encoder.eval().requires_grad_(False)
 
 
+def caption_embeddings(captions: list[str]) -> torch.Tensor:
+    """The shipped caption encoder's embeddings of `captions`: [len, MAX_WORDS, TEXT_DIM] float32 (CPU)."""
+    with torch.no_grad():
+        return CaptionEncoder.load(ASSET_DIR / "caption_encoder")(list(captions))
+
+
+def decode_unit(latents: torch.Tensor) -> torch.Tensor:
+    """latents [B, 12, F, H/2, W/2] → video [B, F, 3, H, W] as floats in [0, 1] (for PSNR and SSIM)."""
+    return decode(latents).permute(0, 1, 4, 2, 3).float() / 255
+
+
 def load_toy(device=None, dtype: torch.dtype | None = None):
     """The shipped toy teacher: (a stock `WanTransformer3DModel`, its `CaptionEncoder`)."""
     from .model import load_model

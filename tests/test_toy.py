@@ -152,6 +152,33 @@ def test_shipped_toy_follows_the_direction_words(shipped):
         assert toy.travel(video, direction) > 0.25, direction
 
 
+def test_the_product_feeds_the_toy_its_own_clips_and_captions(tmp_path):
+    from surgery.evaluate import evaluate
+    from surgery.recipe import DataSection
+    from surgery.sensitivity import calibration_inputs
+    from surgery.train.data import build_dataset
+
+    config = surgery.load_config("toy")
+    grid = resolve_grid("toy", config)
+    # Distillation data (source "toy"): encoded clips of the teacher's generator with their captions.
+    rows = build_dataset(DataSection(source="toy", samples=2), config, grid, toy.MAX_WORDS, seed=3)[:]
+    clips = _dataset(tmp_path, 2, 3)
+    assert torch.equal(rows["latents"], toy.encode(torch.from_numpy(clips["video"])))
+    assert torch.equal(rows["text_embeddings"], toy.caption_embeddings(clips["caption"]))
+    with pytest.raises(surgery.SurgeryError, match="use it with --model toy"):
+        tiny = surgery.load_config("tiny")
+        build_dataset(DataSection(source="toy", samples=2), tiny, resolve_grid("tiny", tiny), 16, seed=0)
+    # Planner calibration: the same kind of inputs, noised, with the position channels appended.
+    model, _ = toy.load_toy()
+    inputs = calibration_inputs(model, grid, 2, 3, toy.MAX_WORDS)
+    assert inputs[0]["hidden_states"].shape[1] == toy.LATENT_CHANNELS + toy.POSITION_CHANNELS
+    assert torch.equal(inputs[1]["encoder_hidden_states"][0], rows["text_embeddings"][1])
+    # eval samples from captions and compares decoded video; the teacher against itself is exact.
+    report = evaluate("toy", "toy", samples=1, steps=1)
+    assert report["compared_on"] == "decoded video" and report["prompts"][0].split()[0] in ("a", "an")
+    assert report["velocity_error_mean"] == 0 and report["psnr_db"] == math.inf
+
+
 def test_direction_script_scores_a_model_spec(tmp_path):
     spec = importlib.util.spec_from_file_location("toy_directions", REPO / "scripts" / "toy_directions.py")
     script = importlib.util.module_from_spec(spec)

@@ -1,12 +1,16 @@
 """Training inputs through `datasets`, with a deterministic order and noise derived from (seed, step).
 
-Two sources:
+Three sources:
 - "noise" (no data needed; self-distillation): each sample is a latent x0 ~ N(0, I) at the target
   grid and a text embedding ~ N(0, I). At every step a timestep t and noise ε are drawn and the
   models see x_t = (1 − t)·x0 + t·ε, Wan's flow-matching interpolation, so the teacher is queried at
   every noise level. Only the teacher's outputs are targets; x0 carries no meaning.
 - "dataset": a folder written by `datasets.Dataset.save_to_disk` with columns `latents`
   ([C, F, H, W]) and `text_embeddings` ([L, text_dim]) — precomputed VAE latents and encoder outputs.
+- "toy" (the toy teacher only): clips rendered by the generator it was trained on (`toy.toy_dataset`,
+  the recipe seed's first `samples` clips at the grid's size) through its codec, and their captions
+  through its caption encoder: the teacher's own input distribution, where "noise" gives it latents
+  and text embeddings it never saw.
 
 Everything random is derived from (seed, step), so a resumed run sees exactly the same batches.
 """
@@ -39,10 +43,28 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
     from ..model import latent_channels
 
     pt, ph, pw = model_config["patch_size"]
+    if data.source == "toy":
+        return _toy_dataset(data.samples, model_config, (grid.frames * pt, grid.height * ph, grid.width * pw), seed)
     g = torch.Generator().manual_seed(seed)
     shape = (latent_channels(model_config), grid.frames * pt, grid.height * ph, grid.width * pw)
     latents = torch.randn(data.samples, *shape, generator=g)
     text = torch.randn(data.samples, text_tokens, model_config["text_dim"], generator=g)
+    dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
+    return dataset.with_format("torch")
+
+
+def _toy_dataset(samples: int, model_config: dict, latent_size: tuple[int, int, int], seed: int):
+    import datasets
+
+    from .. import toy
+    from ..model import is_toy
+
+    if not is_toy(model_config):
+        raise SurgeryError("data.source = 'toy' renders the toy teacher's clips; use it with --model toy")
+    frames, height, width = (n * scale for n, scale in zip(latent_size, toy.LATENT_SCALE))
+    clips = toy.toy_dataset(samples, seed, frames, height, width).with_format("torch", dtype=torch.uint8)[:]
+    latents = toy.encode(clips["video"])  # [N, 12, F, H/2, W/2]
+    text = toy.caption_embeddings(clips["caption"])
     dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
     return dataset.with_format("torch")
 
