@@ -277,10 +277,17 @@ def toy_dataset(num_clips: int, seed: int = 0, frames: int = FRAMES, height: int
         "caption": datasets.Value("string"),
         **{name: datasets.Value("string") for name in ("shape", "colour", "motion", "direction")},
     })
-    return datasets.Dataset.from_generator(
-        _dataset_rows, features=features, keep_in_memory=True, cache_dir=cache_dir,
-        gen_kwargs=dict(num_clips=num_clips, seed=seed, frames=frames, height=height, width=width),
-    )
+    # Rendering takes a second or two: no "Generating train split" bar inside the CLI's own progress.
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.Dataset.from_generator(
+            _dataset_rows, features=features, keep_in_memory=True, cache_dir=cache_dir,
+            gen_kwargs=dict(num_clips=num_clips, seed=seed, frames=frames, height=height, width=width),
+        )
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _dataset_rows(num_clips, seed, frames, height, width):
