@@ -231,9 +231,8 @@ def generate_video(
         if is_toy(dict(transformer.config)):
             from . import toy
 
-            _, caption_encoder = toy.load_toy()
             size = dict(zip(("frames", "height", "width"), (frames, height, width)))
-            video = toy.sample(transformer, caption_encoder, prompt, seed=seed, steps=steps,
+            video = toy.sample(transformer, toy.load_caption_encoder(), prompt, seed=seed, steps=steps,
                                **{k: v for k, v in size.items() if v is not None})
             return video.numpy()
         if fingerprint(dict(transformer.config)) != fingerprint(load_config("tiny")):

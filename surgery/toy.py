@@ -456,10 +456,15 @@ class CaptionEncoder(nn.Module):
         return encoder.eval().requires_grad_(False)
 
 
+def load_caption_encoder(device=None) -> CaptionEncoder:
+    """The shipped toy teacher's caption encoder (without loading its transformer)."""
+    return CaptionEncoder.load(ASSET_DIR / "caption_encoder").to(device or "cpu")
+
+
 def caption_embeddings(captions: list[str]) -> torch.Tensor:
     """The shipped caption encoder's embeddings of `captions`: [len, MAX_WORDS, TEXT_DIM] float32 (CPU)."""
     with torch.no_grad():
-        return CaptionEncoder.load(ASSET_DIR / "caption_encoder")(list(captions))
+        return load_caption_encoder()(list(captions))
 
 
 def decode_unit(latents: torch.Tensor) -> torch.Tensor:
@@ -472,7 +477,7 @@ def load_toy(device=None, dtype: torch.dtype | None = None):
     from .model import load_model
 
     transformer = load_model("toy", dtype=dtype, device=device)
-    return transformer, CaptionEncoder.load(ASSET_DIR / "caption_encoder").to(device or "cpu")
+    return transformer, load_caption_encoder(device)
 
 
 @torch.no_grad()
