@@ -7,7 +7,7 @@ fastvideo-kernel's block-sparse op (Triton path) and vsa's Triton op, forward an
 at 87.5% and 75% of key tiles skipped. The selection is random top-k per query tile, the same for
 everyone. Ours runs on unpadded tile-ordered tokens; the peers on tiles zero-padded to 64 tokens.
 TFLOP/s count 4·64·64·D per computed 64×64 tile pair (fwd+bwd: 3.5× that), dense counts 4·S²·D.
-Also: our token permutation (raster → tile order and back), VMoBA-style chunked blocks, peak memory.
+Also: our token permutation (raster → tile order and back), chunked blocks (whole frames), peak memory.
 `--sweep` first times launch configs of each of our kernels and keeps the fastest.
 """
 
@@ -80,9 +80,9 @@ def ours(q, k, v, idx, cnt, layout):
     return bs.block_sparse_attention(q, k, v, idx, cnt, layout.offsets, layout.offsets)[0]
 
 
-def vmoba_case(grid, q, k, v, q_tile=64):
-    """VMoBA-style call: key blocks of 3 whole frames (chunked path), 64-query tiles each visiting 3 of them,
-    and a random per-query mask over the visited blocks. Returns (closure, FLOPs of its computed chunks, label)."""
+def chunked_case(grid, q, k, v, q_tile=64):
+    """Chunked blocks: key blocks of 3 whole frames (longer than 128 tokens: the chunked path), query tiles
+    of `q_tile` each visiting 3 of them at random. Returns (closure, FLOPs of its computed chunks, label)."""
     S = grid.tokens
     frames = block_layout(grid, (3, grid.height, grid.width), "cuda")
     n_kv = frames.num_blocks
@@ -91,15 +91,13 @@ def vmoba_case(grid, q, k, v, q_tile=64):
     gsel = torch.Generator(device="cuda").manual_seed(2)
     idx = torch.rand(1, HEADS, n_q, n_kv, device="cuda", generator=gsel).topk(3, dim=-1).indices.sort(-1).values.int()
     cnt = torch.full((1, HEADS, n_q), 3, dtype=torch.int32, device="cuda")
-    qmask = torch.rand(1, HEADS, S, n_kv, device="cuda", generator=gsel) < 0.6
     block = int(frames.sizes.max())
     flops = 4.0 * HEADS * n_q * 3 * math.ceil(block / 64) * q_tile * 64 * HEAD_DIM
 
     def call():
-        return bs.block_sparse_attention(q, k, v, idx, cnt, q_offsets, frames.offsets, q_tile, block,
-                                         query_mask=qmask)[0]
+        return bs.block_sparse_attention(q, k, v, idx, cnt, q_offsets, frames.offsets, q_tile, block)[0]
 
-    return call, flops, f"{q_tile}-query tiles, 3 of {n_kv} blocks of {block} keys, query mask"
+    return call, flops, f"{q_tile}-query tiles, 3 of {n_kv} blocks of {block} keys"
 
 
 def sweep(grid, log):
@@ -108,7 +106,7 @@ def sweep(grid, log):
     n, S = layout.num_blocks, layout.order.numel()
     idx, cnt, _ = selection(1, n, math.ceil(0.125 * n), seed=0)
     q, k, v, do = (torch.randn(1, S, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(4))
-    args = (idx, cnt, layout.offsets, layout.offsets, 64, 64, None, HEAD_DIM ** -0.5)
+    args = (idx, cnt, layout.offsets, layout.offsets, 64, 64, HEAD_DIM ** -0.5)
     o, lse = bs.block_sparse_attn_fwd(q, k, v, *args)
     # 8 warps lost everywhere in earlier sweeps (bench/NOTES.md); one is kept as a check.
     configs = [dict(num_warps=4, num_stages=s) for s in (2, 3, 4)] + [dict(num_warps=8, num_stages=3)]
@@ -132,7 +130,7 @@ def sweep(grid, log):
         bs.CONFIGS[name] = best
         log(f"best {name}: {best} {best_ms:.3f} ms")
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    call, _, what = vmoba_case(grid, qg, kg, vg)
+    call, _, what = chunked_case(grid, qg, kg, vg)
     results = []
     for bn, group, warps, stages in [(64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 4, 2), (64, 2, 4, 4), (128, 1, 8, 3)]:
         config = dict(BLOCK_N=bn, GROUP=group, num_warps=warps, num_stages=stages)
@@ -224,11 +222,11 @@ def run_shape(label, grid, peers, rows, log, ours_only=False):
         f"clone {perm['copy_ms']:.3f} ms); per layer 4 gathers fwd, 4 bwd")
 
     for q_tile in (64, 128):
-        vmoba, flops, what = vmoba_case(grid, q, k, v, q_tile)
-        add(f"ours chunked: {what}", vmoba, vmoba, flops, {}, [q, k, v], g)
+        chunked, flops, what = chunked_case(grid, q, k, v, q_tile)
+        add(f"ours chunked: {what}", chunked, chunked, flops, {}, [q, k, v], g)
     if label == "1.3b":
         profile(lambda: ours(q, k, v, idx, cnt, layout).backward(g), "ours 75% skipped", log)
-        profile(lambda: vmoba_case(grid, q, k, v)[0]().backward(g), "ours chunked", log)
+        profile(lambda: chunked_case(grid, q, k, v)[0]().backward(g), "ours chunked", log)
 
 
 def profile(fn, what, log):

@@ -4,7 +4,7 @@
 #   bash bench/gpu_checks.sh tests kernels      # groups run in the order given; logs and JSON under $OUT
 #
 # Groups: tests (every GPU-marked test), kernels (bench/attention.py at 1.3B), hybrid
-# (bench/hybrid.py --sweep), variants (bench/variants.py, 1.3B), train (bench/train_step.py, hybrid
+# (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
 # R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
 # The GPU machine has no package index: the wheels it lacks come from .whl/ (bash
 # ../shared/gpu/wheels.sh fetches them; carry ".whl" with the call).
@@ -21,7 +21,7 @@ for group in "$@"; do
     tests) python3 -m pytest -m gpu -q -s -p no:warnings tests 2>&1 | tee "$OUT/gpu-tests.txt" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
     hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;
-    variants) python3 bench/variants.py --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
+    variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
     train)
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
       python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;

@@ -20,9 +20,10 @@ above what was allocated before it. Rows:
   inputs with the gate values given, the form of the issue's peer figures (no permutation, no projection).
 - ours `vmoba`: `VideoMixtureOfBlockAttention.attend_kernel`, global threshold τ = 0.25, at layers 0, 1, 2
   (1D, 2D, 3D blocks). Target: time ≤ density × cuDNN dense time / 0.8, with the density the variant
-  measured (query-key pairs attended / S²), printed next to the share the kernel visits (each 64-query
-  tile visits the union of its queries' blocks). Random q, k give near-uniform block scores, so those
-  densities are not a trained layer's.
+  measured (query-key pairs attended / S²), printed next to the share the kernel computes (the selected
+  pairs, each key block's gathered queries rounded up to whole 64-query chunks). Random q, k give
+  near-uniform block scores, so those densities are not a trained layer's.
+  `--sweep` first times launch configs of the vmoba kernels (`kernels/selected_blocks.py`) at layer 0.
 
 No row forms a [tokens × tokens] tensor; the header prints the size of one, next to the peaks.
 """
@@ -51,8 +52,9 @@ from triton.testing import do_bench
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.memory import peak_gib  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
+from surgery.kernels import selected_blocks  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation  # noqa: E402
-from surgery.variants.vmoba import QUERY_TILE, VideoMixtureOfBlockAttention, VMoBAConfig, block_scores  # noqa: E402
+from surgery.variants.vmoba import VideoMixtureOfBlockAttention, VMoBAConfig, block_scores  # noqa: E402
 from surgery.variants.vsa import VideoSparseAttention, VSAConfig  # noqa: E402
 
 SHAPES = {"1.3b": VideoGrid(21, 30, 52), "720p": VideoGrid(21, 45, 80)}
@@ -337,25 +339,67 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
                       f"τ = {VMOBA_THRESHOLD}", lambda: vmoba.attend_kernel(q, k, v, grid), [q, k, v], upstream, cuda,
                       layer=layer_index, partition=partition, blocks=blocks)
         row["density"] = vmoba.last_density  # every call sees the same q, k: the same selection
-        row["visited_density"] = visited_density(vmoba, q, k, grid)
+        row["computed_density"] = computed_density(vmoba, q, k, grid)
     judge(rows)
     return rows
 
 
-def visited_density(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> float:
-    """Share of query-key pairs the kernel computes (masked or not): each QUERY_TILE-query tile, in block order,
-    visits the union of its queries' blocks, as `attend_kernel` does. The target counts only the pairs selected."""
+def selected_mask(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid):
+    """The block mask [B, H, S, n] `attend_kernel` selects on q, k, and the layout of its blocks."""
     layout = block_layout(grid, vmoba.config.block_shape(vmoba.partition, grid), q.device)
     with torch.no_grad():
-        block_mask = vmoba.select_blocks(block_scores(q.float(), k.float(), layout), layout)  # [B, H, S, n]
-    order, _ = tile_permutation(grid, layout.block, q.device)
+        return vmoba.select_blocks(block_scores(q.float(), k.float(), layout), layout), layout
+
+
+def computed_density(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> float:
+    """Share of query-key pairs the kernel computes: per (batch, head, key block), the queries that chose the
+    block, rounded up to whole chunks of `selected_blocks.CHUNK`. The target counts only the pairs selected."""
+    block_mask, layout = selected_mask(vmoba, q, k, grid)
     batch, heads, tokens, _ = block_mask.shape
-    tiles = math.ceil(tokens / QUERY_TILE)
-    padded = F.pad(block_mask[:, :, order], (0, 0, 0, tiles * QUERY_TILE - tokens))
-    visited = padded.unflatten(2, (tiles, QUERY_TILE)).any(dim=3)  # [B, H, tiles, n]
-    queries = torch.arange(0, tiles * QUERY_TILE + 1, QUERY_TILE, device=q.device).clamp_max(tokens).diff()
-    pairs = (visited * queries[:, None] * layout.sizes).sum(dtype=torch.float64)
-    return float(pairs / (batch * heads * tokens * tokens))
+    chunk = selected_blocks.CHUNK
+    gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
+    return float((gathered * layout.sizes).sum(dtype=torch.float64) / (batch * heads * tokens * tokens))
+
+
+def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
+    """Time launch configs of each `selected_blocks` kernel on layer 0's selection; keep the fastest in CONFIGS."""
+    S, H, D = grid.tokens, setup.heads, setup.head_dim
+    q, k, v, do = (torch.randn(1, S, H, D, device=setup.device, dtype=setup.dtype) for _ in range(4))
+    vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
+                                         heads=H, head_dim=D, dim=H * D, layer_index=0)
+    block_mask, layout = selected_mask(vmoba, q, k, grid)
+    pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
+    longest, scale = math.prod(layout.block), D ** -0.5
+    o, lse = selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale)
+    calls = {"fwd": lambda: selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale),
+             "bwd": lambda: selected_blocks.selected_blocks_bwd(do, q, k, v, o, lse, pairs, layout.offsets, longest,
+                                                                scale)}
+    candidates = {
+        "fwd": [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in
+                [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (64, 8, 3)]],
+        "dq": [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in
+               [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3)]],
+        "dkv": [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in
+                [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)]],
+        "merge": [dict(BLOCK_M=m, num_warps=w) for m, w in [(16, 4), (32, 4), (64, 4), (64, 8)]],
+    }
+    for name, configs in candidates.items():
+        results = []
+        for config in configs:
+            saved = selected_blocks.CONFIGS[name]
+            selected_blocks.CONFIGS[name] = config
+            try:
+                ms = do_bench(calls["fwd" if name in ("fwd", "merge") else "bwd"], warmup=25, rep=100,
+                              return_mode="median")
+            except Exception as e:  # e.g. out of shared memory
+                ms = float("inf")
+                log(f"  sweep vmoba {name} {config}: {short(e)}")
+            selected_blocks.CONFIGS[name] = saved
+            results.append((ms, config))
+            log(f"  sweep vmoba {name} {config}: {ms:.3f} ms")
+        best_ms, best = min(results, key=lambda r: r[0])
+        selected_blocks.CONFIGS[name] = best
+        log(f"best vmoba {name}: {best} ({best_ms:.3f} ms {'forward' if name in ('fwd', 'merge') else 'backward'})")
 
 
 def fastvideo_pad(t: torch.Tensor, tiles: PaddedTiles) -> torch.Tensor:
@@ -404,7 +448,7 @@ def table(rows: list[dict], grids: dict[str, VideoGrid], setup: Setup) -> str:
             if "target_ms" in r:
                 target = f"{r['target']}: {r['target_ms'][0]:.2f} / {r['target_ms'][1]:.2f}"
                 met = " / ".join("yes" if m else "no" for m in r["target_met"])
-            name = r["name"] + (f", density {r['density']:.3f} (tiles visit {r['visited_density']:.3f})"
+            name = r["name"] + (f", density {r['density']:.3f} (computed {r['computed_density']:.3f})"
                                 if "density" in r else "")
             lines.append(f"| {name} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {gib(r['fwd_peak_gib'])} / "
                          f"{gib(r['fwd_bwd_peak_gib'])} | {speedup} | {target} | {met} |")
@@ -413,9 +457,8 @@ def table(rows: list[dict], grids: dict[str, VideoGrid], setup: Setup) -> str:
             lines.append(f"\nvmoba densities {min(densities):.3f}–{max(densities):.3f} come from random normal q, k: "
                          "block scores are near uniform there, so the global threshold keeps what it would not keep "
                          "on a trained Wan layer's q, k; the target scales with whatever density was measured. "
-                         "'tiles visit': the share of pairs the kernel computes, the union of the blocks chosen "
-                         f"by each {QUERY_TILE}-query tile's queries (neighbouring random queries choose unrelated "
-                         "blocks).")
+                         "'computed': the share of pairs the kernel computes (each key block's gathered queries "
+                         f"in whole {selected_blocks.CHUNK}-query chunks).")
     return "\n".join(lines)
 
 
@@ -423,7 +466,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["1.3b"], choices=list(SHAPES))
     parser.add_argument("--json", help="write all rows here")
-    parser.add_argument("--no-vmoba", action="store_true", help="leave out the vmoba rows (the slowest)")
+    parser.add_argument("--no-vmoba", action="store_true", help="leave out the vmoba rows")
+    parser.add_argument("--sweep", action="store_true", help="first sweep the vmoba kernels' launch configs (GPU)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU, grid {SMOKE_GRID}, {SMOKE.heads} heads × {SMOKE.head_dim}, fp32, no peers; "
                              "needs TRITON_INTERPRET=1 in the environment; checks code paths, timings mean nothing")
@@ -443,6 +487,8 @@ def main():
     for peer in peers:
         loaded = "loaded" + (f"; {peer.note}" if peer.note else "")
         log(f"peer {peer.name}: " + (f"not available: {peer.missing}" if peer.call is None else loaded))
+    if args.sweep and setup.cuda:
+        sweep_vmoba(SHAPES["1.3b"], setup, log)
     torch.manual_seed(0)
     rows = [row for label, grid in grids.items() for row in run_shape(label, grid, setup, peers, log, () if args.no_vmoba else VMOBA_LAYERS)]
     if args.json:

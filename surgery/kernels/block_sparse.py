@@ -1,4 +1,4 @@
-"""Block-sparse softmax attention over block-ordered video tokens: VSA's fine stage and VMoBA.
+"""Block-sparse softmax attention over block-ordered video tokens: VSA's fine stage, chunked long blocks.
 
 Layout (no padding): q, k, v are [B, S, H, D] (diffusers' layout; any strides with a contiguous last
 dim, so a [B, H, S, D] tensor goes in as `.transpose(1, 2)` without a copy), with the tokens already
@@ -6,13 +6,13 @@ grouped block after block (`tile_order.to_tile_order`). Blocks are ranges given 
 
 - query tile i is tokens `q_offsets[i]:q_offsets[i + 1]`, at most `max_q_tile` of them;
 - key block j is tokens `kv_offsets[j]:kv_offsets[j + 1]`, any length: blocks of at most 128 tokens
-  (VSA's 4×4×4 tiles) are one kernel tile each, longer ones (VMoBA's frames) are walked in
+  (VSA's 4×4×4 tiles) are one kernel tile each, longer ones (e.g. whole frames) are walked in
   64-token chunks. Partial blocks are masked inside the kernel, so nothing is padded or copied.
 
 Query tile i of batch b, head h visits the key blocks `kv_block_index[b, h, i, :kv_block_count[b, h, i]]`
-(distinct ids, any order). With `query_mask` [B, H, S, n_kv] (VMoBA: what each query chose), query s
-only counts the visited blocks j with `query_mask[b, h, s, j]`, so a tile should visit the union of
-its queries' choices. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
+(distinct ids, any order), and every query of the tile counts all of them; per-query choices (VMoBA)
+are served by `selected_blocks.py`. A query that sees no key gets output 0, log-sum-exp -inf and zero
+gradients.
 
 Kernels: the forward runs one program per (query tile, batch·head) with an online softmax in fp32 and
 stores the log-sum-exp. Each visited block's token range is gathered on the host first (`token_ranges`),
@@ -61,12 +61,12 @@ def _listed_rows(ranges, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr)
 
 
 @triton.jit
-def _query_tile(q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
-                stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK,
+def _query_tile(q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+                stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK,
                 D: tl.constexpr, BLOCK_M: tl.constexpr):
     """What the forward and dq kernels share for their program's query tile and batch·head: the ids, the
-    tile's token offsets and mask, its queries [BM, D], the K/V/mask bases and the tile's key-block list
-    (index and token-range bases, slot count)."""
+    tile's token offsets and mask, its queries [BM, D], the K/V bases and the tile's key-block list
+    (token-range base, slot count)."""
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     q_end = tl.load(q_offsets + i_q + 1)
@@ -77,23 +77,18 @@ def _query_tile(q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride
                   mask=m_ok[:, None], other=0.)  # [BM, D]
     k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh
-    idx_base = kv_index + (i_bh * NQ + i_q).to(tl.int64) * MAXK
     rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
     n_slots = tl.load(kv_count + i_bh * NQ + i_q)
-    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots
+    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots
 
 
 @triton.jit
-def _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk, HAS_MASK: tl.constexpr):
+def _fitted_slot(rng_base, s, offs_c):
     """Slot s of a query tile's list when every block fits one BLOCK_N step: its key offsets, which of them are
-    real keys, and the [BM, BN] mask of the pairs to count (with per-query masks, the queries that chose it)."""
+    real keys, and the [1, BN] mask of the pairs to count."""
     offs_n = tl.load(rng_base + 2 * s) + offs_c
     n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
     ok = n_ok[None, :]
-    if HAS_MASK:
-        kb = tl.load(idx_base + s)
-        ok = ok & (tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0)[:, None]
     return offs_n, n_ok, ok
 
 
@@ -113,16 +108,15 @@ def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_
 
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    q, k, v, o, lse, kv_index, kv_ranges, kv_count, q_offsets, qmask, scale,
+    q, k, v, o, lse, kv_ranges, kv_count, q_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_mb, stride_mh, stride_ms, stride_mk,
+    stride_ob, stride_os, stride_oh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots = _query_tile(
-        q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK, D, BLOCK_M)
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
+        q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
 
     # A finite start: a row whose keys are all masked so far gets exp2(-inf) = 0 and alpha 1, never NaN.
@@ -134,22 +128,16 @@ def block_sparse_attn_fwd_kernel(
         # Each listed block is one tile of ≤ BLOCK_N keys: one flat loop, which Triton pipelines. Its token
         # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
         for s in range(0, n_slots):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk,
-                                            HAS_MASK)
+            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                       m_i, l_i, acc, qk_scale, PRECISION)
     else:
         for s in range(0, n_slots):
             kv_end = tl.load(rng_base + 2 * s + 1)
-            if HAS_MASK:
-                kb = tl.load(idx_base + s)
-                ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
             for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
                 offs_n = n0 + offs_c
                 n_ok = offs_n < kv_end
                 ok = n_ok[None, :]
-                if HAS_MASK:
-                    ok = ok & ok_row[:, None]
                 m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                           m_i, l_i, acc, qk_scale, PRECISION)
 
@@ -191,16 +179,15 @@ def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride
 
 @triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, kv_index, kv_ranges, kv_count, q_offsets, qmask, scale,
+    q, k, v, do, dq, lse, delta, kv_ranges, kv_count, q_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh, stride_mb, stride_mh, stride_ms, stride_mk,
+    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, m_base, idx_base, rng_base, n_slots = _query_tile(
-        q, k, v, kv_index, kv_count, kv_ranges, q_offsets, qmask, stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_kh, stride_vb, stride_vh, stride_mb, stride_mh, H, NQ, MAXK, D, BLOCK_M)
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
+        q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+        stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
@@ -211,22 +198,16 @@ def block_sparse_attn_bwd_dq_kernel(
     offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
         for s in range(0, n_slots):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, idx_base, m_base, s, offs_c, offs_m, m_ok, stride_ms, stride_mk,
-                                            HAS_MASK)
+            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                             b_dq, qk_scale, PRECISION)
     else:
         for s in range(0, n_slots):
             kv_end = tl.load(rng_base + 2 * s + 1)
-            if HAS_MASK:
-                kb = tl.load(idx_base + s)
-                ok_row = tl.load(m_base + offs_m * stride_ms + kb * stride_mk, mask=m_ok, other=0) != 0
             for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
                 offs_n = n0 + offs_c
                 n_ok = offs_n < kv_end
                 ok = n_ok[None, :]
-                if HAS_MASK:
-                    ok = ok & ok_row[:, None]
                 b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs,
                                 offs_d, b_dq, qk_scale, PRECISION)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
@@ -234,13 +215,25 @@ def block_sparse_attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
+    """One step of a key-major backward: keys b_k, b_v [BN, D] against query rows b_q, b_do [BM, D] with their
+    base-2 lse and delta [BM]; rows with ok False count nothing. Returns the accumulated dk (unscaled), dv."""
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
+    b_pt = tl.where(ok[None, :], tl.exp2(b_st * qk_scale - b_lse[None, :]), 0.)
+    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PRECISION)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    return tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION), b_dv
+
+
+@triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, qmask, scale,
+    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_mb, stride_mh, stride_ms, stride_mk,
+    stride_gb, stride_gs, stride_gh,
     H, S, NK, L,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
-    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -257,7 +250,6 @@ def block_sparse_attn_bwd_dkv_kernel(
     b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
     q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
-    m_base = qmask + i_b.to(tl.int64) * stride_mb + i_h * stride_mh + kb * stride_mk
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (NK + 1)
     rng_base = q_tile_ranges + i_bh.to(tl.int64) * (2 * L)
     lo = tl.load(ptr_base + kb)
@@ -274,15 +266,7 @@ def block_sparse_attn_bwd_dkv_kernel(
         b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
         b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E
         b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)
-        ok = m_ok
-        if HAS_MASK:
-            ok = ok & (tl.load(m_base + offs_m * stride_ms, mask=m_ok, other=0) != 0)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, GBM]
-        b_pt = tl.where(ok[None, :], tl.exp2(b_st * qk_scale - b_lse[None, :]), 0.)
-        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, GBM]
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION)
+        b_dk, b_dv = _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -294,13 +278,6 @@ def _tile(n: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _mask_args(query_mask, like: torch.Tensor):
-    if query_mask is None:
-        return like, (0, 0, 0, 0)
-    query_mask = query_mask.view(torch.uint8) if query_mask.dtype == torch.bool else query_mask
-    return query_mask, query_mask.stride()
 
 
 def _without_group(config: dict) -> dict:
@@ -336,28 +313,25 @@ def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tenso
 
 
 def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
-                          query_mask, scale):
+                          scale):
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     fitted = max_kv_block <= MAX_FITTED_BLOCK
     config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    qmask, mstrides = _mask_args(query_mask, kv_block_count)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
-        q, k, v, o, lse, kv_block_index, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, qmask,
-        scale,
+        q, k, v, o, lse, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), *mstrides,
+        o.stride(0), o.stride(1), o.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted,
-        HAS_MASK=query_mask is not None, PRECISION=_precision(q.dtype), **config,
+        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted, PRECISION=_precision(q.dtype), **config,
     )
     return o, lse
 
 
 def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
-                          max_kv_block, query_mask, scale):
+                          max_kv_block, scale):
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
@@ -365,7 +339,6 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     BLOCK_M = _tile(max_q_tile)
     dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
-    qmask, mstrides = _mask_args(query_mask, kv_block_count)
     precision = _precision(q.dtype)
 
     delta = torch.empty_like(lse)
@@ -375,12 +348,11 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     )
     dq = torch.empty_like(q)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k, v, do, dq, lse, delta, kv_block_index, token_ranges(kv_block_index, kv_offsets), kv_block_count,
-        q_offsets, qmask, scale,
+        q, k, v, do, dq, lse, delta, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), *mstrides,
+        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=BLOCK_M, FITTED=fitted, HAS_MASK=query_mask is not None, PRECISION=precision, **dq_config,
+        D=D, BLOCK_M=BLOCK_M, FITTED=fitted, PRECISION=precision, **dq_config,
     )
     q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK)
     # At most 128 query rows per step: wider ones run out of shared memory.
@@ -388,50 +360,46 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
-        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, qmask, scale,
+        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), *mstrides,
+        do.stride(0), do.stride(1), do.stride(2),
         H, S, NK, q_tile_ranges.shape[1],
-        D=D, BLOCK_M=BLOCK_M, CHUNKS=chunks, HAS_MASK=query_mask is not None, PRECISION=precision, **dkv_config,
+        D=D, BLOCK_M=BLOCK_M, CHUNKS=chunks, PRECISION=precision, **dkv_config,
     )
     return dq, dk, dv
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
-                query_mask, scale):
+    def forward(ctx, q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, scale):
         o, lse = block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
-                                       max_kv_block, query_mask, scale)
-        ctx.save_for_backward(q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, query_mask)
+                                       max_kv_block, scale)
+        ctx.save_for_backward(q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets)
         ctx.max_q_tile, ctx.max_kv_block, ctx.scale = max_q_tile, max_kv_block, scale
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, query_mask = ctx.saved_tensors
+        q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
-                                           kv_offsets, ctx.max_q_tile, ctx.max_kv_block, query_mask, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+                                           kv_offsets, ctx.max_q_tile, ctx.max_kv_block, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask):
-    B, S, H, D = q.shape
+def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block):
+    B, _, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
         raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
     NQ = q_offsets.numel() - 1
-    NK = kv_offsets.numel() - 1
     if kv_block_index.dim() != 4 or kv_block_index.shape[:3] != (B, H, NQ) or kv_block_count.shape != (B, H, NQ):
         raise ValueError(f"kv_block_index must be [B, H, NQ, MAXK] and kv_block_count [B, H, NQ] with B={B}, H={H}, "
                          f"NQ={NQ}; got {tuple(kv_block_index.shape)}, {tuple(kv_block_count.shape)}")
-    if query_mask is not None and query_mask.shape != (B, H, S, NK):
-        raise ValueError(f"query_mask must be [B, H, S, n_kv] = {(B, H, S, NK)}, got {tuple(query_mask.shape)}")
     if max_q_tile < 1 or max_kv_block < 1:
         raise ValueError(f"max_q_tile and max_kv_block must be positive, got {max_q_tile}, {max_kv_block}")
 
@@ -446,7 +414,6 @@ def block_sparse_attention(
     kv_offsets: torch.Tensor,
     max_q_tile: int = 64,
     max_kv_block: int = 64,
-    query_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of each query tile over its listed key blocks only (Triton, CUDA or interpreter).
@@ -460,19 +427,18 @@ def block_sparse_attention(
         kv_offsets: [n_kv + 1] int32/int64, key block j = tokens kv_offsets[j]:kv_offsets[j + 1]; covers 0..S_kv.
         max_q_tile: an upper bound on query tile sizes (tokens); ≤ 128 is fastest.
         max_kv_block: an upper bound on key block sizes (tokens); ≤ 128 takes the single-loop path.
-        query_mask: optional [B, H, S, n_kv] bool, query s counts visited block j only where True.
         scale: softmax scale, default D ** -0.5.
 
     Returns:
         out [B, S, H, D] (q's dtype and strides) and lse [B, H, S] fp32, the natural-log log-sum-exp of
         each query's scaled scores (no gradient flows through it).
     """
-    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask)
+    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return BlockSparseAttentionFunction.apply(q, k, v, kv_block_index.contiguous(), kv_block_count.contiguous(),
                                               q_offsets.contiguous(), kv_offsets.contiguous(), int(max_q_tile),
-                                              int(max_kv_block), query_mask, scale)
+                                              int(max_kv_block), scale)
 
 
 def block_sparse_attention_reference(
@@ -485,13 +451,12 @@ def block_sparse_attention_reference(
     kv_offsets: torch.Tensor,
     max_q_tile: int = 64,
     max_kv_block: int = 64,
-    query_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`block_sparse_attention` in plain PyTorch, through a dense [B, H, S, S_kv] mask; same arguments and
     results. Computes in fp32 (or fp64 for fp64 inputs); differentiable in q, k, v."""
-    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, query_mask)
-    B, S, H, D = q.shape
+    _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block)
+    B, S, H, _ = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
     q_sizes, kv_sizes = q_offsets.diff(), kv_offsets.diff()
@@ -507,12 +472,16 @@ def block_sparse_attention_reference(
     visits = torch.zeros(B, H, NQ, NK + 1, dtype=torch.bool, device=device)
     visits.scatter_(-1, torch.where(used, kv_block_index.long(), NK), True)  # [B, H, NQ, n_kv + 1]
     allowed = visits[:, :, tile_of_query, :NK]  # [B, H, S, n_kv]
-    if query_mask is not None:
-        allowed = allowed & query_mask
     allowed = allowed[..., block_of_key]  # [B, H, S, S_kv]
+    return masked_attention_reference(q, k, v, allowed, scale)
 
+
+def masked_attention_reference(q, k, v, allowed: torch.Tensor, scale: float | None = None):
+    """Softmax attention of q [B, S, H, D] over the keys of k, v [B, S_kv, H, D] that `allowed` [B, H, S, S_kv]
+    permits, in fp32 (fp64 for fp64 inputs). Returns out [B, S, H, D] in q's dtype (0 for a query with no
+    allowed key) and the natural-log lse [B, H, S] (-inf there), detached."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     s = torch.einsum("bshd,bthd->bhst", q.to(dtype), k.to(dtype)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)

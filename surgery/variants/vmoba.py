@@ -25,10 +25,6 @@ from .block_select import attend_selected_blocks, block_count, compute_dtype, me
 PARTITIONS = ("1d", "2d", "3d")  # indexed by layer % 3
 
 
-# Queries per kernel tile on the kernel path (VMoBA's blocks are far larger than VSA's tiles).
-QUERY_TILE = 64
-
-
 @dataclasses.dataclass(frozen=True)
 class VMoBAConfig(VariantConfig):
     """Partition, block sizes and selection of one layer.
@@ -222,34 +218,23 @@ class VideoMixtureOfBlockAttention(AttentionVariant):
         return out.to(out_dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The reference's math with the attention in the Triton block-sparse kernel (CUDA).
+        """The reference's math with the attention in the Triton kernel of `kernels/selected_blocks.py` (CUDA).
 
-        Scores and selection stay in fp32 PyTorch, as in the reference. Tokens go to block order; the
-        queries are cut into QUERY_TILE-token tiles, each visiting the union of the blocks its queries
-        chose, and the per-query mask keeps every query to its own choice.
+        Scores and selection stay in fp32 PyTorch, as in the reference. Keys and values go to block order;
+        the kernel gathers, for each key block, the queries that chose it, so it computes the selected
+        pairs only, however scattered the choices of neighbouring queries are.
         """
-        from ..kernels.block_sparse import block_sparse_attention
-        from ..kernels.tile_order import tile_permutation, to_raster_order, to_tile_order
+        from ..kernels.selected_blocks import selected_block_attention
+        from ..kernels.tile_order import tile_permutation, to_tile_order
 
         layout = block_layout(grid, self.config.block_shape(self.partition, grid), q.device)
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             block_mask = self.select_blocks(block_scores(q.float(), k.float(), layout), layout)  # [B, H, S, n]
         order, inverse = tile_permutation(grid, layout.block, q.device)
-        query_mask = block_mask[:, :, order]  # queries in block order
-        batch, heads, tokens, blocks = query_mask.shape
-        tiles = math.ceil(tokens / QUERY_TILE)
-        padded = torch.nn.functional.pad(query_mask, (0, 0, 0, tiles * QUERY_TILE - tokens))
-        visited = padded.view(batch, heads, tiles, QUERY_TILE, blocks).any(dim=3)  # [B, H, NQ, n]
-        counts = visited.sum(dim=-1, dtype=torch.int32)
-        # Visited block ids first (ascending); entries past `counts` are ignored by the kernel.
-        index = visited.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
-        q_offsets = torch.arange(0, tiles * QUERY_TILE + 1, QUERY_TILE, device=q.device).clamp_max(tokens)
-        out, _ = block_sparse_attention(
-            *(to_tile_order(t, order, inverse) for t in (q, k, v)), index, counts, q_offsets, layout.offsets,
-            QUERY_TILE, math.prod(layout.block), query_mask=query_mask,
-        )
+        out, _ = selected_block_attention(q, to_tile_order(k, order, inverse), to_tile_order(v, order, inverse),
+                                          block_mask, layout.offsets, math.prod(layout.block))
         self._record_density(block_mask, layout)
-        return to_raster_order(out, order, inverse)
+        return out
 
     def _record_density(self, block_mask: torch.Tensor, layout: BlockLayout) -> None:
         density = attended_density(block_mask, layout)

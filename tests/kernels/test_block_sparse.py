@@ -86,29 +86,20 @@ def test_heads_first_layout_and_scale():
 
 
 @pytest.mark.parametrize("group", [1, 2])
-@pytest.mark.parametrize("kv_sizes", [(140, 30, 70), (20, 9, 16, 32)], ids=["chunked-blocks", "fitted-blocks"])
-def test_query_mask(monkeypatch, kv_sizes, group):
-    """VMoBA: key blocks of any length (longer than one kernel tile: chunked), query tiles of 16 that
-    cut across them, each query counting only the blocks it chose; some queries choose none."""
+def test_chunked_blocks(monkeypatch, group):
+    """Key blocks longer than one kernel tile (the chunked path), of uneven lengths, and query tiles of 16
+    that cut across them; some tiles visit no block."""
     for name in ("dkv", "chunked"):
         monkeypatch.setitem(bs.CONFIGS, name, dict(bs.CONFIGS[name], GROUP=group))
     g = torch.Generator().manual_seed(2)
-    B, H, D = 2, 2, 16
+    B, H, D, kv_sizes = 2, 2, 16, (140, 30, 70)
     kv_offsets = torch.tensor([0, *torch.tensor(kv_sizes).cumsum(0).tolist()], device=DEVICE)
     S = int(kv_offsets[-1])
     q_offsets = torch.tensor([*range(0, S, 16), S], device=DEVICE)
-    n_q, n_kv = q_offsets.numel() - 1, len(kv_sizes)
-    chosen = torch.rand(B, H, S, n_kv, generator=g) < 0.5  # [B, H, S, n_kv] each query's blocks
-    chosen[:, :, :3] = False
-    # Each query tile visits the union of its queries' choices.
-    tile_of_query = torch.arange(S) // 16
-    union = torch.zeros(B, H, n_q, n_kv).index_add_(2, tile_of_query, chosen.float()) > 0
-    count = union.sum(-1).int()
-    index = union.int().argsort(dim=-1, descending=True, stable=True).int()
+    index, count = random_selection(B, H, q_offsets.numel() - 1, len(kv_sizes), max_k=2, generator=g)
     q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
-    args = (index.to(DEVICE), count.to(DEVICE), q_offsets, kv_offsets)
-    kwargs = dict(max_q_tile=16, max_kv_block=max(kv_sizes), query_mask=chosen.to(DEVICE))
-    check_against_reference(q, k, v, args, kwargs, 1e-3)
+    args = (index, count, q_offsets, kv_offsets)
+    check_against_reference(q, k, v, args, dict(max_q_tile=16, max_kv_block=max(kv_sizes)), 1e-3)
 
 
 def test_invert_block_index():
@@ -167,19 +158,13 @@ def test_gpu_vsa_tiles_bf16(poisoned_empty, sparsity):
 
 @gpu
 @needs_cuda
-def test_gpu_vmoba_frames_bf16(poisoned_empty):
-    """VMoBA 1D blocks of 2 whole frames (3,120 tokens, chunked), per-query choices, 64-query tiles."""
+def test_gpu_chunked_frames_bf16(poisoned_empty):
+    """1D blocks of 2 whole frames (3,120 tokens, chunked), 64-query tiles each visiting random blocks."""
     g = torch.Generator().manual_seed(5)
     layout = block_layout(VideoGrid(9, 30, 52), (2, 30, 52), "cuda")
     S, H, n_kv = layout.order.numel(), 2, layout.num_blocks
     q_offsets = torch.tensor([*range(0, S, 64), S], device="cuda")
-    n_q = q_offsets.numel() - 1
-    chosen = torch.rand(1, H, S, n_kv, generator=g) < 0.4
-    chosen[..., 0] = True
-    tile_of_query = torch.arange(S) // 64
-    union = torch.zeros(1, H, n_q, n_kv).index_add_(2, tile_of_query, chosen.float()) > 0
-    index = union.int().argsort(dim=-1, descending=True, stable=True).int().cuda()
+    index, count = random_selection(1, H, q_offsets.numel() - 1, n_kv, max_k=3, generator=g, device="cuda")
     q, k, v = (torch.randn(1, S, H, 128, generator=g).cuda().bfloat16() for _ in range(3))
-    args = (index, union.sum(-1).int().cuda(), q_offsets, layout.offsets)
-    kwargs = dict(max_q_tile=64, max_kv_block=int(layout.sizes.max()), query_mask=chosen.cuda())
-    print(check_against_reference(q, k, v, args, kwargs, 1e-2))
+    kwargs = dict(max_q_tile=64, max_kv_block=int(layout.sizes.max()))
+    print(check_against_reference(q, k, v, (index, count, q_offsets, layout.offsets), kwargs, 1e-2))

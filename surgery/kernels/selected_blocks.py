@@ -1,0 +1,385 @@
+"""Attention where every query picks its own key blocks (VMoBA), computed key-block-major.
+
+`block_sparse.py` walks query tiles; when neighbouring queries choose unrelated blocks (VMoBA's per-query
+selection), a tile must visit the union of their choices and mask the rest, which computes nearly every
+pair. Here the work is grouped by key block instead, as MoBA groups it: for each (batch, head, key block)
+the queries that chose it are gathered into 64-row chunks, each chunk runs an online softmax over that
+block's keys, and every (query, block) pair leaves a partial output and log-sum-exp. A second pass merges
+each query's partials by their log-sum-exps. The work is the selected pairs only, plus partial chunks.
+
+Layout: q is [B, S_q, H, D] in any token order; k, v are [B, S_kv, H, D] with key block j = tokens
+`kv_offsets[j]:kv_offsets[j + 1]` (`tile_order.to_tile_order` groups them); `block_mask` [B, H, S_q, n]
+says which blocks each query attends. Backward: dk, dv key-major over the gathered queries (one program
+per 64-key chunk, no atomics); dq per pair into partial rows, then summed per query. Deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _precision, _tile,
+                           block_sparse_attn_bwd_preprocess_kernel, masked_attention_reference)
+
+# Gathered queries per chunk: the row count of the forward and dq programs.
+CHUNK = 64
+# Launch settings (head_dim 128): BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
+CONFIGS = {
+    "fwd": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "dq": dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    "dkv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    "merge": dict(BLOCK_M=32, num_warps=4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLists:
+    """The (query, key block) pairs of a block mask [B, H, S, n], listed both ways.
+
+    Key-major: `pair_query` [P] int32, the query token of each pair, grouped by (b, h, block) group
+    g = (b·H + h)·n + j at rows `group_offsets[g]:group_offsets[g + 1]`, ascending tokens within;
+    `chunks` [C, 3] int32 (first row, end row, group) cuts each group into ≤ chunk-size runs.
+    Query-major: query u = (b·H + h)·S + s owns partial rows `query_offsets[u]:query_offsets[u + 1]`;
+    `pair_slot` [P] int32 is the partial row of each key-major pair.
+    """
+
+    pair_query: torch.Tensor
+    pair_slot: torch.Tensor
+    group_offsets: torch.Tensor
+    chunks: torch.Tensor
+    query_offsets: torch.Tensor
+
+    @property
+    def pairs(self) -> int:
+        return self.pair_query.numel()
+
+
+def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
+    """`PairLists` of block_mask [B, H, S, n] (bool) with key-major chunks of ≤ `chunk` pairs. One host sync."""
+    B, H, S, n = block_mask.shape
+    device = block_mask.device
+    by_block = block_mask.transpose(-1, -2)  # [B, H, n, S]
+    flat = by_block.flatten().nonzero().squeeze(1)  # sorted: group-major, ascending tokens
+    pair_query = (flat % S).to(torch.int32)
+    group_counts = by_block.sum(-1, dtype=torch.int32).flatten()  # [G]
+    query_counts = block_mask.sum(-1, dtype=torch.int32).flatten()  # [B·H·S]
+    group_offsets, query_offsets = _exclusive_cumsum(group_counts), _exclusive_cumsum(query_counts)
+    # A pair's partial row: its query's first row + how many of the query's chosen blocks come before it.
+    rank = block_mask.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1  # [B, H, S, n]
+    slot = rank + query_offsets[:-1].view(B, H, S, 1)
+    pair_slot = slot.transpose(-1, -2).flatten()[flat]
+
+    chunks_per_group = (group_counts + chunk - 1) // chunk
+    chunk_offsets = _exclusive_cumsum(chunks_per_group)
+    total = int(chunk_offsets[-1])
+    group = torch.repeat_interleave(torch.arange(B * H * n, device=device, dtype=torch.int32), chunks_per_group,
+                                    output_size=total)
+    first = group_offsets[group.long()] + (torch.arange(total, device=device, dtype=torch.int32)
+                                           - chunk_offsets[group.long()]) * chunk
+    end = torch.minimum(first + chunk, group_offsets[group.long() + 1])
+    return PairLists(pair_query, pair_slot.to(torch.int32), group_offsets, torch.stack([first, end, group], 1),
+                     query_offsets)
+
+
+@triton.jit
+def _gathered_chunk(q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """This program's chunk of gathered queries: its pair rows and their validity, batch, head, key block,
+    the queries' token ids and their q rows [BM, D]."""
+    i_c = tl.program_id(0)
+    row_end = tl.load(chunks + 3 * i_c + 1)
+    g = tl.load(chunks + 3 * i_c + 2)
+    rows = tl.load(chunks + 3 * i_c) + tl.arange(0, BLOCK_M)
+    r_ok = rows < row_end
+    i_bh, kb = g // NK, g % NK
+    i_b, i_h = i_bh // H, i_bh % H
+    tokens = tl.load(pair_query + rows, mask=r_ok, other=0)
+    offs_d = tl.arange(0, D)
+    b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + tokens[:, None].to(tl.int64) * stride_qs
+                  + offs_d[None, :], mask=r_ok[:, None], other=0.)
+    return rows, r_ok, i_bh, i_b, i_h, kb, tokens, offs_d, b_q
+
+
+@triton.jit
+def selected_blocks_fwd_kernel(
+    q, k, v, o_part, lse_part, chunks, pair_query, pair_slot, kv_offsets, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    H, NK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per chunk: its queries against every key of its block, one partial row per pair.
+    rows, r_ok, i_bh, i_b, i_h, kb, tokens, offs_d, b_q = _gathered_chunk(
+        q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D, BLOCK_M)
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    qk_scale = scale * LOG2E
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    kv_end = tl.load(kv_offsets + kb + 1)
+    for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks, stride_vs, offs_d,
+                                  m_i, l_i, acc, qk_scale, PRECISION)
+    slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
+    tl.store(o_part + slots[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(o_part.dtype.element_ty),
+             mask=r_ok[:, None])
+    tl.store(lse_part + slots, m_i + tl.log2(l_i), mask=r_ok)  # base 2
+
+
+@triton.jit
+def merge_partials_kernel(
+    part, lse_part, query_offsets, out, lse, stride_ob, stride_os, stride_oh, H, S, U,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, WEIGHTED: tl.constexpr,
+):
+    """Per query u = (b·H + h)·S + s, its partial rows: weighted by their base-2 lse into out and the natural-log
+    lse (WEIGHTED, the forward), or summed into out (dq)."""
+    offs_u = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    u_ok = offs_u < U
+    first = tl.load(query_offsets + offs_u, mask=u_ok, other=0)
+    count = tl.load(query_offsets + offs_u + 1, mask=u_ok, other=0) - first
+    offs_d = tl.arange(0, D)
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for i in range(0, tl.max(count)):
+        ok = i < count
+        row = (first + i).to(tl.int64)
+        b_part = tl.load(part + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.).to(tl.float32)
+        if WEIGHTED:
+            b_lse = tl.load(lse_part + row, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m_i, b_lse)
+            alpha, weight = tl.exp2(m_i - m_new), tl.exp2(b_lse - m_new)
+            l_i = l_i * alpha + weight
+            acc = acc * alpha[:, None] + b_part * weight[:, None]
+            m_i = m_new
+        else:
+            acc += b_part
+    if WEIGHTED:
+        acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]
+        tl.store(lse + offs_u, (m_i + tl.log2(l_i)) * LN2, mask=u_ok)
+    i_bh, i_s = offs_u // S, offs_u % S
+    o_rows = (i_bh // H).to(tl.int64) * stride_ob + (i_bh % H) * stride_oh + i_s.to(tl.int64) * stride_os
+    tl.store(out + o_rows[:, None] + offs_d[None, :], acc.to(out.dtype.element_ty), mask=u_ok[:, None])
+
+
+@triton.jit
+def selected_blocks_bwd_dq_kernel(
+    q, k, v, do, dq_part, lse, delta, chunks, pair_query, pair_slot, kv_offsets, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, H, S, NK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per chunk, as the forward: each pair's share of its query's dq, into its partial row.
+    rows, r_ok, i_bh, i_b, i_h, kb, tokens, offs_d, b_q = _gathered_chunk(
+        q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D, BLOCK_M)
+    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + tokens[:, None].to(tl.int64) * stride_gs
+                   + offs_d[None, :], mask=r_ok[:, None], other=0.)
+    b_lse = tl.load(lse + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.) * LOG2E
+    b_delta = tl.load(delta + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.)
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
+    qk_scale = scale * LOG2E
+    b_dq = tl.zeros([BLOCK_M, D], tl.float32)
+    kv_end = tl.load(kv_offsets + kb + 1)
+    for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks, stride_vs,
+                        offs_d, b_dq, qk_scale, PRECISION)
+    slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
+    tl.store(dq_part + slots[:, None] * D + offs_d[None, :], b_dq * scale, mask=r_ok[:, None])
+
+
+@triton.jit
+def selected_blocks_bwd_dkv_kernel(
+    q, k, v, do, dk, dv, lse, delta, group_offsets, pair_query, kv_offsets, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_gb, stride_gs, stride_gh, H, S, NK,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head), over the queries that chose kb.
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    kb = i_c // CHUNKS
+    kv_end = tl.load(kv_offsets + kb + 1)
+    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
+    offs_n = kv_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < kv_end
+    offs_d = tl.arange(0, D)
+    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)
+    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)
+    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
+    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
+    g = i_bh * NK + kb
+    lo = tl.load(group_offsets + g)
+    # A chunk past the end of a shorter block has no keys: give it an empty walk.
+    hi = tl.where(kv_start < kv_end, tl.load(group_offsets + g + 1), lo)
+    qk_scale = scale * LOG2E
+    b_dk = tl.zeros([BLOCK_N, D], tl.float32)
+    b_dv = tl.zeros([BLOCK_N, D], tl.float32)
+    for r0 in range(lo, hi, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        r_ok = rows < hi
+        tokens = tl.load(pair_query + rows, mask=r_ok, other=0)
+        b_q = tl.load(q_base + tokens[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=r_ok[:, None], other=0.)
+        b_do = tl.load(do_base + tokens[:, None].to(tl.int64) * stride_gs + offs_d[None, :], mask=r_ok[:, None],
+                       other=0.)
+        b_lse = tl.load(lse + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.) * LOG2E
+        b_delta = tl.load(delta + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.)
+        b_dk, b_dv = _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
+    tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
+
+
+def _merge(part, lse_part, query_offsets, out, lse, weighted: bool):
+    B, S, H, D = out.shape
+    config = CONFIGS["merge"]
+    merge_partials_kernel[(triton.cdiv(B * H * S, config["BLOCK_M"]),)](
+        part, lse_part, query_offsets, out, lse, out.stride(0), out.stride(1), out.stride(2), H, S, B * H * S,
+        D=D, WEIGHTED=weighted, **config,
+    )
+
+
+def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale):
+    B, S, H, D = q.shape
+    NK = kv_offsets.numel() - 1
+    config = CONFIGS["fwd"]
+    # Partial outputs in q's dtype: each is normalised, so rounding it costs what rounding the output does.
+    o_part = torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(pairs.pairs, device=q.device, dtype=torch.float32)
+    if pairs.pairs:
+        selected_blocks_fwd_kernel[(pairs.chunks.shape[0],)](
+            q, k, v, o_part, lse_part, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            H, NK, D=D, BLOCK_M=CHUNK, PRECISION=_precision(q.dtype), **config,
+        )
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True)
+    return o, lse
+
+
+def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_kv_block, scale):
+    B, S, H, D = q.shape
+    NK = kv_offsets.numel() - 1
+    precision = _precision(q.dtype)
+    delta = torch.empty_like(lse)
+    block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
+        D=D, BLOCK_M=64,
+    )
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    dq_part = torch.empty(pairs.pairs, D, device=q.device, dtype=torch.float32)
+    if pairs.pairs:
+        selected_blocks_bwd_dq_kernel[(pairs.chunks.shape[0],)](
+            q, k, v, do, dq_part, lse, delta, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
+            *strides, H, S, NK, D=D, BLOCK_M=CHUNK, PRECISION=precision, **CONFIGS["dq"],
+        )
+    dq = torch.empty_like(q)
+    _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
+    config = CONFIGS["dkv"]
+    chunks = triton.cdiv(max_kv_block, config["BLOCK_N"])
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    selected_blocks_bwd_dkv_kernel[(NK * chunks, B * H)](
+        q, k, v, do, dk, dv, lse, delta, pairs.group_offsets, pairs.pair_query, kv_offsets, scale,
+        *strides, H, S, NK, D=D, CHUNKS=chunks, PRECISION=precision, **config,
+    )
+    return dq, dk, dv
+
+
+class SelectedBlockAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, kv_offsets, max_kv_block, scale):
+        pairs = list_pairs(block_mask, CHUNK)
+        o, lse = selected_blocks_fwd(q, k, v, pairs, kv_offsets, scale)
+        ctx.save_for_backward(q, k, v, o, lse, kv_offsets)
+        ctx.pairs, ctx.max_kv_block, ctx.scale = pairs, max_kv_block, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, kv_offsets = ctx.saved_tensors
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        dq, dk, dv = selected_blocks_bwd(do, q, k, v, o, lse, ctx.pairs, kv_offsets, ctx.max_kv_block, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q, k, v, block_mask, kv_offsets, max_kv_block):
+    B, S, H, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
+        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
+    if block_mask.shape != (B, H, S, kv_offsets.numel() - 1) or block_mask.dtype != torch.bool:
+        raise ValueError(f"block_mask must be bool [B, H, S, n_kv] = {(B, H, S, kv_offsets.numel() - 1)}, "
+                         f"got {block_mask.dtype} {tuple(block_mask.shape)}")
+    if max_kv_block < 1:
+        raise ValueError(f"max_kv_block must be positive, got {max_kv_block}")
+
+
+def selected_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    max_kv_block: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of each query over the key blocks it chose (Triton, CUDA or interpreter).
+
+    Args:
+        q: [B, S, H, D] queries in any token order; fp16, bf16 or fp32. D a power of two ≥ 16.
+        k, v: [B, S_kv, H, D] keys and values, block after block; same dtype.
+        block_mask: [B, H, S, n_kv] bool, True where query s attends key block j.
+        kv_offsets: [n_kv + 1] int32/int64, key block j = tokens kv_offsets[j]:kv_offsets[j + 1]; covers 0..S_kv.
+        max_kv_block: an upper bound on key block sizes (tokens).
+        scale: softmax scale, default D ** -0.5.
+
+    Returns:
+        out [B, S, H, D] (q's dtype; 0 for a query that chose nothing) and lse [B, H, S] fp32, the
+        natural-log log-sum-exp of each query's scaled scores (-inf for none; no gradient flows through it).
+    """
+    _check(q, k, v, block_mask, kv_offsets, max_kv_block)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return SelectedBlockAttentionFunction.apply(q, k, v, block_mask, kv_offsets.contiguous(), int(max_kv_block),
+                                                scale)
+
+
+def selected_block_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    max_kv_block: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`selected_block_attention` in plain PyTorch, through a dense [B, H, S, S_kv] mask; same arguments and
+    results. Computes in fp32 (or fp64 for fp64 inputs); differentiable in q, k, v."""
+    _check(q, k, v, block_mask, kv_offsets, max_kv_block)
+    sizes = kv_offsets.diff()
+    if int(sizes.max()) > max_kv_block or int(sizes.sum()) != k.shape[1]:
+        raise ValueError(f"kv_offsets must cover the {k.shape[1]} keys in blocks of ≤ max_kv_block={max_kv_block}")
+    block_of_key = torch.repeat_interleave(torch.arange(sizes.numel(), device=q.device), sizes.long())
+    return masked_attention_reference(q, k, v, block_mask[..., block_of_key], scale)
+
+
+__all__ = ["list_pairs", "selected_block_attention", "selected_block_attention_reference"]
