@@ -5,7 +5,7 @@ import torch
 
 import surgery
 from surgery.grid import VideoGrid
-from surgery.variants.vsa import VideoSparseAttention, VSAConfig, select_key_tiles
+from surgery.variants.vsa import VideoSparseAttention, VSAConfig
 
 from .conftest import model_inputs
 
@@ -106,18 +106,6 @@ def test_forward_and_gradients_match_naive(shape, tile, top_k):
     naive_grads = torch.autograd.grad(naive, inputs, cotangent)
     for name, ours_grad, naive_grad in zip("q k v x weight bias".split(), grads, naive_grads):
         assert rel_err(ours_grad, naive_grad) <= 1e-10, name
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_key_tile_selection_ranks_like_a_stable_sort(seed):
-    """Ties (signed zeros included) go to the lower tile id, as in a stable descending sort."""
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.randint(-3, 4, (2, 3, 17, 17), generator=generator).float() / 4
-    scores[..., ::3] = torch.where(scores[..., ::3] == 0, -0.0, scores[..., ::3])
-    for top_k in (1, 5, 17):
-        expected = scores.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
-        chosen = select_key_tiles(scores, top_k)
-        assert torch.equal(chosen.sort(dim=-1).values, expected.sort(dim=-1).values)
 
 
 def test_gate_starts_at_zero_so_output_is_fine_only():
