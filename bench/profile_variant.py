@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -35,11 +36,18 @@ def main():
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()
+    # Wall clock too: host syncs and launch gaps show as wall time the kernel table does not hold.
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / 5 * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    print(f"{args.variant} {args.params}, grid {GRID}: CUDA time per forward+backward (5 runs)")
+    print(f"{args.variant} {args.params}, grid {GRID}: wall {wall_ms:.2f} ms per forward+backward; "
+          "CUDA time below (5 runs)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
 
 

@@ -26,12 +26,13 @@ from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _precisio
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
 CHUNK = 64
-# Launch settings (head_dim 128): BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
+# Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
+# BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
     "fwd": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "dq": dict(BLOCK_N=64, num_warps=4, num_stages=2),
-    "dkv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "merge": dict(BLOCK_M=32, num_warps=4),
+    "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    "merge": dict(BLOCK_M=64, num_warps=8),
 }
 
 
@@ -69,11 +70,12 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
     flat = by_block.flatten().nonzero().squeeze(1)  # sorted: group-major, ascending tokens
     pair_query = (flat % S).to(torch.int32)
     group_counts = by_block.sum(-1, dtype=torch.int32).flatten()  # [G]
-    query_counts = block_mask.sum(-1, dtype=torch.int32).flatten()  # [B·H·S]
-    group_offsets, query_offsets = _exclusive_cumsum(group_counts), _exclusive_cumsum(query_counts)
-    # A pair's partial row: its query's first row + how many of the query's chosen blocks come before it.
-    rank = block_mask.to(torch.int32).cumsum(-1, dtype=torch.int32) - 1  # [B, H, S, n]
-    slot = rank + query_offsets[:-1].view(B, H, S, 1)
+    group_offsets = _exclusive_cumsum(group_counts)
+    # Partial rows go query-major: a pair's row is the number of pairs before it in row-major (b, h, s, j)
+    # order, one flat scan (a scan along the short last dim is ~25× slower on the GPU).
+    chosen = block_mask.flatten().to(torch.int32)
+    slot = (chosen.cumsum(0, dtype=torch.int32) - chosen).view(B, H, S, n)
+    query_offsets = torch.cat([slot[..., 0].flatten(), chosen.sum(dtype=torch.int32).view(1)])
     pair_slot = slot.transpose(-1, -2).flatten()[flat]
 
     chunks_per_group = (group_counts + chunk - 1) // chunk

@@ -1,4 +1,4 @@
-"""The `vmoba` variant's kernel path (Triton block-sparse attention with per-query masks) against its
+"""The `vmoba` variant's kernel path (Triton attention over each query's chosen blocks) against its
 PyTorch reference. CPU: Triton's interpreter, small grids with partial blocks, fp32, ≤ 1e-3 relative."""
 
 import pytest
