@@ -115,7 +115,11 @@ def select_blocks_threshold(scores: torch.Tensor, own_block: torch.Tensor, thres
     own_weight = weight.masked_fill(~own, 0).sum(dim=-1, keepdim=True)  # [B, H, 1]
     # Own-block pairs rank last with weight −1, then add 0: they are kept (and counted) already.
     ranked, order = weight.masked_fill(own, -1).sort(dim=-1, descending=True, stable=True)
-    running = ranked.clamp_min(0).cumsum(dim=-1)  # [B, H, S·n]
+    ranked = ranked.clamp_min(0).double()
+    # Running sums per (batch, head) row from one flat scan in fp64, less each row's start: a scan along
+    # the last dim of a few long rows runs a handful of GPU blocks (3.5 ms at 1.3B with 3D blocks).
+    running = ranked.flatten().cumsum(0).view_as(ranked)
+    running = running - (running[..., :1] - ranked[..., :1])  # [B, H, S·n]
     above = own_weight + torch.cat([torch.zeros_like(running[..., :1]), running[..., :-1]], dim=-1)
     # The total comes from the same running sum as `above`, so rounding cannot drop a pair at τ = 1.
     total = own_weight + running[..., -1:]
