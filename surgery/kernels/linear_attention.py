@@ -260,18 +260,27 @@ def linear_attention_bwd(do, q, k, v, weight_q, bias_q, weight_k, bias_k, kv, ks
         D=D, F=F, PRECISION=precision, **config,
     )
     dkv, dksum = summary_sums(q, weight_q, bias_q, do, den, dden)
+    dk, dv, dpsi_k = summary_bwd(k, v, weight_k, bias_k, dkv.to(k.dtype), dksum, 1.0 / L)
+    return dq, dk, dv, dpsi_q, dpsi_k
+
+
+def summary_bwd(k, v, weight, bias, dkv, dksum, inv_keys: float):
+    """The key pass: dk, dv and dψ_k [B, L, H, F] from dKV [B, H, 2F, D] (k's dtype) and dκ [B, H, 2F] (fp32),
+    for a summary of sums over the L keys scaled by inv_keys (1/L for means, 1 for sums)."""
+    B, L, H, D = k.shape
+    F = weight.shape[-1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dpsi_k = torch.empty(B, L, H, F, device=k.device, dtype=k.dtype)
+    dpsi = torch.empty(B, L, H, F, device=k.device, dtype=k.dtype)
     config = CONFIGS["bwd_key"]
     linear_attention_bwd_key_kernel[(triton.cdiv(L, config["BLOCK_S"]), B * H)](
-        k, weight_k, bias_k, v, dkv.to(k.dtype), dksum, dk, dv, dpsi_k, 1.0 / L,
+        k, weight, bias, v, dkv, dksum, dk, dv, dpsi, inv_keys,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        dpsi_k.stride(0), dpsi_k.stride(1), dpsi_k.stride(2),
+        dpsi.stride(0), dpsi.stride(1), dpsi.stride(2),
         H, L,
-        D=D, F=F, PRECISION=precision, **config,
+        D=D, F=F, PRECISION=input_precision(k.dtype), **config,
     )
-    return dq, dk, dv, dpsi_q, dpsi_k
+    return dk, dv, dpsi
 
 
 class LinearAttentionFunction(torch.autograd.Function):
@@ -293,6 +302,42 @@ class LinearAttentionFunction(torch.autograd.Function):
         dweight_q, dbias_q = parameter_grads(q, dpsi_q, bias_q, *ctx.needs_input_grad[3:5])
         dweight_k, dbias_k = parameter_grads(k, dpsi_k, bias_k, *ctx.needs_input_grad[5:7])
         return dq, dk, dv, dweight_q, dbias_q, dweight_k, dbias_k
+
+
+class LinearSummaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, k, v, weight, bias):
+        kv_sum, key_sum = summary_sums(k, weight, bias, v)
+        ctx.save_for_backward(k, v, weight, bias)
+        return torch.cat([kv_sum, key_sum.unsqueeze(-1)], dim=-1).to(k.dtype)
+
+    @staticmethod
+    def backward(ctx, dsummary):
+        k, v, weight, bias = ctx.saved_tensors
+        dkv, dksum = dsummary[..., :-1].contiguous(), dsummary[..., -1].float().contiguous()
+        dk, dv, dpsi = summary_bwd(k, v, weight, bias, dkv, dksum, 1.0)
+        dweight, dbias = parameter_grads(k, dpsi, bias, *ctx.needs_input_grad[2:4])
+        return dk, dv, dweight, dbias
+
+
+def linear_summary(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Σ_j φ(k_j)ᵀ[v_j, 1] = [B, H, 2F, D+1] in k's dtype (fp32 sums inside), with φ computed inside the kernels
+    and never stored: the `hybrid` variant's linear-key summary. k, v: [B, L, H, D]; weight [H, D, F] and bias
+    [H, F] in k's dtype (`FeatureMap` with hidden_dim = 0). Differentiable in every argument."""
+    B, L, H, D = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"v must be [B, L, H, D] = {tuple(k.shape)}, got {tuple(v.shape)}")
+    F = weight.shape[-1]
+    if weight.shape != (H, D, F) or bias.shape != (H, F):
+        raise ValueError(f"φ's weight must be [H, D, F] = {(H, D, F)} and bias [H, F], "
+                         f"got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    if any(t.dtype != k.dtype for t in (v, weight, bias)):
+        raise ValueError(f"v and the feature map's parameters must be in k's dtype {k.dtype}")
+    reason = unsupported_reason(k, weight)
+    if reason:
+        raise ValueError(f"linear_summary kernel: {reason}")
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    return LinearSummaryFunction.apply(k, v, weight.contiguous(), bias.contiguous())
 
 
 def unsupported_reason(q: torch.Tensor, weight_q: torch.Tensor) -> str | None:
@@ -341,4 +386,4 @@ def linear_attention(
     return LinearAttentionFunction.apply(q, k, v, *params)
 
 
-__all__ = ["linear_attention", "unsupported_reason"]
+__all__ = ["linear_attention", "linear_summary", "unsupported_reason"]

@@ -141,9 +141,16 @@ class FeatureMapAttention(AttentionVariant):
         return sums[..., :-1], sums[..., -1:]
 
     def linear_summary(self, k, v, kernel: bool = False) -> torch.Tensor:
-        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, 2F, D+1] for linear keys and values k, v [B, L, H, D]; kernel: φ_k
-        through `FeatureMap.forward_kernel`. The column of ones makes Σφ(k) ride along in the matmul of Σφ(k)ᵀv."""
-        phi_k = self.feature_map_k.forward_kernel(k) if kernel else self.feature_map_k(k)  # [B, L, H, 2F]
+        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, 2F, D+1] for linear keys and values k, v [B, L, H, D]. The column of
+        ones makes Σφ(k) ride along in the matmul of Σφ(k)ᵀv. kernel: the fused op (`kernels/linear_attention.py`
+        `linear_summary`, φ_k never stored) where it applies, else φ_k through `FeatureMap.forward_kernel`."""
+        feature_map = self.feature_map_k
+        if kernel:
+            from ..kernels.linear_attention import linear_summary, unsupported_reason
+
+            if not feature_map.hidden_dim and not unsupported_reason(k, feature_map.weight):
+                return linear_summary(k, v, feature_map.weight.to(k.dtype), feature_map.bias.to(k.dtype))
+        phi_k = feature_map.forward_kernel(k) if kernel else feature_map(k)  # [B, L, H, 2F]
         return torch.einsum("blhf,blhe->bhfe", phi_k, F.pad(v, (0, 1), value=1.0))
 
 

@@ -107,12 +107,10 @@ class HybridAttention(FeatureMapAttention):
         return (numerator / denominator).to(q.dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The fused Triton op (`kernels/hybrid.py`): same math and result as `attend_reference`. φ_q and φ_k
-        run through the fused feature-map op (`kernels/feature_map.py`), whose time was in PyTorch's
-        elementwise passes, not in its matmuls (bench/NOTES-hybrid.md). The summary stays in torch, in q's
-        dtype so half inputs run on the tensor cores (fp32 sums inside): at Wan-1.3B's 32,760 tokens, R = 4,
-        φ(K_L)ᵀ[V_L, 1] is one 19.5 GFLOP batched matmul and φ_q, φ_k 22.5 GFLOP, against 1,648 GFLOP in the
-        softmax branch, which the kernel runs."""
+        """The fused Triton op (`kernels/hybrid.py`): same math and result as `attend_reference`. φ_q runs
+        through the fused feature-map op (`kernels/feature_map.py`); the summary φ(K_L)ᵀ[V_L, 1] through the
+        linear op's summary kernels (`kernels/linear_attention.py` `linear_summary`: φ_k computed inside, never
+        stored; fp32 sums), where they apply, else φ_k through the feature-map op and a torch matmul."""
         from ..kernels.hybrid import hybrid_attention  # Triton is imported only where the kernel runs
 
         rate, tokens = self.config.rate, q.shape[1]

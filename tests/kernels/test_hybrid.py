@@ -132,9 +132,10 @@ def attend_kernel_errors(processor, grid):
         (HybridAttention, HybridConfig(rate=4, feature_dim=12, hidden_dim=4), VideoGrid(3, 4, 5)),
         (HybridAttention, HybridConfig(rate=5, feature_dim=8), VideoGrid(2, 5, 7)),
         (HybridAttention, HybridConfig(rate=1), VideoGrid(2, 3, 5)),
+        (HybridAttention, HybridConfig(rate=3, feature_dim=16), VideoGrid(2, 5, 7)),  # fused linear summary
         (LinearAttention, LinearConfig(feature_dim=8, hidden_dim=4), VideoGrid(3, 4, 5)),
     ],
-    ids=["hybrid-R4-hidden", "hybrid-R5", "hybrid-R1", "linear"],
+    ids=["hybrid-R4-hidden", "hybrid-R5", "hybrid-R1", "hybrid-R3-fused-summary", "linear"],
 )
 def test_variant_attend_kernel_matches_reference(small_blocks, cls, config, grid):
     """`attend_kernel` (what `attend` runs on CUDA) against `attend_reference`, both in fp32, called

@@ -95,6 +95,45 @@ def test_matches_reference(
     assert all(e <= tol for e in errors.values()), errors
 
 
+@pytest.mark.parametrize("keys,dtype", [(37, torch.float32), (50, torch.float16)])
+def test_linear_summary_matches_the_torch_summary(small_blocks, poisoned_empty, keys, dtype):
+    """The fused summary Σφ_k(k)ᵀ[v, 1] (`hybrid`'s linear keys) against the variant's torch path in fp64 (fp32
+    for fp16 inputs): the summary and the gradients of k, v, W and b under a random upstream gradient."""
+    processor = random_processor(LinearAttention, LinearConfig(feature_dim=16), 3, 32).to(DEVICE, dtype)
+    reference = copy.deepcopy(processor).to(torch.float64 if dtype == torch.float32 else torch.float32)
+    k, v = (torch.randn(2, keys, 3, 32, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    rk, rv = (t.detach().to(reference.feature_map_k.weight.dtype).requires_grad_() for t in (k, v))
+    maps, ref_maps = processor.feature_map_k, reference.feature_map_k
+    summary = la.linear_summary(k, v, maps.weight, maps.bias)
+    expected = reference.linear_summary(rk, rv)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(summary, (k, v, maps.weight, maps.bias), upstream.to(dtype))
+    ref_grads = torch.autograd.grad(expected, (rk, rv, ref_maps.weight, ref_maps.bias), upstream)
+    errors = [rel_err(a, b) for a, b in zip((summary, *grads), (expected, *ref_grads))]
+    assert summary.dtype == dtype and max(errors) <= (1e-3 if dtype == torch.float32 else 2e-3), errors
+
+
+@gpu
+@needs_cuda
+def test_gpu_linear_summary_bf16(poisoned_empty):
+    """`hybrid`'s linear keys at Wan-1.3B, R = 4 (24,570 keys, 12 heads × 128, F = 128), bf16, against the torch
+    summary in fp32 on the same bf16 values: summary and gradients ≤ 2e-2 relative."""
+    processor = random_processor(LinearAttention, LinearConfig(feature_dim=128), 12, 128).to("cuda", torch.bfloat16)
+    reference = copy.deepcopy(processor).float()
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 24570, 12, 128, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+    rk, rv = (t.detach().float().requires_grad_() for t in (k, v))
+    maps, ref_maps = processor.feature_map_k, reference.feature_map_k
+    summary = la.linear_summary(k, v, maps.weight, maps.bias)
+    expected = reference.linear_summary(rk, rv)
+    upstream = torch.randn_like(expected)
+    grads = torch.autograd.grad(summary, (k, v, maps.weight, maps.bias), upstream.bfloat16())
+    ref_grads = torch.autograd.grad(expected, (rk, rv, ref_maps.weight, ref_maps.bias), upstream)
+    errors = [rel_err(a, b) for a, b in zip((summary, *grads), (expected, *ref_grads))]
+    print(errors)
+    assert max(errors) <= 2e-2, errors
+
+
 def test_variant_attend_kernel_runs_the_op(small_blocks, kernel_calls):
     """`attend_kernel` (what `attend` runs on CUDA) against `attend_reference`, both fp32: the output and the
     gradients of q, k, v and every feature-map parameter, with the op doing the work."""
