@@ -29,6 +29,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.memory import peak_gib  # noqa: E402
+from bench.sweep import keep_fastest  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.kernels import block_sparse as bs  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation, to_tile_order  # noqa: E402
@@ -110,41 +111,18 @@ def sweep(grid, log):
     o, lse = bs.block_sparse_attn_fwd(q, k, v, *args)
     # 8 warps lost everywhere in earlier sweeps (bench/NOTES.md); one is kept as a check.
     configs = [dict(num_warps=4, num_stages=s) for s in (2, 3, 4)] + [dict(num_warps=8, num_stages=3)]
+    calls = {"fwd": lambda: bs.block_sparse_attn_fwd(q, k, v, *args),
+             "dq": lambda: bs.block_sparse_attn_bwd(do, q, k, v, o, lse, *args)}
     for name in ("fwd", "dq", "dkv"):
-        results = []
-        for config in configs if name != "dkv" else [dict(c, GROUP=g) for c in configs for g in (1, 2)]:
-            saved = bs.CONFIGS[name]
-            bs.CONFIGS[name] = config
-            try:
-                if name == "fwd":
-                    ms = bench(lambda: bs.block_sparse_attn_fwd(q, k, v, *args), rep=100)
-                else:
-                    ms = bench(lambda: bs.block_sparse_attn_bwd(do, q, k, v, o, lse, *args), rep=100)
-            except Exception as e:  # e.g. out of shared memory
-                ms = float("inf")
-                log(f"  {name} {config}: {type(e).__name__}")
-            bs.CONFIGS[name] = saved
-            results.append((ms, config))
-            log(f"  sweep {name} {config}: {ms:.3f} ms")
-        best_ms, best = min(results, key=lambda r: r[0])
-        bs.CONFIGS[name] = best
-        log(f"best {name}: {best} {best_ms:.3f} ms")
+        candidates = configs if name != "dkv" else [dict(c, GROUP=g) for c in configs for g in (1, 2)]
+        keep_fastest(log, "block-sparse", bs.CONFIGS, name, candidates, calls.get(name, calls["dq"]))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     call, _, what = chunked_case(grid, qg, kg, vg)
-    results = []
-    for bn, group, warps, stages in [(64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 4, 2), (64, 2, 4, 4), (128, 1, 8, 3)]:
-        config = dict(BLOCK_N=bn, GROUP=group, num_warps=warps, num_stages=stages)
-        bs.CONFIGS["chunked"] = config
-        try:
-            ms = bench(lambda: call().backward(do), grad_to_none=[qg, kg, vg], rep=100)
-        except Exception as e:
-            ms = float("inf")
-            log(f"  chunked {config}: {type(e).__name__}")
-        results.append((ms, config))
-        log(f"  sweep chunked fwd+bwd ({what}) {config}: {ms:.3f} ms")
-    best_ms, best = min(results, key=lambda r: r[0])
-    bs.CONFIGS["chunked"] = best
-    log(f"best chunked: {best} {best_ms:.3f} ms")
+    candidates = [dict(BLOCK_N=bn, GROUP=group, num_warps=warps, num_stages=stages)
+                  for bn, group, warps, stages in [(64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 4, 2), (64, 2, 4, 4),
+                                                   (128, 1, 8, 3)]]
+    keep_fastest(log, f"block-sparse fwd+bwd ({what})", bs.CONFIGS, "chunked", candidates,
+                 lambda: call().backward(do), [qg, kg, vg])
 
 
 def run_shape(label, grid, peers, rows, log, ours_only=False):

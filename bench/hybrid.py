@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.sweep import keep_fastest  # noqa: E402
 from surgery.grid import VideoGrid  # noqa: E402
 from surgery.kernels import feature_map as fm  # noqa: E402
 from surgery.kernels import hybrid as hy  # noqa: E402
@@ -74,23 +75,6 @@ def linear_op_call():
     maps = [FeatureMap(HEADS, HEAD_DIM, HEAD_DIM, 0).to("cuda", DTYPE) for _ in range(2)]
     params = [p for m in maps for p in (m.weight, m.bias)]
     return lambda: la.linear_attention(q, k, v, *params), [q, k, v, *params]
-
-
-def keep_fastest(log, op, configs, name, candidates, call, grads):
-    """Time `call` under each launch config in `candidates` for `op`'s kernel `name`; keep the fastest in `configs`."""
-    results = []
-    for config in candidates:
-        configs[name] = config
-        try:
-            ms = bench(call, grad_to_none=grads, rep=100)
-        except Exception as e:  # e.g. out of shared memory
-            ms = float("inf")
-            log(f"  {op} {name} {config}: {type(e).__name__}")
-        results.append((ms, config))
-        log(f"  sweep {op} {name} {config}: {ms:.3f} ms")
-    best_ms, best = min(results, key=lambda r: r[0])
-    configs[name] = best
-    log(f"best {op} {name}: {best} {best_ms:.3f} ms")
 
 
 def sweep(log):

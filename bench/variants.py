@@ -51,6 +51,7 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.memory import peak_gib  # noqa: E402
+from bench.sweep import keep_fastest  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.kernels import selected_blocks  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation  # noqa: E402
@@ -362,7 +363,8 @@ def computed_density(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid)
 
 
 def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
-    """Time launch configs of each `selected_blocks` kernel on layer 0's selection; keep the fastest in CONFIGS."""
+    """Time launch configs of each `selected_blocks` kernel on layer 0's selection (fwd and merge: the forward;
+    dq and dkv: the backward); keep the fastest in CONFIGS."""
     S, H, D = grid.tokens, setup.heads, setup.head_dim
     q, k, v, do = (torch.randn(1, S, H, D, device=setup.device, dtype=setup.dtype) for _ in range(4))
     vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
@@ -384,22 +386,8 @@ def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
         "merge": [dict(BLOCK_M=m, num_warps=w) for m, w in [(16, 4), (32, 4), (64, 4), (64, 8)]],
     }
     for name, configs in candidates.items():
-        results = []
-        for config in configs:
-            saved = selected_blocks.CONFIGS[name]
-            selected_blocks.CONFIGS[name] = config
-            try:
-                ms = do_bench(calls["fwd" if name in ("fwd", "merge") else "bwd"], warmup=25, rep=100,
-                              return_mode="median")
-            except Exception as e:  # e.g. out of shared memory
-                ms = float("inf")
-                log(f"  sweep vmoba {name} {config}: {short(e)}")
-            selected_blocks.CONFIGS[name] = saved
-            results.append((ms, config))
-            log(f"  sweep vmoba {name} {config}: {ms:.3f} ms")
-        best_ms, best = min(results, key=lambda r: r[0])
-        selected_blocks.CONFIGS[name] = best
-        log(f"best vmoba {name}: {best} ({best_ms:.3f} ms {'forward' if name in ('fwd', 'merge') else 'backward'})")
+        call = calls["fwd" if name in ("fwd", "merge") else "bwd"]
+        keep_fastest(log, "vmoba", selected_blocks.CONFIGS, name, configs, call)
 
 
 def fastvideo_pad(t: torch.Tensor, tiles: PaddedTiles) -> torch.Tensor:

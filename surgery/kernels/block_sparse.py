@@ -215,6 +215,26 @@ def block_sparse_attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _key_chunk(k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """What the key-major backward kernels share for their program (chunk of ≤ BLOCK_N keys of key block kb,
+    batch·head): the ids, the chunk's key range and offsets, the k/v addresses and their rows [BN, D]."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    kb = i_c // CHUNKS
+    kv_end = tl.load(kv_offsets + kb + 1)
+    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
+    offs_n = kv_start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < kv_end
+    offs_d = tl.arange(0, D)
+    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
+    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
+    return i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v
+
+
+@triton.jit
 def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
     """One step of a key-major backward: keys b_k, b_v [BN, D] against query rows b_q, b_do [BM, D] with their
     base-2 lse and delta [BM]; rows with ok False count nothing. Returns the accumulated dk (unscaled), dv."""
@@ -236,18 +256,8 @@ def block_sparse_attn_bwd_dkv_kernel(
     PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    kb = i_c // CHUNKS
-    kv_end = tl.load(kv_offsets + kb + 1)
-    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
-    offs_n = kv_start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < kv_end
-    offs_d = tl.arange(0, D)
-    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
+    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
+        k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (NK + 1)
@@ -389,13 +399,19 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block):
+def check_qkv(q, k, v) -> None:
+    """ValueError unless k, v are [B, S_kv, H, D] matching q [B, S, H, D] with D a power of two ≥ 16."""
     B, _, H, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
         raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if D < 16 or D & (D - 1):
         raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
+
+
+def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block):
+    check_qkv(q, k, v)
+    B, _, H, _ = q.shape
     NQ = q_offsets.numel() - 1
     if kv_block_index.dim() != 4 or kv_block_index.shape[:3] != (B, H, NQ) or kv_block_count.shape != (B, H, NQ):
         raise ValueError(f"kv_block_index must be [B, H, NQ, MAXK] and kv_block_count [B, H, NQ] with B={B}, H={H}, "

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _precision, _tile,
-                           block_sparse_attn_bwd_preprocess_kernel, masked_attention_reference)
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chunk, _precision,
+                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference)
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
 CHUNK = 64
@@ -209,18 +209,8 @@ def selected_blocks_bwd_dkv_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head), over the queries that chose kb.
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    kb = i_c // CHUNKS
-    kv_end = tl.load(kv_offsets + kb + 1)
-    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
-    offs_n = kv_start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < kv_end
-    offs_d = tl.arange(0, D)
-    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)
-    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)
+    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
+        k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     g = i_bh * NK + kb
@@ -322,12 +312,8 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
 
 
 def _check(q, k, v, block_mask, kv_offsets, max_kv_block):
-    B, S, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
-        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
+    check_qkv(q, k, v)
+    B, S, H, _ = q.shape
     if block_mask.shape != (B, H, S, kv_offsets.numel() - 1) or block_mask.dtype != torch.bool:
         raise ValueError(f"block_mask must be bool [B, H, S, n_kv] = {(B, H, S, kv_offsets.numel() - 1)}, "
                          f"got {block_mask.dtype} {tuple(block_mask.shape)}")

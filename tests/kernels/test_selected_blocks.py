@@ -71,6 +71,18 @@ def test_pair_lists_index_every_pair_both_ways():
     assert (end - first).sum() == pairs.pairs
 
 
+def test_rejects_bad_arguments():
+    q = k = v = torch.randn(1, 8, 2, 16)
+    offsets = block_offsets((4, 4), "cpu")
+    with pytest.raises(ValueError, match="block_mask must be bool"):
+        selected_block_attention(q, k, v, torch.ones(1, 2, 8, 3, dtype=torch.bool), offsets, 4)
+    with pytest.raises(ValueError, match="block_mask must be bool"):
+        selected_block_attention(q, k, v, torch.ones(1, 2, 8, 2), offsets, 4)
+    with pytest.raises(ValueError, match="head_dim must be a power of two"):
+        selected_block_attention(q[..., :12], k[..., :12], v[..., :12], torch.ones(1, 2, 8, 2, dtype=torch.bool),
+                                 offsets, 4)
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("block", [(3, 30, 52), (3, 5, 13)])  # VMoBA-like 1D (4,680 keys) and small 3D blocks
