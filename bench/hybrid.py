@@ -79,7 +79,14 @@ def linear_op_call():
 
 def sweep(log):
     """Time launch configs of each kernel, the hybrid op's at R = 4 (fwd alone, or fwd+bwd for the backward
-    kernels and the linear op's summary kernel)."""
+    kernels and the linear op's summary kernel). One function per op, so each one's tensors are freed before
+    the next."""
+    sweep_hybrid(log)
+    sweep_feature_map(log)
+    sweep_linear(log)
+
+
+def sweep_hybrid(log):
     inputs = op_inputs(4)
     do = torch.randn_like(inputs[0])
     candidates = {
@@ -96,14 +103,18 @@ def sweep(log):
         else:
             call = lambda: hy.hybrid_attention(*inputs, 4).backward(do)
         keep_fastest(log, "hybrid", hy.CONFIGS, name, configs, call, inputs)
-    del inputs, do
+
+
+def sweep_feature_map(log):
     feature_map, x, grads = feature_map_inputs()
     phi = feature_map.forward_kernel
     dphi = torch.randn(*x.shape[:-1], 2 * HEAD_DIM, device="cuda", dtype=DTYPE)
     configs = [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)]
     keep_fastest(log, "feature map", fm.CONFIGS, "fwd", configs, lambda: phi(x), grads)
     keep_fastest(log, "feature map", fm.CONFIGS, "bwd", configs, lambda: phi(x).backward(dphi), grads)
-    del feature_map, x, grads, dphi
+
+
+def sweep_linear(log):
     call, grads = linear_op_call()
     do = torch.randn_like(grads[0])
     blocks = [dict(BLOCK_S=bs, num_warps=w) for bs, w in [(32, 4), (64, 4), (64, 8), (128, 8)]]
@@ -115,6 +126,29 @@ def sweep(log):
     keep_fastest(log, "linear", la.CONFIGS, "summary", summary, lambda: call().backward(do), grads)
     for name in ("bwd_query", "bwd_key"):
         keep_fastest(log, "linear", la.CONFIGS, name, blocks, lambda: call().backward(do), grads)
+
+
+# The rows' inputs live in these functions, so each row's tensors are freed before the next is made.
+def time_dense(add):
+    S = GRID.tokens
+    q, k, v = (torch.randn(1, HEADS, S, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+
+    def dense():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return add("SDPA cuDNN (dense)", dense, [q, k, v], 4.0 * HEADS * S * S * HEAD_DIM)
+
+
+def time_feature_map(add):
+    feature_map, x, grads = feature_map_inputs()
+    add("feature map φ, reference (FeatureMap.forward)", lambda: feature_map(x), grads)
+    add("feature map φ, fused kernel (forward_kernel)", lambda: feature_map.forward_kernel(x), grads)
+
+
+def time_hybrid_op(add, rate, flops):
+    inputs = op_inputs(rate)
+    add(f"hybrid op R={rate} (given φ_q, KV)", lambda: hy.hybrid_attention(*inputs, rate), inputs, flops)
 
 
 def variant_call(cls, config):
@@ -150,25 +184,13 @@ def main():
             + (f" ({row['fwd_tflops']:.0f} / {row['fwd_bwd_tflops']:.0f} TFLOP/s)" if flops else ""))
         return row
 
-    q, k, v = (torch.randn(1, HEADS, S, HEAD_DIM, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
-
-    def dense():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
-
-    cudnn = add("SDPA cuDNN (dense)", dense, [q, k, v], 4.0 * HEADS * S * S * HEAD_DIM)
-    del q, k, v
-    feature_map, x, grads = feature_map_inputs()
-    add("feature map φ, reference (FeatureMap.forward)", lambda: feature_map(x), grads)
-    add("feature map φ, fused kernel (forward_kernel)", lambda: feature_map.forward_kernel(x), grads)
-    del feature_map, x, grads
+    cudnn = time_dense(add)
+    time_feature_map(add)
     add("linear op alone (linear_attention)", *linear_op_call())
     linear = add("linear variant (attend_kernel)", *variant_call(LinearAttention, LinearConfig()))
     for rate in (4, 8):
         softmax_flops = 4.0 * HEADS * S * -(-S // rate) * HEAD_DIM
-        inputs = op_inputs(rate)
-        add(f"hybrid op R={rate} (given φ_q, KV)", lambda: hy.hybrid_attention(*inputs, rate), inputs, softmax_flops)
-        del inputs
+        time_hybrid_op(add, rate, softmax_flops)
         add(f"hybrid variant R={rate} (attend_kernel)", *variant_call(HybridAttention, HybridConfig(rate=rate)),
             flops=softmax_flops)
         rows.append(dict(name=f"yardstick R={rate}: cuDNN / R + linear",
