@@ -372,10 +372,11 @@ def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
     block_mask, layout = selected_mask(vmoba, q, k, grid)
     pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
     longest, scale = math.prod(layout.block), D ** -0.5
-    o, lse = selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale)
-    calls = {"fwd": lambda: selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale),
+    o, dq, dk, dv = (torch.empty_like(t) for t in (q, q, k, v))
+    lse = selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale, o)
+    calls = {"fwd": lambda: selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale, o),
              "bwd": lambda: selected_blocks.selected_blocks_bwd(do, q, k, v, o, lse, pairs, layout.offsets, longest,
-                                                                scale)}
+                                                                scale, dq, dk, dv)}
     candidates = {
         "fwd": [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in
                 [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3), (64, 8, 3)]],

@@ -11,6 +11,8 @@ Layout: q is [B, S_q, H, D] in any token order; k, v are [B, S_kv, H, D] with ke
 `kv_offsets[j]:kv_offsets[j + 1]` (`tile_order.to_tile_order` groups them); `block_mask` [B, H, S_q, n]
 says which blocks each query attends. Backward: dk, dv key-major over the gathered queries (one program
 per 64-key chunk, no atomics); dq per pair into partial rows, then summed per query. Deterministic.
+The partials take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run in
+groups (`head_groups`), each group's partials freed before the next.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chun
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
 CHUNK = 64
+# The partial buffers grow with the pairs (fp32 dq partials: 512 bytes a pair at head_dim 128; 2.8 GB at Wan-1.3B's
+# 3D VMoBA layers, ~60 GB at 14B and 720p): heads run in groups whose dq partials fit this (`head_groups`).
+PARTIAL_BYTES = 8 * 2**30
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
@@ -243,7 +248,8 @@ def _merge(part, lse_part, query_offsets, out, lse, weighted: bool):
     )
 
 
-def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale):
+def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale, o):
+    """Writes the output into o (q's shape, any strides); returns lse [B, H, S] fp32."""
     B, S, H, D = q.shape
     NK = kv_offsets.numel() - 1
     config = CONFIGS["fwd"]
@@ -257,13 +263,13 @@ def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale):
             v.stride(0), v.stride(1), v.stride(2),
             H, NK, D=D, BLOCK_M=CHUNK, PRECISION=_precision(q.dtype), **config,
         )
-    o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True)
-    return o, lse
+    return lse
 
 
-def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_kv_block, scale):
+def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_kv_block, scale, dq, dk, dv):
+    """Writes the gradients into dq, dk, dv (shaped and strided like q, k, v)."""
     B, S, H, D = q.shape
     NK = kv_offsets.numel() - 1
     precision = _precision(q.dtype)
@@ -280,25 +286,43 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
             q, k, v, do, dq_part, lse, delta, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
             *strides, H, S, NK, D=D, BLOCK_M=CHUNK, PRECISION=precision, **CONFIGS["dq"],
         )
-    dq = torch.empty_like(q)
     _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
     config = CONFIGS["dkv"]
     chunks = triton.cdiv(max_kv_block, config["BLOCK_N"])
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
     selected_blocks_bwd_dkv_kernel[(NK * chunks, B * H)](
         q, k, v, do, dk, dv, lse, delta, pairs.group_offsets, pairs.pair_query, kv_offsets, scale,
         *strides, H, S, NK, D=D, CHUNKS=chunks, PRECISION=precision, **config,
     )
-    return dq, dk, dv
+
+
+def head_groups(block_mask: torch.Tensor, head_dim: int) -> list[tuple[int, int]]:
+    """Consecutive head ranges [h0, h1) whose fp32 dq partials (one [head_dim] row per (query, block) pair) each
+    fit PARTIAL_BYTES: all heads at once unless the pairs could outgrow it (a head alone may)."""
+    B, H, S, n = block_mask.shape
+    if B * H * S * n * head_dim * 4 <= PARTIAL_BYTES:  # even every pair chosen fits: no count, no sync
+        return [(0, H)]
+    groups, start, size = [], 0, 0
+    for h, pairs in enumerate(block_mask.sum(dim=(0, 2, 3)).tolist()):
+        if h > start and size + pairs * head_dim * 4 > PARTIAL_BYTES:
+            groups.append((start, h))
+            start, size = h, 0
+        size += pairs * head_dim * 4
+    return groups + [(start, H)]
 
 
 class SelectedBlockAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_mask, kv_offsets, max_kv_block, scale):
-        pairs = list_pairs(block_mask, CHUNK)
-        o, lse = selected_blocks_fwd(q, k, v, pairs, kv_offsets, scale)
+        o = torch.empty_like(q)
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+        ctx.groups = []
+        for h0, h1 in head_groups(block_mask, q.shape[-1]):
+            pairs = list_pairs(block_mask[:, h0:h1], CHUNK)
+            q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
+            lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)
+            ctx.groups.append((h0, h1, pairs))
         ctx.save_for_backward(q, k, v, o, lse, kv_offsets)
-        ctx.pairs, ctx.max_kv_block, ctx.scale = pairs, max_kv_block, scale
+        ctx.max_kv_block, ctx.scale = max_kv_block, scale
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -307,7 +331,12 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, kv_offsets = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = selected_blocks_bwd(do, q, k, v, o, lse, ctx.pairs, kv_offsets, ctx.max_kv_block, ctx.scale)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h0, h1, pairs in ctx.groups:
+            heads = [t[:, :, h0:h1] for t in (do, q, k, v, o)]
+            grads = [t[:, :, h0:h1] for t in (dq, dk, dv)]
+            selected_blocks_bwd(*heads, lse[:, h0:h1].contiguous(), pairs, kv_offsets, ctx.max_kv_block, ctx.scale,
+                                *grads)
         return dq, dk, dv, None, None, None, None
 
 
