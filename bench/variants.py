@@ -55,7 +55,7 @@ from bench.sweep import keep_fastest  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.kernels import selected_blocks  # noqa: E402
 from surgery.kernels.tile_order import tile_permutation  # noqa: E402
-from surgery.variants.vmoba import VideoMixtureOfBlockAttention, VMoBAConfig, block_scores  # noqa: E402
+from surgery.variants.vmoba import VideoMixtureOfBlockAttention, VMoBAConfig  # noqa: E402
 from surgery.variants.vsa import VideoSparseAttention, VSAConfig  # noqa: E402
 
 SHAPES = {"1.3b": VideoGrid(21, 30, 52), "720p": VideoGrid(21, 45, 80)}
@@ -345,17 +345,10 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
     return rows
 
 
-def selected_mask(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid):
-    """The block mask [B, H, S, n] `attend_kernel` selects on q, k, and the layout of its blocks."""
-    layout = block_layout(grid, vmoba.config.block_shape(vmoba.partition, grid), q.device)
-    with torch.no_grad():
-        return vmoba.select_blocks(block_scores(q.float(), k.float(), layout), layout), layout
-
-
 def computed_density(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> float:
     """Share of query-key pairs the kernel computes: per (batch, head, key block), the queries that chose the
     block, rounded up to whole chunks of `selected_blocks.CHUNK`. The target counts only the pairs selected."""
-    block_mask, layout = selected_mask(vmoba, q, k, grid)
+    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     batch, heads, tokens, _ = block_mask.shape
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
@@ -369,7 +362,7 @@ def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
     q, k, v, do = (torch.randn(1, S, H, D, device=setup.device, dtype=setup.dtype) for _ in range(4))
     vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
                                          heads=H, head_dim=D, dim=H * D, layer_index=0)
-    block_mask, layout = selected_mask(vmoba, q, k, grid)
+    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
     longest, scale = math.prod(layout.block), D ** -0.5
     o, dq, dk, dv = (torch.empty_like(t) for t in (q, q, k, v))

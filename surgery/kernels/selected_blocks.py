@@ -68,7 +68,8 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
 
 
 def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
-    """`PairLists` of block_mask [B, H, S, n] (bool) with key-major chunks of ≤ `chunk` pairs. One host sync."""
+    """`PairLists` of block_mask [B, H, S, n] (bool) with key-major chunks of ≤ `chunk` pairs. Two host syncs:
+    the pair count (`nonzero`) and the chunk count."""
     B, H, S, n = block_mask.shape
     device = block_mask.device
     by_block = block_mask.transpose(-1, -2)  # [B, H, n, S]
@@ -86,12 +87,11 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
     chunks_per_group = (group_counts + chunk - 1) // chunk
     chunk_offsets = _exclusive_cumsum(chunks_per_group)
     total = int(chunk_offsets[-1])
-    group = torch.repeat_interleave(torch.arange(B * H * n, device=device, dtype=torch.int32), chunks_per_group,
-                                    output_size=total)
-    first = group_offsets[group.long()] + (torch.arange(total, device=device, dtype=torch.int32)
-                                           - chunk_offsets[group.long()]) * chunk
-    end = torch.minimum(first + chunk, group_offsets[group.long() + 1])
-    return PairLists(pair_query, pair_slot.to(torch.int32), group_offsets, torch.stack([first, end, group], 1),
+    group = torch.repeat_interleave(torch.arange(B * H * n, device=device), chunks_per_group, output_size=total)
+    rank_in_group = torch.arange(total, device=device, dtype=torch.int32) - chunk_offsets[group]
+    first = group_offsets[group] + rank_in_group * chunk
+    end = torch.minimum(first + chunk, group_offsets[group + 1])
+    return PairLists(pair_query, pair_slot, group_offsets, torch.stack([first, end, group.to(torch.int32)], 1),
                      query_offsets)
 
 

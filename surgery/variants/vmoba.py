@@ -208,15 +208,20 @@ class VideoMixtureOfBlockAttention(AttentionVariant):
             return select_blocks_topk(scores, layout.block_of_token, top_k)
         return select_blocks_threshold(scores, layout.block_of_token, self.config.threshold)
 
+    def choose_blocks(self, q, k, grid: VideoGrid) -> tuple[torch.Tensor, BlockLayout]:
+        """This layer's selection on q, k [B, S, H, D] (raster order; scored in their dtype, no gradient): the
+        block mask [B, H, S, n] and the layout of the blocks on `grid`."""
+        layout = block_layout(grid, self.config.block_shape(self.partition, grid), q.device)
+        with torch.no_grad():
+            return self.select_blocks(block_scores(q, k, layout), layout), layout
+
     def attend_reference(self, q, k, v, grid, x=None):
         """q, k, v: [B, S, H, D] raster order. Returns [B, S, H, D]; records the density selected."""
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-        layout = block_layout(grid, self.config.block_shape(self.partition, grid), q.device)
         # Autocast would run the matmuls in half precision again; the reference computes in fp32 or wider.
         with torch.autocast(q.device.type, enabled=False):
             q, k, v = (t.to(dtype) for t in (q, k, v))
-            with torch.no_grad():
-                block_mask = self.select_blocks(block_scores(q, k, layout), layout)
+            block_mask, layout = self.choose_blocks(q, k, grid)
             out = attend_selected_blocks(q, k, v, layout, block_mask)
         self._record_density(block_mask, layout)
         return out.to(out_dtype)
@@ -231,9 +236,8 @@ class VideoMixtureOfBlockAttention(AttentionVariant):
         from ..kernels.selected_blocks import selected_block_attention
         from ..kernels.tile_order import tile_permutation, to_tile_order
 
-        layout = block_layout(grid, self.config.block_shape(self.partition, grid), q.device)
-        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            block_mask = self.select_blocks(block_scores(q.float(), k.float(), layout), layout)  # [B, H, S, n]
+        with torch.autocast(q.device.type, enabled=False):
+            block_mask, layout = self.choose_blocks(q.float(), k.float(), grid)  # [B, H, S, n]
         order, inverse = tile_permutation(grid, layout.block, q.device)
         out, _ = selected_block_attention(q, to_tile_order(k, order, inverse), to_tile_order(v, order, inverse),
                                           block_mask, layout.offsets, math.prod(layout.block))
