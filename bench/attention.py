@@ -114,7 +114,10 @@ def sweep(grid, log):
     calls = {"fwd": lambda: bs.block_sparse_attn_fwd(q, k, v, *args),
              "dq": lambda: bs.block_sparse_attn_bwd(do, q, k, v, o, lse, *args)}
     for name in ("fwd", "dq", "dkv"):
-        candidates = configs if name != "dkv" else [dict(c, GROUP=g) for c in configs for g in (1, 2)]
+        # Whole 64-key/query tiles per loop step or halves (SPLIT 2); dkv also two tiles side by side (GROUP 2).
+        candidates = [dict(c, SPLIT=split) for c in configs for split in (1, 2)]
+        if name == "dkv":
+            candidates = [dict(c, GROUP=1) for c in candidates] + [dict(c, GROUP=2, SPLIT=1) for c in configs]
         keep_fastest(log, "block-sparse", bs.CONFIGS, name, candidates, calls.get(name, calls["dq"]))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     call, _, what = chunked_case(grid, qg, kg, vg)

@@ -121,12 +121,12 @@ class VideoSparseAttention(AttentionVariant):
         One pass per input takes q, k, v to tile order and pools their tile means in fp32
         (`to_tiles_with_means`); one pass adds the gated coarse output to the fine one and goes back
         to raster order (`gated_coarse_to_raster`); nothing is padded. The coarse attention and the
-        selection run in fp32 (n tiles: cheap): ranking bf16 scores would reorder near-ties and pick
-        other tiles than the reference.
+        selection (`top_tiles`: the reference's tiles, listed by id) run in fp32 (n tiles: cheap): ranking
+        bf16 scores would reorder near-ties and pick other tiles than the reference.
         """
         from ..kernels.block_sparse import block_sparse_attention
         from ..kernels.tile_order import tile_permutation
-        from ..kernels.vsa_tiles import gated_coarse_to_raster, to_tiles_with_means
+        from ..kernels.vsa_tiles import gated_coarse_to_raster, to_tiles_with_means, top_tiles
 
         if x is None:
             raise SurgeryError("vsa needs the attention input x for its gate")
@@ -137,7 +137,7 @@ class VideoSparseAttention(AttentionVariant):
             to_tiles_with_means(t, order, layout.offsets, tile_tokens) for t in (q, k, v))
         with torch.autocast(q.device.type, enabled=False):
             coarse, tile_scores = coarse_attention(q_tiles, k_tiles, v_tiles)  # [B, n, H, D], [B, H, n, n]
-        key_tiles = select_key_tiles(tile_scores, self.config.tiles_kept(layout.num_blocks))  # [B, H, n, k]
+        key_tiles = top_tiles(tile_scores, self.config.tiles_kept(layout.num_blocks))  # [B, H, n, k]
         counts = torch.full(key_tiles.shape[:-1], key_tiles.shape[-1], dtype=torch.int32, device=q.device)
         fine, _ = block_sparse_attention(q, k, v, key_tiles, counts, layout.offsets, layout.offsets,
                                          tile_tokens, tile_tokens)

@@ -13,8 +13,9 @@ import torch
 
 from surgery.grid import VideoGrid, block_layout
 from surgery.kernels.tile_order import tile_permutation
-from surgery.kernels.vsa_tiles import gated_coarse_to_raster, to_tiles_with_means
+from surgery.kernels.vsa_tiles import gated_coarse_to_raster, to_tiles_with_means, top_tiles
 from surgery.variants.block_select import mean_pool_blocks
+from surgery.variants.vsa import select_key_tiles
 
 
 def relative_error(a, b):
@@ -66,3 +67,37 @@ def test_tile_stages_match_pytorch(grid, tile):
 def test_tile_stages_on_gpu(poisoned_empty):
     torch.manual_seed(0)
     _check(VideoGrid(21, 30, 52), (4, 4, 4), torch.bfloat16, "cuda", batch=1, heads=12, head_dim=128, tolerance=1e-2)
+
+
+@pytest.mark.parametrize("shape,top_k,rounded", [((2, 3, 37, 37), 5, False), ((1, 2, 20, 20), 20, False),
+                                                 ((2, 2, 50, 50), 7, True), ((1, 1, 3, 600), 100, True),
+                                                 ((1, 1, 5, 9), 1, True)])
+def test_top_tiles_selects_what_the_stable_sort_selects(shape, top_k, rounded):
+    """The same tiles as the reference's stable descending sort, in id order: ties (scores rounded to a few
+    values) go to the lower tile id, -0.0 ties +0.0, k = n keeps all, rows not a multiple of a program's."""
+    g = torch.Generator().manual_seed(hash((shape, top_k)) % 2**31)
+    scores = torch.randn(shape, generator=g)
+    if rounded:
+        scores = scores.round()
+    scores[..., 0, :2] = -0.0
+    tiles = top_tiles(scores, top_k)
+    assert tiles.dtype == torch.int32 and tiles.shape == (*shape[:-1], top_k)
+    assert torch.equal(tiles.long(), select_key_tiles(scores, top_k).sort(-1).values)
+
+
+def test_top_tiles_rejects_bad_input():
+    with pytest.raises(ValueError, match="top_k"):
+        top_tiles(torch.randn(1, 1, 4, 4), 5)
+    with pytest.raises(ValueError, match="fp32"):
+        top_tiles(torch.randn(1, 1, 4, 4, dtype=torch.float64), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tiles,top_k", [(624, 78), (624, 156), (1440, 180)])
+def test_top_tiles_on_gpu(tiles, top_k):
+    """Wan-1.3B's and 720p's tile counts, 12 heads, at VSA's sparsities; scores with and without ties."""
+    g = torch.Generator(device="cuda").manual_seed(tiles + top_k)
+    scores = torch.randn(1, 12, tiles, tiles, device="cuda", generator=g)
+    for s in (scores, (scores * 4).round()):
+        assert torch.equal(top_tiles(s, top_k).long(), select_key_tiles(s, top_k).sort(-1).values)
