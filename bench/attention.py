@@ -114,15 +114,12 @@ def sweep(grid, log):
     calls = {"fwd": lambda: bs.block_sparse_attn_fwd(q, k, v, *args),
              "dq": lambda: bs.block_sparse_attn_bwd(do, q, k, v, o, lse, *args)}
     for name in ("fwd", "dq", "dkv"):
-        # Whole 64-key/query tiles per loop step or halves (SPLIT 2); dkv also two tiles side by side (GROUP 2).
-        candidates = [dict(c, SPLIT=split) for c in configs for split in (1, 2)]
-        if name == "dkv":
-            candidates = [dict(c, GROUP=1) for c in candidates] + [dict(c, GROUP=2, SPLIT=1) for c in configs]
+        candidates = configs if name != "dkv" else [dict(c, GROUP=g) for c in configs for g in (1, 2)]
         keep_fastest(log, "block-sparse", bs.CONFIGS, name, candidates, calls.get(name, calls["dq"]))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     call, _, what = chunked_case(grid, qg, kg, vg)
     candidates = [dict(BLOCK_N=bn, GROUP=group, num_warps=warps, num_stages=stages)
-                  for bn, group, warps, stages in [(64, 1, 4, 3), (64, 2, 4, 3), (64, 2, 4, 2), (64, 2, 4, 4),
+                  for bn, group, warps, stages in [(64, 1, 4, 2), (64, 1, 4, 3), (64, 1, 4, 4), (64, 2, 4, 3),
                                                    (128, 1, 8, 3)]]
     keep_fastest(log, f"block-sparse fwd+bwd ({what})", bs.CONFIGS, "chunked", candidates,
                  lambda: call().backward(do), [qg, kg, vg])

@@ -32,7 +32,12 @@ def main():
     q, k, v = (make(1, GRID.tokens, HEADS, HEAD_DIM) for _ in range(3))
     x = make(1, GRID.tokens, dim)
     upstream = torch.randn_like(q)
-    step = lambda: variant.attend_kernel(q, k, v, GRID, x).backward(upstream)
+    leaves = [q, k, v, x, *variant.parameters()]
+
+    def step():
+        for t in leaves:  # a fresh gradient each step, as in training: no accumulation kernels in the profile
+            t.grad = None
+        variant.attend_kernel(q, k, v, GRID, x).backward(upstream)
     for _ in range(3):  # compile and warm up
         step()
     torch.cuda.synchronize()

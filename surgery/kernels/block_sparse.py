@@ -33,25 +33,22 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
-# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). SPLIT: each listed tile is walked
-# in SPLIT parts, one narrower matmul per loop step (key parts in fwd and dq, query parts in dkv; never below
-# 16 rows); GROUP (dkv, SPLIT 1 only): query tiles side by side per loop step, for a GROUP-times wider matmul.
-# "chunked" (key blocks longer than MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
+# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). GROUP (dkv): query tiles side by
+# side per loop step, for a GROUP-times wider matmul. "chunked" (key blocks longer than MAX_FITTED_BLOCK,
+# all three kernels) also sets the chunk length BLOCK_N.
 CONFIGS = {
-    "fwd": dict(SPLIT=1, num_warps=4, num_stages=3),
-    "dq": dict(SPLIT=2, num_warps=4, num_stages=2),
-    "dkv": dict(GROUP=1, SPLIT=2, num_warps=4, num_stages=3),
-    "chunked": dict(BLOCK_N=64, GROUP=2, num_warps=4, num_stages=2),
+    "fwd": dict(num_warps=4, num_stages=3),
+    "dq": dict(num_warps=4, num_stages=2),
+    "dkv": dict(GROUP=1, num_warps=4, num_stages=2),
+    "chunked": dict(BLOCK_N=64, GROUP=1, num_warps=4, num_stages=3),
 }
 
 
 @triton.jit
-def _listed_rows(ranges, j, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr):
-    """Token ids and validity of loop step j over a list of tiles (token ranges [start, end) at ranges[2s],
-    ranges[2s + 1]) walked in steps of GROUP whole tiles side by side in rows of BLOCK (s = j, j + 1; entry
-    j + 1 may be past the list end n) or, with SPLIT > 1, of one part of BLOCK / SPLIT rows (tile s = j // SPLIT)."""
-    s = j // SPLIT
-    start0 = tl.load(ranges + 2 * s) + (j % SPLIT) * (BLOCK // SPLIT)
+def _listed_rows(ranges, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """Token ids and validity of GROUP consecutive listed tiles s, s + 1 (token ranges [start, end) at
+    ranges[2s], ranges[2s + 1]), side by side in rows of BLOCK; entry s + 1 may be past the list end n."""
+    start0 = tl.load(ranges + 2 * s)
     rows = start0 + offs_r
     ends = tl.load(ranges + 2 * s + 1)
     if GROUP == 2:
@@ -86,12 +83,10 @@ def _query_tile(q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, s
 
 
 @triton.jit
-def _fitted_slot(rng_base, j, offs_c, SPLIT: tl.constexpr):
-    """Step j of a query tile's list when every block fits SPLIT steps of BLOCK_N = len(offs_c) keys: part
-    j % SPLIT of slot j // SPLIT. Its key offsets, which of them are real keys, and the [1, BN] mask of the
-    pairs to count."""
-    s = j // SPLIT
-    offs_n = tl.load(rng_base + 2 * s) + (j % SPLIT) * offs_c.shape[0] + offs_c
+def _fitted_slot(rng_base, s, offs_c):
+    """Slot s of a query tile's list when every block fits one BLOCK_N step: its key offsets, which of them are
+    real keys, and the [1, BN] mask of the pairs to count."""
+    offs_n = tl.load(rng_base + 2 * s) + offs_c
     n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
     ok = n_ok[None, :]
     return offs_n, n_ok, ok
@@ -117,8 +112,7 @@ def block_sparse_attn_fwd_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
         q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
@@ -133,8 +127,8 @@ def block_sparse_attn_fwd_kernel(
     if FITTED:
         # Each listed block is one tile of ≤ BLOCK_N keys: one flat loop, which Triton pipelines. Its token
         # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
-        for j in range(0, n_slots * SPLIT):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, j, offs_c, SPLIT)
+        for s in range(0, n_slots):
+            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                       m_i, l_i, acc, qk_scale, PRECISION)
     else:
@@ -189,8 +183,7 @@ def block_sparse_attn_bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
 ):
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
         q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
@@ -204,8 +197,8 @@ def block_sparse_attn_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        for j in range(0, n_slots * SPLIT):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, j, offs_c, SPLIT)
+        for s in range(0, n_slots):
+            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                             b_dq, qk_scale, PRECISION)
     else:
@@ -260,7 +253,7 @@ def block_sparse_attn_bwd_dkv_kernel(
     stride_gb, stride_gs, stride_gh,
     H, S, NK, L,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
     i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
@@ -276,9 +269,9 @@ def block_sparse_attn_bwd_dkv_kernel(
 
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    offs_r = tl.arange(0, GROUP * BLOCK_M // SPLIT)
-    for j in range(lo * SPLIT, hi * SPLIT, GROUP):
-        offs_m, m_ok = _listed_rows(rng_base, j, hi, offs_r, BLOCK_M, GROUP, SPLIT)
+    offs_r = tl.arange(0, GROUP * BLOCK_M)
+    for i in range(lo, hi, GROUP):
+        offs_m, m_ok = _listed_rows(rng_base, i, hi, offs_r, BLOCK_M, GROUP)
         b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [GBM, D]
         b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
         b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E
@@ -297,25 +290,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _query_major_config(name: str, max_kv_block: int) -> dict:
-    """Launch settings of the fwd or dq kernel: key steps of BLOCK_N = tile / SPLIT keys (≥ 16), or chunks."""
-    if max_kv_block > MAX_FITTED_BLOCK:
-        return dict({key: value for key, value in CONFIGS["chunked"].items() if key != "GROUP"}, SPLIT=1)
-    tile = _tile(max_kv_block)
-    split = max(1, min(CONFIGS[name]["SPLIT"], tile // 16))
-    return dict(CONFIGS[name], SPLIT=split, BLOCK_N=tile // split)
-
-
-def _key_major_config(block_m: int, max_kv_block: int) -> dict:
-    """Launch settings of the dkv kernel: query steps of block_m / SPLIT rows (≥ 16) or of GROUP tiles side by
-    side (at most 128 rows: wider ones run out of shared memory)."""
-    if max_kv_block > MAX_FITTED_BLOCK:
-        config = dict(CONFIGS["chunked"], SPLIT=1)
-    else:
-        config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block))
-        config["SPLIT"] = max(1, min(config["SPLIT"], block_m // 16))
-    config["GROUP"] = 1 if config["SPLIT"] > 1 else min(config["GROUP"], max(1, 128 // block_m))
-    return config
+def _without_group(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key != "GROUP"}
 
 
 def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -350,6 +326,8 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
                           scale):
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
+    fitted = max_kv_block <= MAX_FITTED_BLOCK
+    config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
@@ -357,8 +335,7 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=_tile(max_q_tile), FITTED=max_kv_block <= MAX_FITTED_BLOCK, PRECISION=_precision(q.dtype),
-        **_query_major_config("fwd", max_kv_block),
+        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted, PRECISION=_precision(q.dtype), **config,
     )
     return o, lse
 
@@ -368,7 +345,10 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
+    fitted = max_kv_block <= MAX_FITTED_BLOCK
     BLOCK_M = _tile(max_q_tile)
+    dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
+    dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
     precision = _precision(q.dtype)
 
     delta = torch.empty_like(lse)
@@ -382,11 +362,11 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=BLOCK_M, FITTED=max_kv_block <= MAX_FITTED_BLOCK, PRECISION=precision,
-        **_query_major_config("dq", max_kv_block),
+        D=D, BLOCK_M=BLOCK_M, FITTED=fitted, PRECISION=precision, **dq_config,
     )
     q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK)
-    dkv_config = _key_major_config(BLOCK_M, max_kv_block)
+    # At most 128 query rows per step: wider ones run out of shared memory.
+    dkv_config = dict(dkv_config, GROUP=min(dkv_config["GROUP"], max(1, 128 // BLOCK_M)))
     chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
