@@ -203,16 +203,25 @@ def run_shape(label, grid, peers, rows, log, ours_only=False):
         chunked, flops, what = chunked_case(grid, q, k, v, q_tile)
         add(f"ours chunked: {what}", chunked, chunked, flops, {}, [q, k, v], g)
     if label == "1.3b":
-        profile(lambda: ours(q, k, v, idx, cnt, layout).backward(g), "ours 75% skipped", log)
-        profile(lambda: chunked_case(grid, q, k, v)[0]().backward(g), "ours chunked", log)
+        profile(lambda: ours(q, k, v, idx, cnt, layout).backward(g), [q, k, v], "ours 75% skipped", log)
+        for peer, fn in peers.items():  # where the peers' backward time goes, kernel by kernel
+            profile(lambda fn=fn: fn(qp, kp, vp, idx, cnt, block_map, sizes).backward(gp), [qp, kp, vp],
+                    f"{peer} 75% skipped", log)
+        profile(lambda: chunked_case(grid, q, k, v)[0]().backward(g), [q, k, v], "ours chunked", log)
 
 
-def profile(fn, what, log):
-    """Per-kernel device time of one call of `fn` (after a warm-up), from the PyTorch profiler."""
-    fn()
+def profile(fn, leaves, what, log):
+    """Per-kernel device time of one call of `fn` (after a warm-up), from the PyTorch profiler; the gradients
+    of `leaves` are cleared before each call, so no accumulation kernels show."""
+    def call():
+        for t in leaves:
+            t.grad = None
+        fn()
+
+    call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
+        call()
         torch.cuda.synchronize()
     log(f"profile of {what} fwd+bwd:")
     for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
