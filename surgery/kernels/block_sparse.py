@@ -165,15 +165,25 @@ def block_sparse_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, b_dq,
-             qk_scale, PRECISION: tl.constexpr):
+def _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, qk_scale,
+           PRECISION: tl.constexpr):
+    """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
+    against the keys at offs_n (rows not n_ok load as 0; pairs not ok count nothing). Returns the keys [BN, D]
+    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (`_dq_step`; hybrid adds a term to dS first)."""
     b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
     # Masking after exp2: a query with no visible key has lse -inf and would give inf - inf.
     b_p = tl.where(ok, tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.)
     b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
-    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_k, b_p * (b_dp - b_delta[:, None])
+
+
+@triton.jit
+def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, b_dq,
+             qk_scale, PRECISION: tl.constexpr):
+    b_k, b_ds = _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
+                       qk_scale, PRECISION)
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
 
 
@@ -235,14 +245,21 @@ def _key_chunk(k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, str
 
 
 @triton.jit
-def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
+def _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION: tl.constexpr):
     """One step of a key-major backward: keys b_k, b_v [BN, D] against query rows b_q, b_do [BM, D] with their
-    base-2 lse and delta [BM]; rows with ok False count nothing. Returns the accumulated dk (unscaled), dv."""
+    base-2 lse and delta [BM]; rows with ok False count nothing. Returns the transposed score gradient dSᵀ
+    [BN, BM], unscaled, and the accumulated dv; dk gains dSᵀ·Q (`_dkv_step`; hybrid adds a term to dSᵀ first)."""
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
     b_pt = tl.where(ok[None, :], tl.exp2(b_st * qk_scale - b_lse[None, :]), 0.)
     b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PRECISION)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
-    b_dst = b_pt * (b_dpt - b_delta[None, :])
+    return b_pt * (b_dpt - b_delta[None, :]), b_dv
+
+
+@triton.jit
+def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
+    """`_dkv_ds` and dk's product: returns the accumulated dk (unscaled) and dv."""
+    b_dst, b_dv = _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION)
     return tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION), b_dv
 
 
@@ -285,7 +302,7 @@ def _tile(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _precision(dtype: torch.dtype) -> str:
+def input_precision(dtype: torch.dtype) -> str:
     # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -335,7 +352,7 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted, PRECISION=_precision(q.dtype), **config,
+        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted, PRECISION=input_precision(q.dtype), **config,
     )
     return o, lse
 
@@ -349,7 +366,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     BLOCK_M = _tile(max_q_tile)
     dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
     dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
-    precision = _precision(q.dtype)
+    precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
     block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](

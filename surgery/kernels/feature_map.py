@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-LOG2E = tl.constexpr(1.4426950408889634)
+from .block_sparse import LOG2E, input_precision
+
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23:
 # fwd 0.138 ms, bwd 0.526 ms fwd+bwd against 0.62 at 8 warps). The tests shrink the blocks.
 CONFIGS = {
@@ -116,11 +117,6 @@ def feature_map_bwd_kernel(
              b_dx.to(dx.dtype.element_ty), mask=s_ok[:, None])
     tl.store(dpsi + i_b.to(tl.int64) * stride_dpb + i_h * stride_dph + offs_s[:, None] * stride_dps + offs_f[None, :],
              b_dpsi, mask=s_ok[:, None])
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def feature_map_fwd(x, weight, bias):

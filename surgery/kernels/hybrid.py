@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+# The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
+from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, input_precision
+
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
 # (bench/NOTES-hybrid.md); the tests shrink the blocks.
 CONFIGS = {
@@ -199,13 +200,11 @@ def hybrid_bwd_dq_kernel(
     for n0 in range(0, SK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < SK
-        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN]
-        b_p = tl.where(n_ok[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None]) + tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
+        b_k, b_ds = _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks,
+                           stride_vs, offs_d, qk_scale, PRECISION)
+        # The shared normaliser's gradient dc goes to the score that set the max (see the module docstring).
+        b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
+        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
@@ -240,20 +239,12 @@ def hybrid_bwd_dkv_kernel(
         b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
         b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, row_base + offs_m, m_ok)
         # Transposed scores, keys × queries, so dk and dv accumulate without transposing them.
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-        b_pt = tl.where(m_ok[None, :], tl.exp2(b_st - b_lse[None, :]), 0.)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PRECISION)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
-        b_dst = b_pt * (b_dpt - b_delta[None, :]) + tl.where(offs_n[:, None] == b_a[None, :], b_dc[None, :], 0.)
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PRECISION)
+        b_dst, b_dv = _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dv, qk_scale, PRECISION)
+        b_dst += tl.where(offs_n[:, None] == b_a[None, :], b_dc[None, :], 0.)
+        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION)
     e_off = i_b.to(tl.int64) * stride_eb + i_h * stride_eh + offs_n[:, None] * stride_es + offs_d[None, :]
     tl.store(dk + e_off, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + e_off, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block_f(features: int) -> int:
@@ -286,7 +277,7 @@ def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale):
         v_s.stride(0), v_s.stride(1), v_s.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, SK, F2,
-        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=_precision(q.dtype), **config,
+        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(q.dtype), **config,
     )
     return o, lse, den, amax
 
@@ -296,7 +287,7 @@ def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale)
     SK = k_s.shape[1]
     has_linear = phi_q is not None
     F2 = phi_q.shape[-1] if has_linear else 0
-    precision = _precision(q.dtype)
+    precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
     dc = torch.empty_like(lse)
@@ -309,7 +300,7 @@ def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale)
         o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         phi.stride(0), phi.stride(1), phi.stride(2), dlin_arg.stride(0), dlin_arg.stride(1), dlin_arg.stride(2),
         H, S, F2,
-        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=_precision(phi.dtype), **config,
+        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(phi.dtype), **config,
     )
     dq = torch.empty_like(q)
     config = CONFIGS["dq"]

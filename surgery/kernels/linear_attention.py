@@ -42,7 +42,8 @@ import triton
 import triton.language as tl
 
 from . import feature_map as fm
-from .feature_map import block_phi, input_precision, parameter_grads, phi_tile, softmax_jacobian
+from .block_sparse import input_precision
+from .feature_map import block_phi, parameter_grads, phi_tile, softmax_jacobian
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23,
 # bench/NOTES-hybrid.md; the summary's two [F, 128] fp32 accumulators fit at 8 warps with 32-key steps). CHUNK_S

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chunk, _precision,
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chunk, input_precision,
                            block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference)
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
@@ -261,7 +261,7 @@ def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale, o):
             q, k, v, o_part, lse_part, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, NK, D=D, BLOCK_M=CHUNK, PRECISION=_precision(q.dtype), **config,
+            H, NK, D=D, BLOCK_M=CHUNK, PRECISION=input_precision(q.dtype), **config,
         )
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True)
@@ -272,7 +272,7 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
     """Writes the gradients into dq, dk, dv (shaped and strided like q, k, v)."""
     B, S, H, D = q.shape
     NK = kv_offsets.numel() - 1
-    precision = _precision(q.dtype)
+    precision = input_precision(q.dtype)
     delta = torch.empty_like(lse)
     block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
