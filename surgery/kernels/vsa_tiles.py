@@ -28,76 +28,66 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(order, offsets, tile, BLOCK_S: tl.constexpr):
-    """Tile-order positions of `tile`, their raster rows, whether each is in the tile, and the tile's size."""
+def _tile_program(order, offsets, H, stride_b, stride_s, stride_h, stride_tb, stride_tn, stride_th,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """What the program for (tile, batch·head) addresses: its tokens' offsets [BLOCK_S, D] in a [B, S, H, D]
+    tensor in tile order and in raster order, which rows are real tokens [BLOCK_S, 1], the tile's size, and
+    the offsets of its row [D] in a per-tile [B, n, H, D] tensor (strides stride_t*)."""
+    tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
     start, end = tl.load(offsets + tile), tl.load(offsets + tile + 1)
     positions = start + tl.arange(0, BLOCK_S)
     valid = positions < end
     rows = tl.load(order + positions, mask=valid, other=0)
-    return positions, rows, valid, (end - start).to(tl.float32)
+    cols = tl.arange(0, D)
+    base = b * stride_b + h * stride_h + cols[None, :]
+    return (base + positions[:, None] * stride_s, base + rows[:, None] * stride_s, valid[:, None],
+            (end - start).to(tl.float32), b * stride_tb + tile * stride_tn + h * stride_th + cols)
 
 
 @triton.jit
 def to_tiles_fwd_kernel(x, tiled, means, order, offsets, H, stride_b, stride_s, stride_h, stride_mb, stride_mn,
                         stride_mh, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    positions, rows, valid, size = _tile_rows(order, offsets, tile, BLOCK_S)
-    cols = tl.arange(0, D)
-    base = b * stride_b + h * stride_h + cols[None, :]
-    values = tl.load(x + base + rows[:, None] * stride_s, mask=valid[:, None], other=0.0)
-    tl.store(tiled + base + positions[:, None] * stride_s, values, mask=valid[:, None])
-    mean = tl.sum(values.to(tl.float32), axis=0) / size
-    tl.store(means + b * stride_mb + tile * stride_mn + h * stride_mh + cols, mean)
+    in_tiles, in_raster, valid, size, per_tile = _tile_program(
+        order, offsets, H, stride_b, stride_s, stride_h, stride_mb, stride_mn, stride_mh, D, BLOCK_S)
+    values = tl.load(x + in_raster, mask=valid, other=0.0)
+    tl.store(tiled + in_tiles, values, mask=valid)
+    tl.store(means + per_tile, tl.sum(values.to(tl.float32), axis=0) / size)
 
 
 @triton.jit
 def to_tiles_bwd_kernel(grad_tiled, grad_means, grad_x, order, offsets, H, stride_b, stride_s, stride_h,
                         stride_mb, stride_mn, stride_mh, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    positions, rows, valid, size = _tile_rows(order, offsets, tile, BLOCK_S)
-    cols = tl.arange(0, D)
-    base = b * stride_b + h * stride_h + cols[None, :]
-    grad = tl.load(grad_tiled + base + positions[:, None] * stride_s, mask=valid[:, None], other=0.0).to(tl.float32)
-    grad_mean = tl.load(grad_means + b * stride_mb + tile * stride_mn + h * stride_mh + cols)
-    grad = grad + grad_mean[None, :] / size
-    tl.store(grad_x + base + rows[:, None] * stride_s, grad.to(grad_x.dtype.element_ty), mask=valid[:, None])
+    in_tiles, in_raster, valid, size, per_tile = _tile_program(
+        order, offsets, H, stride_b, stride_s, stride_h, stride_mb, stride_mn, stride_mh, D, BLOCK_S)
+    grad = tl.load(grad_tiled + in_tiles, mask=valid, other=0.0).to(tl.float32)
+    grad = grad + tl.load(grad_means + per_tile)[None, :] / size
+    tl.store(grad_x + in_raster, grad.to(grad_x.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def gated_coarse_fwd_kernel(fine, gate, coarse, out, order, offsets, H, stride_b, stride_s, stride_h, stride_cb,
                             stride_cn, stride_ch, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    positions, rows, valid, _ = _tile_rows(order, offsets, tile, BLOCK_S)
-    cols = tl.arange(0, D)
-    base = b * stride_b + h * stride_h + cols[None, :]
-    raster = base + rows[:, None] * stride_s
-    f = tl.load(fine + base + positions[:, None] * stride_s, mask=valid[:, None], other=0.0).to(tl.float32)
-    g = tl.load(gate + raster, mask=valid[:, None], other=0.0).to(tl.float32)
-    c = tl.load(coarse + b * stride_cb + tile * stride_cn + h * stride_ch + cols).to(tl.float32)
-    tl.store(out + raster, (f + g * c[None, :]).to(out.dtype.element_ty), mask=valid[:, None])
+    in_tiles, in_raster, valid, _, per_tile = _tile_program(
+        order, offsets, H, stride_b, stride_s, stride_h, stride_cb, stride_cn, stride_ch, D, BLOCK_S)
+    f = tl.load(fine + in_tiles, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(gate + in_raster, mask=valid, other=0.0).to(tl.float32)
+    c = tl.load(coarse + per_tile).to(tl.float32)
+    tl.store(out + in_raster, (f + g * c[None, :]).to(out.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def gated_coarse_bwd_kernel(grad_out, gate, coarse, grad_fine, grad_gate, grad_coarse, order, offsets, H, stride_b,
                             stride_s, stride_h, stride_cb, stride_cn, stride_ch, D: tl.constexpr,
                             BLOCK_S: tl.constexpr):
-    tile, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    positions, rows, valid, _ = _tile_rows(order, offsets, tile, BLOCK_S)
-    cols = tl.arange(0, D)
-    base = b * stride_b + h * stride_h + cols[None, :]
-    raster = base + rows[:, None] * stride_s
-    grad = tl.load(grad_out + raster, mask=valid[:, None], other=0.0)
-    g = tl.load(gate + raster, mask=valid[:, None], other=0.0).to(tl.float32)
-    per_tile = b * stride_cb + tile * stride_cn + h * stride_ch + cols
+    in_tiles, in_raster, valid, _, per_tile = _tile_program(
+        order, offsets, H, stride_b, stride_s, stride_h, stride_cb, stride_cn, stride_ch, D, BLOCK_S)
+    grad = tl.load(grad_out + in_raster, mask=valid, other=0.0)
+    g = tl.load(gate + in_raster, mask=valid, other=0.0).to(tl.float32)
     c = tl.load(coarse + per_tile).to(tl.float32)
-    tl.store(grad_fine + base + positions[:, None] * stride_s, grad.to(grad_fine.dtype.element_ty),
-             mask=valid[:, None])
+    tl.store(grad_fine + in_tiles, grad.to(grad_fine.dtype.element_ty), mask=valid)
     grad = grad.to(tl.float32)
-    tl.store(grad_gate + raster, (grad * c[None, :]).to(grad_gate.dtype.element_ty), mask=valid[:, None])
+    tl.store(grad_gate + in_raster, (grad * c[None, :]).to(grad_gate.dtype.element_ty), mask=valid)
     tl.store(grad_coarse + per_tile, tl.sum(grad * g, axis=0))
 
 
