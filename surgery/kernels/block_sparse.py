@@ -8,6 +8,9 @@ grouped block after block (`tile_order.to_tile_order`). Blocks are ranges given 
 - key block j is tokens `kv_offsets[j]:kv_offsets[j + 1]`, any length: blocks of at most 128 tokens
   (VSA's 4×4×4 tiles) are one kernel tile each, longer ones (e.g. whole frames) are walked in
   64-token chunks. Partial blocks are masked inside the kernel, so nothing is padded or copied.
+  A block of at most half a kernel tile (VSA's edge tiles: 27% of the 1.3B grid's, of 8–32 tokens) takes
+  a half-width step: each list is walked long blocks first, then short ones in a loop of its own, so both
+  loops pipeline and a 16-token tile costs half a step, not a whole one.
 
 Query tile i of batch b, head h visits the key blocks `kv_block_index[b, h, i, :kv_block_count[b, h, i]]`
 (distinct ids, any order), and every query of the tile counts all of them; per-query choices (VMoBA)
@@ -33,40 +36,23 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
-# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). GROUP (dkv): query tiles side by
-# side per loop step, for a GROUP-times wider matmul. "chunked" (key blocks longer than MAX_FITTED_BLOCK,
-# all three kernels) also sets the chunk length BLOCK_N.
+# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). "chunked" (key blocks longer than
+# MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
 CONFIGS = {
     "fwd": dict(num_warps=4, num_stages=3),
     "dq": dict(num_warps=4, num_stages=2),
-    "dkv": dict(GROUP=1, num_warps=4, num_stages=2),
-    "chunked": dict(BLOCK_N=64, GROUP=1, num_warps=4, num_stages=3),
+    "dkv": dict(num_warps=4, num_stages=2),
+    "chunked": dict(BLOCK_N=64, num_warps=4, num_stages=3),
 }
 
 
 @triton.jit
-def _listed_rows(ranges, s, n, offs_r, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-    """Token ids and validity of GROUP consecutive listed tiles s, s + 1 (token ranges [start, end) at
-    ranges[2s], ranges[2s + 1]), side by side in rows of BLOCK; entry s + 1 may be past the list end n."""
-    start0 = tl.load(ranges + 2 * s)
-    rows = start0 + offs_r
-    ends = tl.load(ranges + 2 * s + 1)
-    if GROUP == 2:
-        has1 = s + 1 < n
-        start1 = tl.load(ranges + 2 * s + 2, mask=has1, other=0)
-        second = offs_r >= BLOCK
-        rows = tl.where(second, start1 - BLOCK, start0) + offs_r
-        ends = tl.where(second, tl.load(ranges + 2 * s + 3, mask=has1, other=0), ends)
-    return rows, rows < ends
-
-
-@triton.jit
-def _query_tile(q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+def _query_tile(q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK,
                 D: tl.constexpr, BLOCK_M: tl.constexpr):
     """What the forward and dq kernels share for their program's query tile and batch·head: the ids, the
     tile's token offsets and mask, its queries [BM, D], the K/V bases and the tile's key-block list
-    (token-range base, slot count)."""
+    (token-range base, slot count, how many leading slots take full-width steps)."""
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     q_end = tl.load(q_offsets + i_q + 1)
@@ -79,7 +65,8 @@ def _query_tile(q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, s
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
     n_slots = tl.load(kv_count + i_bh * NQ + i_q)
-    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots
+    n_long = tl.load(kv_long + i_bh * NQ + i_q)
+    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long
 
 
 @triton.jit
@@ -108,14 +95,15 @@ def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_
 
 @triton.jit
 def block_sparse_attn_fwd_kernel(
-    q, k, v, o, lse, kv_ranges, kv_count, q_offsets, scale,
+    q, k, v, o, lse, kv_ranges, kv_count, kv_long, q_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
-        q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long = _query_tile(
+        q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
         stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
 
@@ -125,12 +113,18 @@ def block_sparse_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        # Each listed block is one tile of ≤ BLOCK_N keys: one flat loop, which Triton pipelines. Its token
+        # Each listed block is one tile of ≤ BLOCK_N keys: flat loops, which Triton pipelines. Its token
         # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
-        for s in range(0, n_slots):
+        for s in range(0, n_long):
             offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                                       m_i, l_i, acc, qk_scale, PRECISION)
+        if HALF_N > 0:
+            offs_h = tl.arange(0, HALF_N)
+            for s in range(n_long, n_slots):
+                offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_h)
+                m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
+                                          m_i, l_i, acc, qk_scale, PRECISION)
     else:
         for s in range(0, n_slots):
             kv_end = tl.load(rng_base + 2 * s + 1)
@@ -189,14 +183,15 @@ def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride
 
 @triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, kv_ranges, kv_count, q_offsets, scale,
+    q, k, v, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FITTED: tl.constexpr, PRECISION: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots = _query_tile(
-        q, k, v, kv_count, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long = _query_tile(
+        q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
         stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
@@ -207,10 +202,16 @@ def block_sparse_attn_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        for s in range(0, n_slots):
+        for s in range(0, n_long):
             offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
             b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
                             b_dq, qk_scale, PRECISION)
+        if HALF_N > 0:
+            offs_h = tl.arange(0, HALF_N)
+            for s in range(n_long, n_slots):
+                offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_h)
+                b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs,
+                                offs_d, b_dq, qk_scale, PRECISION)
     else:
         for s in range(0, n_slots):
             kv_end = tl.load(rng_base + 2 * s + 1)
@@ -264,12 +265,25 @@ def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRE
 
 
 @triton.jit
+def _dkv_tile_step(rng_base, i, offs_r, q_base, do_base, lse_base, delta_base, offs_d, stride_qs, stride_gs,
+                   b_k, b_v, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
+    """`_dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in rows offs_r."""
+    offs_m = tl.load(rng_base + 2 * i) + offs_r
+    m_ok = offs_m < tl.load(rng_base + 2 * i + 1)
+    b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
+    b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
+    b_lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.) * LOG2E
+    b_delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.)
+    return _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
+
+
+@triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
     q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh,
     H, S, NK, L,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, GROUP: tl.constexpr,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, HALF_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
@@ -277,23 +291,29 @@ def block_sparse_attn_bwd_dkv_kernel(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
     do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
-    ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (NK + 1)
+    lse_base = lse + i_bh.to(tl.int64) * S
+    delta_base = delta + i_bh.to(tl.int64) * S
+    ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (2 * NK + 1) + 2 * kb
     rng_base = q_tile_ranges + i_bh.to(tl.int64) * (2 * L)
-    lo = tl.load(ptr_base + kb)
+    # Visitors of kb: full-width query tiles lo..mid, then the short ones mid..hi (`invert_block_index`).
+    lo = tl.load(ptr_base)
     # A chunk past the end of a shorter block has no keys: give it an empty walk.
-    hi = tl.where(kv_start < kv_end, tl.load(ptr_base + kb + 1), lo)
+    has_keys = kv_start < kv_end
+    mid = tl.where(has_keys, tl.load(ptr_base + 1), lo)
+    hi = tl.where(has_keys, tl.load(ptr_base + 2), lo)
     qk_scale = scale * LOG2E
 
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    offs_r = tl.arange(0, GROUP * BLOCK_M)
-    for i in range(lo, hi, GROUP):
-        offs_m, m_ok = _listed_rows(rng_base, i, hi, offs_r, BLOCK_M, GROUP)
-        b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [GBM, D]
-        b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
-        b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E
-        b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)
-        b_dk, b_dv = _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
+    offs_r = tl.arange(0, BLOCK_M)
+    for i in range(lo, mid):
+        b_dk, b_dv = _dkv_tile_step(rng_base, i, offs_r, q_base, do_base, lse_base, delta_base, offs_d, stride_qs,
+                                    stride_gs, b_k, b_v, b_dk, b_dv, qk_scale, PRECISION)
+    if HALF_M > 0:
+        offs_h = tl.arange(0, HALF_M)
+        for i in range(mid, hi):
+            b_dk, b_dv = _dkv_tile_step(rng_base, i, offs_h, q_base, do_base, lse_base, delta_base, offs_d,
+                                        stride_qs, stride_gs, b_k, b_v, b_dk, b_dv, qk_scale, PRECISION)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -302,13 +322,15 @@ def _tile(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _half(tile: int) -> int:
+    """Width of the half steps of a kernel tile of `tile` rows; 0 (no half steps) where it would be under
+    tl.dot's minimum of 16."""
+    return tile // 2 if tile >= 32 else 0
+
+
 def input_precision(dtype: torch.dtype) -> str:
     # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _without_group(config: dict) -> dict:
-    return {key: value for key, value in config.items() if key != "GROUP"}
 
 
 def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -318,25 +340,53 @@ def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     return pairs.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, 2)
 
 
-def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, q_offsets: torch.Tensor,
-                       num_kv_blocks: int):
-    """The transposed block map, for the key-major backward pass: per (batch, head, key block), the
-    query tiles that visit it, in increasing order.
+def listed_ranges(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, kv_offsets: torch.Tensor,
+                  short: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query tile's listed key blocks as token ranges [B, H, NQ, MAXK, 2] int32, the blocks longer than
+    `short` tokens first (a stable partition: each part keeps the list's order), and how many of those there
+    are, [B, H, NQ] int32. With `short` 0 the lists keep their order and every slot counts as long."""
+    ranges = token_ranges(kv_block_index, kv_offsets)
+    count = kv_block_count.to(torch.int32)
+    if not short:
+        return ranges, count
+    slot = torch.arange(kv_block_index.shape[-1], device=ranges.device)
+    used = slot < count[..., None]
+    long = used & (ranges[..., 1] - ranges[..., 0] > short)
+    n_long = long.sum(-1, dtype=torch.int32)
+    # Long slots go to 0..n_long-1 and short ones to n_long..count-1, in order; unused slots stay put.
+    target = torch.where(long, long.cumsum(-1) - 1,
+                         torch.where(used, n_long[..., None] + (used & ~long).cumsum(-1) - 1, slot))
+    return torch.empty_like(ranges).scatter_(-2, target[..., None].expand_as(ranges), ranges), n_long
 
-    kv_block_index: [B, H, NQ, MAXK]; kv_block_count: [B, H, NQ]. Returns `q_tile_ptr` [B·H, n_kv + 1]
+
+def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, q_offsets: torch.Tensor,
+                       num_kv_blocks: int, short_q_tile: int = 0):
+    """The transposed block map, for the key-major backward pass: per (batch, head, key block), the
+    query tiles that visit it, those of more than `short_q_tile` tokens first, each part in increasing order.
+
+    kv_block_index: [B, H, NQ, MAXK]; kv_block_count: [B, H, NQ]. Returns `q_tile_ptr` [B·H, 2·n_kv + 1]
     int32 and `q_tile_ranges` [B·H, NQ·MAXK, 2] int32: key block j's visitors are the query tiles
-    (token ranges) `q_tile_ranges[bh, q_tile_ptr[bh, j]:q_tile_ptr[bh, j + 1]]`. One sort, no host sync.
+    (token ranges) `q_tile_ranges[bh, q_tile_ptr[bh, 2j]:q_tile_ptr[bh, 2j + 2]]`, the short ones from
+    `q_tile_ptr[bh, 2j + 1]` on. One sort, no host sync.
     """
     B, H, NQ, MAXK = kv_block_index.shape
-    # Key (block, tile) as one integer; unused slots sort to the end with block id n_kv.
-    dtype = torch.int32 if (num_kv_blocks + 1) * NQ < 2**31 else torch.int64
+    # Key (block, shortness, tile) as one integer; unused slots sort to the end with block id n_kv.
+    dtype = torch.int32 if (2 * num_kv_blocks + 1) * NQ < 2**31 else torch.int64
+    short = (q_offsets.diff() <= short_q_tile).to(dtype).view(NQ, 1)
     q_tile = torch.arange(NQ, device=kv_block_index.device, dtype=dtype).view(NQ, 1)
     used = torch.arange(MAXK, device=kv_block_index.device) < kv_block_count[..., None]  # [B, H, NQ, MAXK]
-    key = torch.where(used, kv_block_index.to(dtype) * NQ + q_tile, num_kv_blocks * NQ).view(B * H, NQ * MAXK)
-    key = key.sort(dim=-1).values
-    starts = (torch.arange(num_kv_blocks + 1, device=key.device, dtype=dtype) * NQ).expand(B * H, -1).contiguous()
+    key = torch.where(used, (2 * kv_block_index.to(dtype) + short) * NQ + q_tile, 2 * num_kv_blocks * NQ)
+    key = key.view(B * H, NQ * MAXK).sort(dim=-1).values
+    starts = (torch.arange(2 * num_kv_blocks + 1, device=key.device, dtype=dtype) * NQ).expand(B * H, -1).contiguous()
     q_tile_ptr = torch.searchsorted(key, starts, out_int32=True)
     return q_tile_ptr, token_ranges(key % NQ, q_offsets)
+
+
+def _fitted_configs(kind: str, max_kv_block: int) -> dict:
+    """Launch settings of `kind` ("fwd", "dq", "dkv") and its key tile BLOCK_N."""
+    if max_kv_block <= MAX_FITTED_BLOCK:
+        return dict(CONFIGS[kind], BLOCK_N=_tile(max_kv_block))
+    return CONFIGS["chunked"]
 
 
 def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
@@ -344,15 +394,17 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     fitted = max_kv_block <= MAX_FITTED_BLOCK
-    config = dict(CONFIGS["fwd"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
+    config = _fitted_configs("fwd", max_kv_block)
+    half_n = _half(config["BLOCK_N"]) if fitted else 0
+    ranges, n_long = listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
-        q, k, v, o, lse, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, scale,
+        q, k, v, o, lse, ranges, kv_block_count, n_long, q_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=_tile(max_q_tile), FITTED=fitted, PRECISION=input_precision(q.dtype), **config,
+        D=D, BLOCK_M=_tile(max_q_tile), HALF_N=half_n, FITTED=fitted, PRECISION=input_precision(q.dtype), **config,
     )
     return o, lse
 
@@ -364,8 +416,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     NK = kv_offsets.numel() - 1
     fitted = max_kv_block <= MAX_FITTED_BLOCK
     BLOCK_M = _tile(max_q_tile)
-    dq_config = dict(CONFIGS["dq"], BLOCK_N=_tile(max_kv_block)) if fitted else _without_group(CONFIGS["chunked"])
-    dkv_config = dict(CONFIGS["dkv"], BLOCK_N=_tile(max_kv_block)) if fitted else CONFIGS["chunked"]
+    dq_config, dkv_config = _fitted_configs("dq", max_kv_block), _fitted_configs("dkv", max_kv_block)
     precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
@@ -374,16 +425,17 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         D=D, BLOCK_M=64,
     )
     dq = torch.empty_like(q)
+    half_n = _half(dq_config["BLOCK_N"]) if fitted else 0
+    ranges, n_long = listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k, v, do, dq, lse, delta, token_ranges(kv_block_index, kv_offsets), kv_block_count, q_offsets, scale,
+        q, k, v, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=BLOCK_M, FITTED=fitted, PRECISION=precision, **dq_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, **dq_config,
     )
-    q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK)
-    # At most 128 query rows per step: wider ones run out of shared memory.
-    dkv_config = dict(dkv_config, GROUP=min(dkv_config["GROUP"], max(1, 128 // BLOCK_M)))
+    half_m = _half(BLOCK_M)
+    q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK, half_m)
     chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
@@ -391,7 +443,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         H, S, NK, q_tile_ranges.shape[1],
-        D=D, BLOCK_M=BLOCK_M, CHUNKS=chunks, PRECISION=precision, **dkv_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, **dkv_config,
     )
     return dq, dk, dv
 

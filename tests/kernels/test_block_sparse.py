@@ -54,17 +54,15 @@ def check_against_reference(q, k, v, args, kwargs, tol):
     return errors
 
 
-@pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize(
     "grid,tile,batch,heads,head_dim",
-    [((3, 5, 6), (2, 2, 4), 2, 2, 16), ((2, 6, 5), (2, 3, 3), 1, 3, 32)],
-    ids=["3x5x6-tile2x2x4-b2h2d16", "2x6x5-tile2x3x3-b1h3d32"],
+    [((3, 5, 6), (2, 2, 4), 2, 2, 16), ((2, 6, 5), (2, 3, 3), 1, 3, 32), ((5, 6, 5), (4, 4, 4), 2, 2, 16)],
+    ids=["3x5x6-tile2x2x4-b2h2d16", "2x6x5-tile2x3x3-b1h3d32", "5x6x5-tile4x4x4-b2h2d16"],
 )
-def test_tiles_partial_blocks(monkeypatch, grid, tile, batch, heads, head_dim, group):
-    """VSA's fine stage: query tiles = key blocks = the grid's tiles, edge tiles partial, no padding."""
-    for name in ("dkv", "chunked"):
-        monkeypatch.setitem(bs.CONFIGS, name, dict(bs.CONFIGS[name], GROUP=group))
-    g = torch.Generator().manual_seed(hash((grid, tile, group)) % 2**31)
+def test_tiles_partial_blocks(grid, tile, batch, heads, head_dim):
+    """VSA's fine stage: query tiles = key blocks = the grid's tiles, edge tiles partial, no padding. The
+    last two cases have tiles of at most half a kernel tile (16 or 32 rows), which take the half steps."""
+    g = torch.Generator().manual_seed(hash((grid, tile)) % 2**31)
     layout = block_layout(VideoGrid(*grid), tile, DEVICE)
     n, S = layout.num_blocks, layout.order.numel()
     assert int(layout.sizes.min()) < math.prod(tile), "the case must have partial tiles"
@@ -85,34 +83,45 @@ def test_heads_first_layout_and_scale():
     assert out.stride() == q.stride()
 
 
-@pytest.mark.parametrize("group", [1, 2])
-def test_chunked_blocks(monkeypatch, group):
-    """Key blocks longer than one kernel tile (the chunked path), of uneven lengths, and query tiles of 16
-    that cut across them; some tiles visit no block."""
-    for name in ("dkv", "chunked"):
-        monkeypatch.setitem(bs.CONFIGS, name, dict(bs.CONFIGS[name], GROUP=group))
+def test_chunked_blocks():
+    """Key blocks longer than one kernel tile (the chunked path), of uneven lengths, and query tiles of 40 and
+    20 (a half step of the 64-row tile) that cut across them; some tiles visit no block."""
     g = torch.Generator().manual_seed(2)
     B, H, D, kv_sizes = 2, 2, 16, (140, 30, 70)
     kv_offsets = torch.tensor([0, *torch.tensor(kv_sizes).cumsum(0).tolist()], device=DEVICE)
     S = int(kv_offsets[-1])
-    q_offsets = torch.tensor([*range(0, S, 16), S], device=DEVICE)
+    q_offsets = torch.tensor([*range(0, S, 60), *range(40, S, 60), S], device=DEVICE).sort().values
     index, count = random_selection(B, H, q_offsets.numel() - 1, len(kv_sizes), max_k=2, generator=g)
     q, k, v = (torch.randn(B, S, H, D, generator=g).to(DEVICE) for _ in range(3))
     args = (index, count, q_offsets, kv_offsets)
-    check_against_reference(q, k, v, args, dict(max_q_tile=16, max_kv_block=max(kv_sizes)), 1e-3)
+    check_against_reference(q, k, v, args, dict(max_q_tile=40, max_kv_block=max(kv_sizes)), 1e-3)
+
+
+def test_listed_ranges_puts_long_blocks_first():
+    g = torch.Generator().manual_seed(4)
+    offsets = torch.tensor([0, 30, 33, 60, 64, 70, 100], device=DEVICE)  # sizes 30, 3, 27, 4, 6, 30
+    index, count = random_selection(2, 3, 5, 6, max_k=4, generator=g)
+    ranges, n_long = bs.listed_ranges(index, count, offsets, short=8)
+    for b, h, i in torch.cartesian_prod(*(torch.arange(n) for n in (2, 3, 5))).tolist():
+        listed = bs.token_ranges(index[b, h, i, : count[b, h, i]], offsets).tolist()
+        long = [r for r in listed if r[1] - r[0] > 8]
+        assert ranges[b, h, i, : count[b, h, i]].tolist() == long + [r for r in listed if r[1] - r[0] <= 8]
+        assert n_long[b, h, i] == len(long)
 
 
 def test_invert_block_index():
     g = torch.Generator().manual_seed(3)
     index, count = random_selection(2, 3, 7, 5, max_k=4, generator=g)
     q_offsets = torch.tensor([0, 3, 4, 9, 12, 20, 21, 30], device=DEVICE)
-    ptr, ranges = bs.invert_block_index(index, count, q_offsets, 5)
+    ptr, ranges = bs.invert_block_index(index, count, q_offsets, 5, short_q_tile=3)
     for bh in range(6):
         b, h = divmod(bh, 3)
         for j in range(5):
             tiles = [i for i in range(7) if j in index[b, h, i, : count[b, h, i]].tolist()]
             expected = [[q_offsets[i].item(), q_offsets[i + 1].item()] for i in tiles]
-            assert ranges[bh, ptr[bh, j]: ptr[bh, j + 1]].tolist() == expected
+            long, short = ranges[bh, ptr[bh, 2 * j]: ptr[bh, 2 * j + 1]], ranges[bh, ptr[bh, 2 * j + 1]: ptr[bh, 2 * j + 2]]
+            assert long.tolist() == [r for r in expected if r[1] - r[0] > 3]
+            assert short.tolist() == [r for r in expected if r[1] - r[0] <= 3]
 
 
 def test_tile_order_round_trip_and_gradient():
