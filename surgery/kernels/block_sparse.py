@@ -42,7 +42,7 @@ CONFIGS = {
     "fwd": dict(num_warps=4, num_stages=3),
     "dq": dict(num_warps=4, num_stages=2),
     "dkv": dict(num_warps=4, num_stages=2),
-    "chunked": dict(BLOCK_N=64, num_warps=4, num_stages=3),
+    "chunked": dict(BLOCK_N=64, num_warps=4, num_stages=2),
 }
 
 
