@@ -9,10 +9,12 @@ each query's partials by their log-sum-exps. The work is the selected pairs only
 
 Layout: q is [B, S_q, H, D] in any token order; k, v are [B, S_kv, H, D] with key block j = tokens
 `kv_offsets[j]:kv_offsets[j + 1]` (`tile_order.to_tile_order` groups them); `block_mask` [B, H, S_q, n]
-says which blocks each query attends. Backward: dk, dv key-major over the gathered queries (one program
-per 64-key chunk, no atomics); dq per pair into partial rows, then summed per query. Deterministic.
-The partials take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run in
-groups (`head_groups`), each group's partials freed before the next.
+says which blocks each query attends. Backward: dq per pair into partial rows, then summed per query; that pass
+also stores each pair's gathered q, dO, lse and delta rows in key-major pair order, so that dk, dv, key-major
+over the queries that chose each block (one program per 64-key chunk, no atomics), load contiguous rows rather
+than gathering them every step (2–5% off a layer's forward+backward on an H100). Deterministic.
+The per-pair buffers take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run
+in groups (`head_groups`), each group's buffers freed before the next.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chun
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
 CHUNK = 64
-# The partial buffers grow with the pairs (fp32 dq partials: 512 bytes a pair at head_dim 128; 2.8 GB at Wan-1.3B's
-# 3D VMoBA layers, ~60 GB at 14B and 720p): heads run in groups whose dq partials fit this (`head_groups`).
+# The backward's per-pair buffers grow with the pairs (fp32 dq partials and bf16 q, dO rows: 1 KB a pair at
+# head_dim 128; 5.6 GB at Wan-1.3B's 3D VMoBA layers): heads run in groups whose buffers fit this (`head_groups`).
 PARTIAL_BYTES = 8 * 2**30
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
@@ -180,18 +182,25 @@ def merge_partials_kernel(
 
 @triton.jit
 def selected_blocks_bwd_dq_kernel(
-    q, k, v, do, dq_part, lse, delta, chunks, pair_query, pair_slot, kv_offsets, scale,
+    q, k, v, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, chunks, pair_query, pair_slot,
+    kv_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_gb, stride_gs, stride_gh, H, S, NK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program per chunk, as the forward: each pair's share of its query's dq, into its partial row.
+    # One program per chunk, as the forward: each pair's share of its query's dq, into its partial row. The
+    # chunk's gathered q, dO, lse and delta rows are also stored in pair order, for the key-major pass.
     rows, r_ok, i_bh, i_b, i_h, kb, tokens, offs_d, b_q = _gathered_chunk(
         q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + tokens[:, None].to(tl.int64) * stride_gs
                    + offs_d[None, :], mask=r_ok[:, None], other=0.)
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.) * LOG2E
     b_delta = tl.load(delta + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.)
+    pair_rows = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(q_rows + pair_rows, b_q, mask=r_ok[:, None])
+    tl.store(do_rows + pair_rows, b_do, mask=r_ok[:, None])
+    tl.store(lse_rows + rows, b_lse, mask=r_ok)
+    tl.store(delta_rows + rows, b_delta, mask=r_ok)
     k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
     v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
@@ -208,16 +217,14 @@ def selected_blocks_bwd_dq_kernel(
 
 @triton.jit
 def selected_blocks_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, lse, delta, group_offsets, pair_query, kv_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, H, S, NK,
+    k, v, dk, dv, q_rows, do_rows, lse_rows, delta_rows, group_offsets, kv_offsets, scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, NK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head), over the queries that chose kb.
+    # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head), over the queries that chose kb:
+    # their rows stored in pair order by the dq pass, so each step loads contiguous rows, not a gather.
     i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
-    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
-    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     g = i_bh * NK + kb
     lo = tl.load(group_offsets + g)
     # A chunk past the end of a shorter block has no keys: give it an empty walk.
@@ -228,12 +235,11 @@ def selected_blocks_bwd_dkv_kernel(
     for r0 in range(lo, hi, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         r_ok = rows < hi
-        tokens = tl.load(pair_query + rows, mask=r_ok, other=0)
-        b_q = tl.load(q_base + tokens[:, None].to(tl.int64) * stride_qs + offs_d[None, :], mask=r_ok[:, None], other=0.)
-        b_do = tl.load(do_base + tokens[:, None].to(tl.int64) * stride_gs + offs_d[None, :], mask=r_ok[:, None],
-                       other=0.)
-        b_lse = tl.load(lse + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.) * LOG2E
-        b_delta = tl.load(delta + i_bh.to(tl.int64) * S + tokens, mask=r_ok, other=0.)
+        pair_rows = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+        b_q = tl.load(q_rows + pair_rows, mask=r_ok[:, None], other=0.)  # [BM, D]
+        b_do = tl.load(do_rows + pair_rows, mask=r_ok[:, None], other=0.)
+        b_lse = tl.load(lse_rows + rows, mask=r_ok, other=0.)
+        b_delta = tl.load(delta_rows + rows, mask=r_ok, other=0.)
         b_dk, b_dv = _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
@@ -281,32 +287,42 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dq_part = torch.empty(pairs.pairs, D, device=q.device, dtype=torch.float32)
+    # Each pair's q, dO (q's dtype) and base-2 lse, delta (fp32), key-major like the pair lists.
+    q_rows, do_rows = (torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype) for _ in range(2))
+    lse_rows, delta_rows = (torch.empty(pairs.pairs, device=q.device, dtype=torch.float32) for _ in range(2))
     if pairs.pairs:
         selected_blocks_bwd_dq_kernel[(pairs.chunks.shape[0],)](
-            q, k, v, do, dq_part, lse, delta, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
+            q, k, v, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, pairs.chunks, pairs.pair_query,
+            pairs.pair_slot, kv_offsets, scale,
             *strides, H, S, NK, D=D, BLOCK_M=CHUNK, PRECISION=precision, **CONFIGS["dq"],
         )
     _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
     config = CONFIGS["dkv"]
     chunks = triton.cdiv(max_kv_block, config["BLOCK_N"])
     selected_blocks_bwd_dkv_kernel[(NK * chunks, B * H)](
-        q, k, v, do, dk, dv, lse, delta, pairs.group_offsets, pairs.pair_query, kv_offsets, scale,
-        *strides, H, S, NK, D=D, CHUNKS=chunks, PRECISION=precision, **config,
+        k, v, dk, dv, q_rows, do_rows, lse_rows, delta_rows, pairs.group_offsets, kv_offsets, scale,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, NK,
+        D=D, CHUNKS=chunks, PRECISION=precision, **config,
     )
 
 
-def head_groups(block_mask: torch.Tensor, head_dim: int) -> list[tuple[int, int]]:
-    """Consecutive head ranges [h0, h1) whose fp32 dq partials (one [head_dim] row per (query, block) pair) each
-    fit PARTIAL_BYTES: all heads at once unless the pairs could outgrow it (a head alone may)."""
+def pair_bytes(head_dim: int, element_size: int) -> int:
+    """Backward buffer bytes per (query, block) pair: an fp32 dq partial, q and dO rows, fp32 lse and delta."""
+    return head_dim * 4 + 2 * head_dim * element_size + 8
+
+
+def head_groups(block_mask: torch.Tensor, bytes_per_pair: int) -> list[tuple[int, int]]:
+    """Consecutive head ranges [h0, h1) whose per-pair buffers each fit PARTIAL_BYTES: all heads at once unless
+    the pairs could outgrow it (a head alone may)."""
     B, H, S, n = block_mask.shape
-    if B * H * S * n * head_dim * 4 <= PARTIAL_BYTES:  # even every pair chosen fits: no count, no sync
+    if B * H * S * n * bytes_per_pair <= PARTIAL_BYTES:  # even every pair chosen fits: no count, no sync
         return [(0, H)]
     groups, start, size = [], 0, 0
     for h, pairs in enumerate(block_mask.sum(dim=(0, 2, 3)).tolist()):
-        if h > start and size + pairs * head_dim * 4 > PARTIAL_BYTES:
+        if h > start and size + pairs * bytes_per_pair > PARTIAL_BYTES:
             groups.append((start, h))
             start, size = h, 0
-        size += pairs * head_dim * 4
+        size += pairs * bytes_per_pair
     return groups + [(start, H)]
 
 
@@ -316,7 +332,7 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
         ctx.groups = []
-        for h0, h1 in head_groups(block_mask, q.shape[-1]):
+        for h0, h1 in head_groups(block_mask, pair_bytes(q.shape[-1], q.element_size())):
             pairs = list_pairs(block_mask[:, h0:h1], CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)

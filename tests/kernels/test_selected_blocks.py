@@ -57,14 +57,14 @@ def test_matches_reference(batch, heads, queries, sizes, density):
 
 
 def test_heads_in_groups_when_partials_outgrow_the_cap(monkeypatch):
-    """A cap of two heads' partials splits 5 heads into groups; results as the reference's."""
+    """A cap of two heads' per-pair buffers splits 5 heads into groups; results as the reference's."""
     generator = torch.Generator().manual_seed(7)
     q = torch.randn(2, 21, 5, 16, generator=generator)
     k, v = (torch.randn(2, 30, 5, 16, generator=generator) for _ in range(2))
     block_mask = torch.rand(2, 5, 21, 3, generator=generator) < 0.5
     pairs_per_head = block_mask.sum(dim=(0, 2, 3))
-    monkeypatch.setattr(sb, "PARTIAL_BYTES", int(pairs_per_head[:2].sum()) * 16 * 4)
-    groups = sb.head_groups(block_mask, 16)
+    monkeypatch.setattr(sb, "PARTIAL_BYTES", int(pairs_per_head[:2].sum()) * sb.pair_bytes(16, q.element_size()))
+    groups = sb.head_groups(block_mask, sb.pair_bytes(16, q.element_size()))
     assert len(groups) >= 3 and groups[0][0] == 0 and groups[-1][1] == 5
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
     check_against_reference(q, k, v, block_mask, block_offsets((10, 13, 7), "cpu"), 13, 1e-3)
