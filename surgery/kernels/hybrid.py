@@ -113,7 +113,10 @@ def hybrid_fwd_kernel(
         p_base = phi + i_b.to(tl.int64) * stride_pb + i_h * stride_ph
         kvn_base = kv_num + i_bh.to(tl.int64) * F2 * D
         kvd_base = kv_den + i_bh.to(tl.int64) * F2
-        for f0 in range(0, F2, BLOCK_F):
+        # Not software-pipelined: with Triton 3.6 on an H100, pipelining this loop behind the pipelined key loop
+        # raced (outputs differed from call to call in ~12% of elements, lse equal); at 4 short steps it costs
+        # nothing (bench/NOTES-hybrid.md).
+        for f0 in tl.range(0, F2, BLOCK_F, num_stages=1):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_ok = offs_f < F2
             b_phi = tl.load(p_base + offs_m[:, None] * stride_ps + offs_f[None, :], mask=m_ok[:, None] & f_ok[None, :],
