@@ -8,9 +8,10 @@ grouped block after block (`tile_order.to_tile_order`). Blocks are ranges given 
 - key block j is tokens `kv_offsets[j]:kv_offsets[j + 1]`, any length: blocks of at most 128 tokens
   (VSA's 4×4×4 tiles) are one kernel tile each, longer ones (e.g. whole frames) are walked in
   64-token chunks. Partial blocks are masked inside the kernel, so nothing is padded or copied.
-  A block of at most half a kernel tile (VSA's edge tiles: 27% of the 1.3B grid's, of 8–32 tokens) takes
-  a half-width step: each list is walked long blocks first, then short ones in a loop of its own, so both
-  loops pipeline and a 16-token tile costs half a step, not a whole one.
+  A tile of at most half a kernel tile (VSA's edge tiles: 27% of the 1.3B grid's, of 8–32 tokens) takes
+  a half-width step, as a key block in the forward and dq and as a query tile in dk, dv: each list is
+  walked long tiles first, then short ones in a loop of its own, so both loops pipeline and a 16-token
+  tile costs half a step, not a whole one (~10% off fwd+bwd on random top-k at 75% skipped).
 
 Query tile i of batch b, head h visits the key blocks `kv_block_index[b, h, i, :kv_block_count[b, h, i]]`
 (distinct ids, any order), and every query of the tile counts all of them; per-query choices (VMoBA)
@@ -18,12 +19,13 @@ are served by `selected_blocks.py`. A query that sees no key gets output 0, log-
 gradients.
 
 Kernels: the forward runs one program per (query tile, batch·head) with an online softmax in fp32 and
-stores the log-sum-exp. Each visited block's token range is gathered on the host first (`token_ranges`),
+stores the log-sum-exp. Each visited block's token range is gathered on the host first (`listed_ranges`),
 so the K/V addresses hang on one scalar load rather than a chain of two (16% faster forward).
 The backward recomputes the scores in two passes with no atomics, so it is deterministic: a query-major
 pass for dq (same walk as the forward) and a key-major pass for dk, dv that walks the transposed map
 (for each key block, the query tiles that visit it; built by one sort of the index). That is 7 matmuls
-per block pair against 5 for a single pass that adds dq atomically.
+per block pair against 5 for a single pass that adds dq atomically, which measured 1.4–1.6× slower here
+(its fp32 reductions: bench/NOTES.md, session 6).
 """
 
 from __future__ import annotations
