@@ -10,7 +10,8 @@ import surgery
 from surgery.errors import SurgeryError
 from surgery.grid import VideoGrid
 from surgery.variants import VARIANTS
-from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index, softmax_token_count
+from surgery.variants.hybrid import (HybridAttention, HybridConfig, linear_token_index, linear_tokens,
+                                     softmax_token_count)
 
 from .conftest import model_inputs
 from .test_variant_linear import (
@@ -74,6 +75,18 @@ def test_softmax_tokens_are_every_rth_raster_index():
     assert [softmax_token_count(105, r) for r in (1, 2, 4, 8, 105, 200)] == [105, 53, 27, 14, 1, 1]
     assert HybridAttention.density(HybridConfig(rate=4), VideoGrid(3, 5, 7)) == 27 / 105
     assert HybridAttention.density(HybridConfig(rate=4), WAN_GRID) == 8190 / 32760
+
+
+@pytest.mark.parametrize("tokens,rate", [(24, 5), (25, 5), (26, 5), (24, 4), (3, 8), (9, 8)])
+def test_linear_tokens_gathers_the_linear_index_with_its_gradient(tokens, rate):
+    x = torch.randn(2, tokens, 3, 4, requires_grad=True)
+    index = linear_token_index(tokens, rate, torch.device("cpu"))
+    gathered = linear_tokens(x, rate)
+    assert torch.equal(gathered, x.index_select(1, index))
+    grad = torch.randn_like(gathered)
+    (expected,) = torch.autograd.grad(x.index_select(1, index), x, grad)
+    (got,) = torch.autograd.grad(gathered, x, grad)
+    assert torch.equal(got, expected)
 
 
 def test_bf16_inputs_and_parameters_are_summed_in_fp32():
