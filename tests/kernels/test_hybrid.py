@@ -76,6 +76,14 @@ def test_matches_reference(small_blocks, tokens, rate, batch, heads, head_dim, f
     check_against_reference(random_inputs(batch, tokens, heads, head_dim, features, rate, g), rate, 1e-3)
 
 
+@pytest.mark.parametrize("min_programs", [1, 24, 10**6], ids=["one-query-chunk", "some-chunks", "chunk-per-block"])
+def test_dkv_query_chunks(small_blocks, monkeypatch, min_programs):
+    """dk, dv from one pass over all queries, or summed over query chunks (few softmax keys): same result."""
+    monkeypatch.setattr(hy, "DKV_MIN_PROGRAMS", min_programs)
+    g = torch.Generator().manual_seed(11)
+    check_against_reference(random_inputs(2, 70, 2, 16, 8, 4, g), 4, 1e-3)
+
+
 def test_max_gradient_matters(small_blocks):
     """The linear term is not scaled by exp(−c), so c's gradient is part of dq and dk: dropping it must fail."""
     g = torch.Generator().manual_seed(7)
