@@ -27,7 +27,8 @@ the first maximal key, torch's amax splits it among exact ties (they differ only
 
 Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then, as in
 `block_sparse`, two recompute passes with no atomics, so the backward is deterministic: query-major for
-dq and key-major for dk_S, dv_S. dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
+dq and key-major for dk_S, dv_S (over query chunks with fp32 partials when few softmax keys would leave the
+GPU idle). dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
 """
 
 from __future__ import annotations
