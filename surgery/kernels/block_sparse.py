@@ -384,6 +384,14 @@ def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tenso
     return q_tile_ptr, token_ranges(key % NQ, q_offsets)
 
 
+def _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block):
+    """What the forward and dq kernels walk: whether every key block fits one step (FITTED), the half-step width
+    (0 for none), and `listed_ranges`' token ranges and long-slot counts."""
+    fitted = max_kv_block <= MAX_FITTED_BLOCK
+    half_n = _half(_tile(max_kv_block)) if fitted else 0
+    return (fitted, half_n, *listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n))
+
+
 def _fitted_configs(kind: str, max_kv_block: int) -> dict:
     """Launch settings of `kind` ("fwd", "dq", "dkv") and its key tile BLOCK_N."""
     if max_kv_block <= MAX_FITTED_BLOCK:
@@ -395,10 +403,8 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
                           scale):
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
-    fitted = max_kv_block <= MAX_FITTED_BLOCK
+    fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
     config = _fitted_configs("fwd", max_kv_block)
-    half_n = _half(config["BLOCK_N"]) if fitted else 0
-    ranges, n_long = listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
@@ -416,7 +422,6 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
-    fitted = max_kv_block <= MAX_FITTED_BLOCK
     BLOCK_M = _tile(max_q_tile)
     dq_config, dkv_config = _fitted_configs("dq", max_kv_block), _fitted_configs("dkv", max_kv_block)
     precision = input_precision(q.dtype)
@@ -427,8 +432,8 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         D=D, BLOCK_M=64,
     )
     dq = torch.empty_like(q)
-    half_n = _half(dq_config["BLOCK_N"]) if fitted else 0
-    ranges, n_long = listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n)
+    # Recomputed rather than saved from the forward: saving costs ~50 MB a layer at 720p.
+    fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
         q, k, v, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
