@@ -9,7 +9,8 @@ into x, W and b); the fused linear-attention op alone (`linear_attention`: φ_q,
 kernels; backward into q, k, v, W and b of both maps); the fused hybrid op alone (`hybrid_attention` on a
 given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants' `attend_kernel` (hybrid: φ
 through the fused kernel, summary, op; linear: the linear-attention op; backward into q, k, v and the φ
-parameters); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention
+parameters); the hybrid rows twice, with the default backward (cuDNN's for the softmax branch) and under
+`torch.use_deterministic_algorithms` (our Triton passes); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention
 plus the linear variant would take. TFLOP/s count the softmax branch's
 4·H·S·S'·D (fwd+bwd: 3.5× that). `--sweep` first times launch configs of each kernel (the hybrid op's
 at R = 4) and keeps the fastest.
@@ -18,6 +19,7 @@ at R = 4) and keeps the fastest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +43,16 @@ from surgery.variants.linear import LinearAttention, LinearConfig  # noqa: E402
 GRID = VideoGrid(21, 30, 52)
 HEADS, HEAD_DIM = 12, 128
 DTYPE = torch.bfloat16
+
+
+@contextlib.contextmanager
+def deterministic():
+    """`torch.use_deterministic_algorithms` on: the hybrid backward runs its own Triton passes, not cuDNN's."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def bench(fn, grad_to_none=None, rep=200):
@@ -102,7 +114,8 @@ def sweep_hybrid(log):
             call = lambda: hy.hybrid_attention(*inputs, 4)
         else:
             call = lambda: hy.hybrid_attention(*inputs, 4).backward(do)
-        keep_fastest(log, "hybrid", hy.CONFIGS, name, configs, call, inputs)
+        with deterministic():  # the dq and dkv kernels run only there
+            keep_fastest(log, "hybrid", hy.CONFIGS, name, configs, call, inputs)
 
 
 def sweep_feature_map(log):
@@ -149,6 +162,8 @@ def time_feature_map(add):
 def time_hybrid_op(add, rate, flops):
     inputs = op_inputs(rate)
     add(f"hybrid op R={rate} (given φ_q, KV)", lambda: hy.hybrid_attention(*inputs, rate), inputs, flops)
+    with deterministic():
+        add(f"hybrid op R={rate}, deterministic backward", lambda: hy.hybrid_attention(*inputs, rate), inputs, flops)
 
 
 def variant_call(cls, config):
@@ -191,8 +206,10 @@ def main():
     for rate in (4, 8):
         softmax_flops = 4.0 * HEADS * S * -(-S // rate) * HEAD_DIM
         time_hybrid_op(add, rate, softmax_flops)
-        add(f"hybrid variant R={rate} (attend_kernel)", *variant_call(HybridAttention, HybridConfig(rate=rate)),
-            flops=softmax_flops)
+        hybrid = variant_call(HybridAttention, HybridConfig(rate=rate))
+        add(f"hybrid variant R={rate} (attend_kernel)", *hybrid, flops=softmax_flops)
+        with deterministic():
+            add(f"hybrid variant R={rate}, deterministic backward", *hybrid, flops=softmax_flops)
         rows.append(dict(name=f"yardstick R={rate}: cuDNN / R + linear",
                          fwd_ms=cudnn["fwd_ms"] / rate + linear["fwd_ms"],
                          fwd_bwd_ms=cudnn["fwd_bwd_ms"] / rate + linear["fwd_bwd_ms"]))

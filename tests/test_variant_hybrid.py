@@ -11,7 +11,7 @@ from surgery.errors import SurgeryError
 from surgery.grid import VideoGrid
 from surgery.variants import VARIANTS
 from surgery.variants.hybrid import (HybridAttention, HybridConfig, linear_token_index, linear_tokens,
-                                     softmax_token_count)
+                                     softmax_token_count, split_tokens)
 
 from .conftest import model_inputs
 from .test_variant_linear import (
@@ -87,6 +87,20 @@ def test_linear_tokens_gathers_the_linear_index_with_its_gradient(tokens, rate):
     (expected,) = torch.autograd.grad(x.index_select(1, index), x, grad)
     (got,) = torch.autograd.grad(gathered, x, grad)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("tokens,rate", [(24, 5), (25, 5), (26, 5), (24, 4), (3, 8), (9, 8)])
+def test_split_tokens_gives_both_parts_with_one_gradient(tokens, rate):
+    x = torch.randn(2, tokens, 3, 4, requires_grad=True)
+    index = linear_token_index(tokens, rate, torch.device("cpu"))
+    soft, lin = split_tokens(x, rate)
+    assert torch.equal(soft, x[:, ::rate]) and torch.equal(lin, x.index_select(1, index))
+    grad_soft, grad_lin = torch.randn_like(soft), torch.randn_like(lin)
+    (expected,) = torch.autograd.grad([x[:, ::rate], x.index_select(1, index)], x, [grad_soft, grad_lin])
+    (got,) = torch.autograd.grad([soft, lin], x, [grad_soft, grad_lin])
+    assert torch.equal(got, expected)
+    (only_linear,) = torch.autograd.grad(split_tokens(x, rate)[1], x, grad_lin)
+    assert torch.equal(only_linear[:, ::rate], torch.zeros_like(soft))
 
 
 def test_bf16_inputs_and_parameters_are_summed_in_fp32():

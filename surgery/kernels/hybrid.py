@@ -25,10 +25,20 @@ dc is not zero because A and l scale as exp(−c) and N, E do not: ∂o_i/∂c_i
 (N_i − o_i E_i)/den_i. c is a max, so its gradient goes to the maximising score: the kernels give it to
 the first maximal key, torch's amax splits it among exact ties (they differ only at exact ties).
 
-Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then, as in
-`block_sparse`, two recompute passes with no atomics, so the backward is deterministic: query-major for
-dq and key-major for dk_S, dv_S (over query chunks with fp32 partials when few softmax keys would leave the
-GPU idle). dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
+These are flash attention's backward formulas with the hybrid's P, lse and o (its Δ = rowsum(do∘o)): a
+softmax-attention backward that recomputes P = exp(s − lse) from a given lse and takes Δ from a given o,
+as cuDNN's does, computes every softmax term when handed the hybrid's lse and o. Only dc is left.
+
+Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then the softmax
+terms, one of two ways:
+- cuDNN's fused SDPA backward on (do, q, K_S, V_S, o, lse), then one pass adding dc at the argmax to dq
+  and, atomically, to dk. The fast path on GPUs (twice as fast at Wan's shape, BENCHMARKS.md), but cuDNN
+  accumulates dq atomically: not bit-repeatable.
+- As in `block_sparse`, two recompute passes with no atomics, so the backward is deterministic:
+  query-major for dq and key-major for dk_S, dv_S (over query chunks with fp32 partials when few softmax
+  keys would leave the GPU idle). Under `torch.use_deterministic_algorithms`, and wherever cuDNN's SDPA
+  does not apply (`softmax_backward_for`).
+dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ CONFIGS = {
     "preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    "max_grad": dict(BLOCK_M=64, num_warps=4),
 }
 # The key-major dk/dv pass splits its queries into chunks until it has about this many programs (H200, 1.3B
 # shape, op fwd+bwd: 4096 took 9–10% off at R = 2, 4 and 8, against no split; 1024 or 2048 gained less).
@@ -258,6 +269,34 @@ def hybrid_bwd_dkv_kernel(
     tl.store(dv + e_off, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
 
+@triton.jit
+def hybrid_bwd_max_grad_kernel(
+    q, k, dq_soft, dq, dk, dc, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_gb, stride_gs, stride_gh,
+    stride_db, stride_ds, stride_dh, stride_eb, stride_es, stride_eh,
+    H, S,
+    D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The normaliser's gradient dc_i, which goes to the score of query i's argmax key a_i, added to a plain
+    softmax backward's dq and dk: dq_i = dq_soft_i + scale·dc_i·k_{a_i} and dk_{a_i} += scale·dc_i·q_i
+    (atomically, into fp32 dk)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    offs_d = tl.arange(0, D)
+    row = i_bh.to(tl.int64) * S + offs_m
+    b_dc = tl.load(dc + row, mask=m_ok, other=0.) * scale
+    b_a = tl.load(amax + row, mask=m_ok, other=0)
+    b_k = _head_rows(k, i_b, i_h, b_a, m_ok, stride_kb, stride_ks, stride_kh, offs_d).to(tl.float32)  # [BM, D]
+    b_dq = _head_rows(dq_soft, i_b, i_h, offs_m, m_ok, stride_gb, stride_gs, stride_gh, offs_d).to(tl.float32)
+    tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
+             (b_dq + b_dc[:, None] * b_k).to(dq.dtype.element_ty), mask=m_ok[:, None])
+    b_q = _head_rows(q, i_b, i_h, offs_m, m_ok, stride_qb, stride_qs, stride_qh, offs_d).to(tl.float32)
+    tl.atomic_add(dk + i_b.to(tl.int64) * stride_eb + i_h * stride_eh + b_a[:, None] * stride_es + offs_d[None, :],
+                  b_dc[:, None] * b_q, mask=m_ok[:, None], sem="relaxed")
+
+
 def _block_f(features: int) -> int:
     return max(16, min(MAX_BLOCK_F, triton.next_power_of_2(features)))
 
@@ -293,12 +332,42 @@ def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale):
     return o, lse, den, amax
 
 
-def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale):
+def cudnn_softmax_backward(do, q, k, v, o, lse, scale):
+    """dq, dk, dv of softmax attention o = softmax(scale·q·kᵀ)·v through cuDNN's fused backward (torch's
+    `_scaled_dot_product_cudnn_attention_backward`). q, do, o: [B, S, H, D]; k, v: [B, S', H, D]; lse [B, H, S]
+    (natural log). cuDNN uses o only for Δ = rowsum(do∘o), so any o with the wanted Δ will do."""
+    S, SK = q.shape[1], k.shape[1]
+    heads_first = lambda t: t.transpose(1, 2)  # cuDNN takes [B, H, S, D] views
+    k, v = k.contiguous(), v.contiguous()  # the strided views k[:, ::R] are copied: S' rows, cheap
+    no_dropout = torch.empty(0, device=q.device, dtype=torch.int64)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        heads_first(do), heads_first(q), heads_first(k), heads_first(v), heads_first(o), lse.unsqueeze(-1),
+        no_dropout, no_dropout, None, None, None, S, SK, 0.0, False, scale=scale,
+    )
+    return heads_first(dq), heads_first(dk), heads_first(dv)
+
+
+def softmax_backward_for(q):
+    """The softmax backward the hybrid backward hands its T_S branch to, or None for its own two passes.
+
+    cuDNN's where it applies: about half the time of our recompute passes at Wan's shape (BENCHMARKS.md),
+    but its dq accumulates atomically, so under `torch.use_deterministic_algorithms` the deterministic
+    Triton passes run instead; also where cuDNN's SDPA is switched off or unavailable."""
+    applies = (
+        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
+        and not torch.are_deterministic_algorithms_enabled()
+        and torch.backends.cuda.cudnn_sdp_enabled() and (torch.backends.cudnn.version() or 0) >= 90000
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    )
+    return cudnn_softmax_backward if applies else None
+
+
+def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale, softmax_backward=None):
+    """Gradients of q, k_s, v_s, φ_q and KV. `softmax_backward(do, q, k, v, o, lse, scale) → dq, dk, dv`, when
+    given, takes the softmax branch (see the module docstring); else the two recompute passes do."""
     B, S, H, D = q.shape
-    SK = k_s.shape[1]
     has_linear = phi_q is not None
     F2 = phi_q.shape[-1] if has_linear else 0
-    precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
     dc = torch.empty_like(lse)
@@ -316,6 +385,40 @@ def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale)
         H, S, F2,
         D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(phi.dtype), **config,
     )
+    if softmax_backward is not None:
+        dq, dk, dv = _softmax_branch_grads(softmax_backward, do, q, k_s, v_s, o, lse, dc, amax, scale)
+    else:
+        dq, dk, dv = _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale)
+    # dKV = Σ_i φ_q(q_i)ᵀ dlin_i: batched matmuls, fp32 accumulation inside.
+    dkv = torch.cat([torch.einsum("bshf,bshd->bhfd", phi_q, dlin_num),
+                     torch.einsum("bshf,bhs->bhf", phi_q, dlin_den).unsqueeze(-1)], -1) if has_linear else None
+    # [B, H, 2F, D+1]
+    return dq, dk, dv, dphi, dkv
+
+
+def _softmax_branch_grads(softmax_backward, do, q, k_s, v_s, o, lse, dc, amax, scale):
+    """dq, dk_S, dv_S from a plain softmax backward over T_S, plus the normaliser's gradient at the argmax."""
+    B, S, H, D = q.shape
+    dq_soft, dk_soft, dv = softmax_backward(do, q, k_s, v_s, o, lse, scale)
+    dq = torch.empty_like(q)
+    dk = dk_soft.to(torch.float32, memory_format=torch.contiguous_format)
+    config = CONFIGS["max_grad"]
+    hybrid_bwd_max_grad_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
+        q, k_s, dq_soft, dq, dk, dc, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
+        dq_soft.stride(0), dq_soft.stride(1), dq_soft.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        H, S,
+        D=D, **config,
+    )
+    return dq, dk.to(k_s.dtype), dv.to(v_s.dtype)
+
+
+def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
+    """dq, dk_S, dv_S by the two deterministic recompute passes."""
+    B, S, H, D = q.shape
+    SK = k_s.shape[1]
+    precision = input_precision(q.dtype)
     dq = torch.empty_like(q)
     config = CONFIGS["dq"]
     hybrid_bwd_dq_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
@@ -345,11 +448,7 @@ def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale)
         D=D, PRECISION=precision, **config,
     )
     dk, dv = (t[0] if chunks == 1 else t.sum(0).to(k_s.dtype) for t in (dk, dv))
-    # dKV = Σ_i φ_q(q_i)ᵀ dlin_i: batched matmuls, fp32 accumulation inside.
-    dkv = torch.cat([torch.einsum("bshf,bshd->bhfd", phi_q, dlin_num),
-                     torch.einsum("bshf,bhs->bhf", phi_q, dlin_den).unsqueeze(-1)], -1) if has_linear else None
-    # [B, H, 2F, D+1]
-    return dq, dk, dv, dphi, dkv
+    return dq, dk, dv
 
 
 class HybridAttentionFunction(torch.autograd.Function):
@@ -367,7 +466,8 @@ class HybridAttentionFunction(torch.autograd.Function):
         q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv, dphi, dkv = hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, ctx.scale)
+        dq, dk, dv, dphi, dkv = hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax,
+                                           ctx.scale, softmax_backward_for(q))
         return dq, dk, dv, dphi, None if dkv is None else dkv.to(ctx.kv_dtype), None
 
 

@@ -110,6 +110,50 @@ def test_heads_first_layout_and_scale(small_blocks):
     assert hybrid_attention(q, k, v, phi_q, kv, 3).stride() == q.stride()
 
 
+def softmax_backward_reference(do, q, k, v, o, lse, scale):
+    """What `cudnn_softmax_backward` computes, in plain PyTorch (fp32, fp64 stays): a flash-attention
+    backward from lse and o, with P = exp(scale·q·kᵀ − lse) and Δ = rowsum(do∘o)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    do, q, k, v, o = (t.to(dtype) for t in (do, q, k, v, o))
+    p = (torch.einsum("bshd,bthd->bhst", q, k) * scale - lse.to(dtype).unsqueeze(-1)).exp()  # [B, H, S, S']
+    delta = (do * o).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, S, 1]
+    ds = p * (torch.einsum("bshd,bthd->bhst", do, v) - delta)
+    return (scale * torch.einsum("bhst,bthd->bshd", ds, k), scale * torch.einsum("bhst,bshd->bthd", ds, q),
+            torch.einsum("bhst,bshd->bthd", p, do))
+
+
+@pytest.mark.parametrize(
+    "tokens,rate,batch,heads,head_dim,features",
+    [(70, 2, 2, 2, 16, 8), (53, 4, 2, 3, 32, 12), (45, 1, 2, 2, 16, 8), (33, 40, 1, 2, 16, 8)],
+    ids=["S70-R2-d16-F8", "S53-R4-d32-F12", "S45-R1-full", "S33-R40-one-softmax-key"],
+)
+def test_backward_through_a_softmax_backward(small_blocks, monkeypatch, tokens, rate, batch, heads, head_dim,
+                                             features):
+    """The GPU path's backward (module docstring): the softmax terms from a plain softmax-attention
+    backward on (do', o, lse_soft) — here its PyTorch stand-in for cuDNN's — plus the max-gradient kernel."""
+    monkeypatch.setattr(hy, "softmax_backward_for", lambda q: softmax_backward_reference)
+    g = torch.Generator().manual_seed(tokens * 100 + rate + 1)
+    check_against_reference(random_inputs(batch, tokens, heads, head_dim, features, rate, g), rate, 1e-3)
+
+
+def test_backward_on_cpu_runs_the_recompute_passes():
+    assert hy.softmax_backward_for(torch.zeros(1, 4, 1, 16)) is None
+
+
+@gpu
+@needs_cuda
+def test_gpu_backward_path_choice():
+    """cuDNN for half precision on CUDA, but not for fp32 or under `torch.use_deterministic_algorithms`."""
+    q = torch.zeros(1, 4, 1, 16, device="cuda", dtype=torch.bfloat16)
+    assert hy.softmax_backward_for(q) is hy.cudnn_softmax_backward
+    assert hy.softmax_backward_for(q.float()) is None
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert hy.softmax_backward_for(q) is None
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def random_processor(cls, config, heads, head_dim):
     """A processor in fp32 with every feature-map parameter random (the init has zeros and an identity)."""
     processor = cls(config, heads=heads, head_dim=head_dim, dim=heads * head_dim)
@@ -170,15 +214,20 @@ def test_rejects_bad_arguments():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("rate", [4, 8])
-def test_gpu_wan_shape_bf16(poisoned_empty, rate):
-    """21×30×52 = 32,760 tokens, 12 heads × 128, F = 128, bf16. The fp32 reference forms [S, S/R] score
-    matrices, so it runs three heads at a time (heads are independent)."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["cudnn-backward", "deterministic-backward"])
+def test_gpu_wan_shape_bf16(poisoned_empty, rate, deterministic):
+    """21×30×52 = 32,760 tokens, 12 heads × 128, F = 128, bf16, through both backward paths. The fp32
+    reference forms [S, S/R] score matrices, so it runs three heads at a time (heads are independent)."""
     g = torch.Generator().manual_seed(rate)
     inputs = random_inputs(1, VideoGrid(21, 30, 52).tokens, 12, 128, 128, rate, g, torch.bfloat16, "cuda")
     ours = [t.detach().requires_grad_() for t in inputs]
     out = hybrid_attention(*ours, rate)
     grad = torch.randn_like(out)
-    out.backward(grad)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        out.backward(grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
     # Per head: q, k, v, φ_q are [B, S, H, ·] and KV is [B, H, ·, ·].
     split = [2, 2, 2, 2, 1]
     refs, ref_grads = [], [[] for _ in inputs]
