@@ -10,10 +10,10 @@ kernels; backward into q, k, v, W and b of both maps); the fused hybrid op alone
 given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants' `attend_kernel` (hybrid: φ
 through the fused kernel, summary, op; linear: the linear-attention op; backward into q, k, v and the φ
 parameters); the hybrid rows twice, with the default backward (cuDNN's for the softmax branch) and under
-`torch.use_deterministic_algorithms` (our Triton passes); and the yardstick "cuDNN dense / R + linear", the time a perfect R-fold cut of dense attention
-plus the linear variant would take. TFLOP/s count the softmax branch's
-4·H·S·S'·D (fwd+bwd: 3.5× that). `--sweep` first times launch configs of each kernel (the hybrid op's
-at R = 4) and keeps the fastest.
+`torch.use_deterministic_algorithms` (our Triton passes); and the yardstick "cuDNN dense / R + linear", the
+time a perfect R-fold cut of dense attention plus the linear variant would take. TFLOP/s count the softmax branch's 4·H·S·S'·D (fwd+bwd: 3.5× that).
+Peak: the most memory allocated during one fwd+bwd, above what the inputs hold. `--sweep` first times
+launch configs of each kernel (the hybrid op's at R = 4) and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.memory import peak_gib  # noqa: E402
 from bench.sweep import keep_fastest  # noqa: E402
 from surgery.grid import VideoGrid  # noqa: E402
 from surgery.kernels import feature_map as fm  # noqa: E402
@@ -191,11 +192,14 @@ def main():
         row = dict(name=name, fwd_ms=bench(call))
         grad = torch.randn_like(call())
         row["fwd_bwd_ms"] = bench(lambda: call().backward(grad), grad_to_none=grads)
+        for t in grads:  # the peak counts the gradients made, not ones left from timing
+            t.grad = None
+        row["peak_gib"] = peak_gib(lambda: call().backward(grad))
         if flops:
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9
         rows.append(row)
-        log(f"{name}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+        log(f"{name}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms, peak {row['peak_gib']:.2f} GiB"
             + (f" ({row['fwd_tflops']:.0f} / {row['fwd_bwd_tflops']:.0f} TFLOP/s)" if flops else ""))
         return row
 
@@ -217,11 +221,13 @@ def main():
         with open(args.json, "w") as f:
             json.dump(dict(configs=hy.CONFIGS, feature_map_configs=fm.CONFIGS, linear_configs=la.CONFIGS, rows=rows),
                       f, indent=1)
-    lines = ["| what | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | × cuDNN fwd / fwd+bwd |", "|---|---|---|---|---|"]
+    lines = ["| what | fwd ms | fwd+bwd ms | TFLOP/s fwd / fwd+bwd | × cuDNN fwd / fwd+bwd | fwd+bwd peak GiB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         tflops = f"{r['fwd_tflops']:.0f} / {r['fwd_bwd_tflops']:.0f}" if "fwd_tflops" in r else ""
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
         lines.append(f"| {r['name']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {tflops} | "
-                     f"{cudnn['fwd_ms'] / r['fwd_ms']:.2f} / {cudnn['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} |")
+                     f"{cudnn['fwd_ms'] / r['fwd_ms']:.2f} / {cudnn['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f} | {peak} |")
     print("\n".join(lines))
 
 
