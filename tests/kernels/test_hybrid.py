@@ -208,6 +208,29 @@ def test_rejects_bad_arguments():
         hybrid_attention(q, q, q, None, None, 0)
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens,rate,batch,heads,head_dim,dtype,layout", [
+    (333, 5, 2, 3, 64, torch.bfloat16, "contiguous"),
+    (20, 16, 2, 2, 128, torch.bfloat16, "contiguous"),
+    (1000, 4, 1, 4, 128, torch.float16, "contiguous"),
+    (700, 3, 2, 2, 128, torch.bfloat16, "fused-qkv"),
+    (700, 1, 1, 2, 64, torch.bfloat16, "heads-first"),
+], ids=["S333-R5-d64-batch2", "S20-R16-two-softmax-keys", "S1000-R4-fp16", "fused-qkv-views", "R1-heads-first-views"])
+def test_gpu_cudnn_backward_shapes(poisoned_empty, tokens, rate, batch, heads, head_dim, dtype, layout):
+    """cuDNN's backward path on shapes and layouts unlike Wan's: small and partial blocks, two softmax keys,
+    fp16, q, k, v as views into one fused projection or transposed [B, H, S, D] tensors. (Not one softmax
+    key: there dq and dk are exactly zero, and any half-precision path leaves rounding noise there.)"""
+    g = torch.Generator().manual_seed(tokens + rate)
+    q, k, v, phi_q, kv = random_inputs(batch, tokens, heads, head_dim, 16, rate, g, dtype, "cuda")
+    if layout == "fused-qkv":
+        q, k, v = torch.stack([q, k, v], 2).unbind(2)  # [B, S, 3, H, D] → strided views, as a fused to_qkv makes
+    elif layout == "heads-first":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert hy.softmax_backward_for(q) is hy.cudnn_softmax_backward
+    check_against_reference([q, k, v, phi_q, kv], rate, 2e-2)
+
+
 # ---- GPU: Wan-1.3B's shape in bf16 ----------------------------------------------------------------
 
 
