@@ -11,9 +11,10 @@ given φ_q and KV) at R = 4 and 8; the whole `hybrid` and `linear` variants' `at
 through the fused kernel, summary, op; linear: the linear-attention op; backward into q, k, v and the φ
 parameters); the hybrid rows twice, with the default backward (cuDNN's for the softmax branch) and under
 `torch.use_deterministic_algorithms` (our Triton passes); and the yardstick "cuDNN dense / R + linear", the
-time a perfect R-fold cut of dense attention plus the linear variant would take. TFLOP/s count the softmax branch's 4·H·S·S'·D (fwd+bwd: 3.5× that).
-Peak: the most memory allocated during one fwd+bwd, above what the inputs hold. `--sweep` first times
-launch configs of each kernel (the hybrid op's at R = 4) and keeps the fastest.
+time a perfect R-fold cut of dense attention plus the linear variant would take. TFLOP/s count the softmax
+branch's 4·H·S·S'·D (fwd+bwd: 3.5× that). Peak: the most memory allocated during one fwd+bwd, above what the
+inputs hold. `--sweep` first times launch configs of each kernel (the hybrid op's at R = 4) and keeps the
+fastest.
 """
 
 from __future__ import annotations

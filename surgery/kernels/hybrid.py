@@ -32,7 +32,7 @@ as cuDNN's does, computes every softmax term when handed the hybrid's lse and o.
 Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then the softmax
 terms, one of two ways:
 - cuDNN's fused SDPA backward on (do, q, K_S, V_S, o, lse), then one pass adding dc at the argmax to dq
-  and, atomically, to dk. The fast path on GPUs (twice as fast at Wan's shape, BENCHMARKS.md), but cuDNN
+  and, atomically, to dk. The fast path on GPUs (the op's backward 1.75× as fast at Wan's shape, R = 8; BENCHMARKS.md), but cuDNN
   accumulates dq atomically: not bit-repeatable.
 - As in `block_sparse`, two recompute passes with no atomics, so the backward is deterministic:
   query-major for dq and key-major for dk_S, dv_S (over query chunks with fp32 partials when few softmax
