@@ -43,6 +43,8 @@ dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -336,15 +338,26 @@ def cudnn_softmax_backward(do, q, k, v, o, lse, scale):
     """dq, dk, dv of softmax attention o = softmax(scale·q·kᵀ)·v through cuDNN's fused backward (torch's
     `_scaled_dot_product_cudnn_attention_backward`). q, do, o: [B, S, H, D]; k, v: [B, S', H, D]; lse [B, H, S]
     (natural log). cuDNN uses o only for Δ = rowsum(do∘o), so any o with the wanted Δ will do."""
-    S, SK = q.shape[1], k.shape[1]
     heads_first = lambda t: t.transpose(1, 2)  # cuDNN takes [B, H, S, D] views
     k, v = k.contiguous(), v.contiguous()  # the strided views k[:, ::R] are copied: S' rows, cheap
     no_dropout = torch.empty(0, device=q.device, dtype=torch.int64)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         heads_first(do), heads_first(q), heads_first(k), heads_first(v), heads_first(o), lse.unsqueeze(-1),
-        no_dropout, no_dropout, None, None, None, S, SK, 0.0, False, scale=scale,
+        no_dropout, no_dropout, None, None, None, q.shape[1], k.shape[1], 0.0, False, scale=scale,
     )
     return heads_first(dq), heads_first(dk), heads_first(dv)
+
+
+# The argument order `cudnn_softmax_backward` passes; torch has had others (torch 2.13 has this one).
+CUDNN_BACKWARD_ARGUMENTS = ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset",
+                            "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal", "scale")
+
+
+@functools.cache
+def cudnn_backward_available() -> bool:
+    """Whether this torch has cuDNN's SDPA backward op with the arguments `cudnn_softmax_backward` passes."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", None)
+    return op is not None and tuple(a.name for a in op.default._schema.arguments) == CUDNN_BACKWARD_ARGUMENTS
 
 
 def softmax_backward_for(q):
@@ -352,11 +365,13 @@ def softmax_backward_for(q):
 
     cuDNN's where it applies: about half the time of our recompute passes at Wan's shape (BENCHMARKS.md),
     but its dq accumulates atomically, so under `torch.use_deterministic_algorithms` the deterministic
-    Triton passes run instead; also where cuDNN's SDPA is switched off or unavailable."""
+    Triton passes run instead; also where cuDNN's SDPA is switched off or unavailable, or torch's op for it
+    takes other arguments."""
     applies = (
         q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
         and not torch.are_deterministic_algorithms_enabled()
         and torch.backends.cuda.cudnn_sdp_enabled() and (torch.backends.cudnn.version() or 0) >= 90000
+        and cudnn_backward_available()
         and torch.cuda.get_device_capability(q.device) >= (8, 0)
     )
     return cudnn_softmax_backward if applies else None

@@ -140,6 +140,12 @@ def test_backward_on_cpu_runs_the_recompute_passes():
     assert hy.softmax_backward_for(torch.zeros(1, 4, 1, 16)) is None
 
 
+def test_installed_torch_has_the_cudnn_backward_we_call():
+    """The README's torch has cuDNN's SDPA backward op with the argument order `cudnn_softmax_backward` passes
+    (a torch that changes it falls back to the Triton passes, and this test says so)."""
+    assert hy.cudnn_backward_available()
+
+
 @gpu
 @needs_cuda
 def test_gpu_backward_path_choice():
