@@ -32,8 +32,8 @@ as cuDNN's does, computes every softmax term when handed the hybrid's lse and o.
 Kernels: forward; a preprocess pass per query block (Δ, dc, dφ_q, dlin, with fp32 sums); then the softmax
 terms, one of two ways:
 - cuDNN's fused SDPA backward on (do, q, K_S, V_S, o, lse), then one pass adding dc at the argmax to dq
-  and, atomically, to dk. The fast path on GPUs (the op's backward 1.75× as fast at Wan's shape, R = 8; BENCHMARKS.md), but cuDNN
-  accumulates dq atomically: not bit-repeatable.
+  and, atomically, to dk. The fast path on GPUs (the op's backward 1.75× as fast at Wan's shape, R = 8;
+  BENCHMARKS.md), but cuDNN accumulates dq atomically: not bit-repeatable.
 - As in `block_sparse`, two recompute passes with no atomics, so the backward is deterministic:
   query-major for dq and key-major for dk_S, dv_S (over query chunks with fp32 partials when few softmax
   keys would leave the GPU idle). Under `torch.use_deterministic_algorithms`, and wherever cuDNN's SDPA
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, input_precision
+from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, check_qkv, input_precision
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
 # (bench/NOTES-hybrid.md); the tests shrink the blocks.
@@ -487,11 +487,8 @@ class HybridAttentionFunction(torch.autograd.Function):
 
 
 def _check(q, k, v, phi_q, kv_summary, rate):
+    check_qkv(q, k, v)
     B, S, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
-        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
     if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
         raise ValueError(f"rate must be an int ≥ 1, got {rate!r}")
     if (phi_q is None) != (kv_summary is None):

@@ -1,7 +1,22 @@
-"""Fixtures shared by the kernel tests."""
+"""Fixtures and helpers shared by the kernel tests."""
+
+import contextlib
 
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """`torch.use_deterministic_algorithms(enabled)` inside, the previous setting restored after. warn_only:
+    torch's own ops with no deterministic version warn rather than fail."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 @pytest.fixture

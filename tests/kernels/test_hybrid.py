@@ -16,6 +16,8 @@ from surgery.kernels.hybrid import hybrid_attention, hybrid_attention_reference
 from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index
 from surgery.variants.linear import LinearAttention, LinearConfig
 
+from .conftest import deterministic_algorithms
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,11 +155,8 @@ def test_gpu_backward_path_choice():
     q = torch.zeros(1, 4, 1, 16, device="cuda", dtype=torch.bfloat16)
     assert hy.softmax_backward_for(q) is hy.cudnn_softmax_backward
     assert hy.softmax_backward_for(q.float()) is None
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         assert hy.softmax_backward_for(q) is None
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def random_processor(cls, config, heads, head_dim):
@@ -252,11 +251,8 @@ def test_gpu_wan_shape_bf16(poisoned_empty, rate, deterministic):
     ours = [t.detach().requires_grad_() for t in inputs]
     out = hybrid_attention(*ours, rate)
     grad = torch.randn_like(out)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
+    with deterministic_algorithms(deterministic):
         out.backward(grad)
-    finally:
-        torch.use_deterministic_algorithms(False)
     # Per head: q, k, v, φ_q are [B, S, H, ·] and KV is [B, H, ·, ·].
     split = [2, 2, 2, 2, 1]
     refs, ref_grads = [], [[] for _ in inputs]

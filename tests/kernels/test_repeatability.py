@@ -13,6 +13,8 @@ import torch
 from surgery.grid import VideoGrid
 from surgery.variants import VARIANTS
 
+from .conftest import deterministic_algorithms
+
 GRID, HEADS, HEAD_DIM = VideoGrid(21, 30, 52), 12, 128  # Wan2.1-1.3B's self-attention
 
 
@@ -39,15 +41,11 @@ def test_kernel_path_is_repeatable_bit_for_bit(name, params, layer):
     leaves = [q, k, v, x, *variant.parameters()]
 
     runs = []
-    # warn_only: torch's own ops with no deterministic version (none here so far) warn rather than fail.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_algorithms():
         for _ in range(3):
             out = variant.attend_kernel(q, k, v, GRID, x)
             grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
             runs.append([out.detach()] + [g for g in grads if g is not None])
-    finally:
-        torch.use_deterministic_algorithms(False)
     for run in runs[1:]:
         changed = [int((a != b).sum()) for a, b in zip(run, runs[0])]
         assert not any(changed), f"elements that changed between calls (out, then gradients): {changed}"
