@@ -43,14 +43,13 @@ dKV = φ_qᵀ·dlin is two batched matmuls in torch (numerator, denominator).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
 from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, check_qkv, input_precision
+from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
 # (bench/NOTES-hybrid.md); the tests shrink the blocks.
@@ -335,46 +334,22 @@ def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale):
 
 
 def cudnn_softmax_backward(do, q, k, v, o, lse, scale):
-    """dq, dk, dv of softmax attention o = softmax(scale·q·kᵀ)·v through cuDNN's fused backward (torch's
-    `_scaled_dot_product_cudnn_attention_backward`). q, do, o: [B, S, H, D]; k, v: [B, S', H, D]; lse [B, H, S]
-    (natural log). cuDNN uses o only for Δ = rowsum(do∘o), so any o with the wanted Δ will do."""
+    """dq, dk, dv of softmax attention o = softmax(scale·q·kᵀ)·v through cuDNN's fused backward, in this op's
+    layout. q, do, o: [B, S, H, D]; k, v: [B, S', H, D]; lse [B, H, S] (natural log)."""
     heads_first = lambda t: t.transpose(1, 2)  # cuDNN takes [B, H, S, D] views
     k, v = k.contiguous(), v.contiguous()  # the strided views k[:, ::R] are copied: S' rows, cheap
-    no_dropout = torch.empty(0, device=q.device, dtype=torch.int64)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        heads_first(do), heads_first(q), heads_first(k), heads_first(v), heads_first(o), lse.unsqueeze(-1),
-        no_dropout, no_dropout, None, None, None, q.shape[1], k.shape[1], 0.0, False, scale=scale,
-    )
-    return heads_first(dq), heads_first(dk), heads_first(dv)
-
-
-# The argument order `cudnn_softmax_backward` passes; torch has had others (torch 2.13 has this one).
-CUDNN_BACKWARD_ARGUMENTS = ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed", "philox_offset",
-                            "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal", "scale")
-
-
-@functools.cache
-def cudnn_backward_available() -> bool:
-    """Whether this torch has cuDNN's SDPA backward op with the arguments `cudnn_softmax_backward` passes."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", None)
-    return op is not None and tuple(a.name for a in op.default._schema.arguments) == CUDNN_BACKWARD_ARGUMENTS
+    grads = cudnn_attention_backward(heads_first(do), heads_first(q), heads_first(k), heads_first(v), heads_first(o),
+                                     lse, scale)
+    return tuple(heads_first(g) for g in grads)
 
 
 def softmax_backward_for(q):
     """The softmax backward the hybrid backward hands its T_S branch to, or None for its own two passes.
 
-    cuDNN's where it applies: about half the time of our recompute passes at Wan's shape (BENCHMARKS.md),
-    but its dq accumulates atomically, so under `torch.use_deterministic_algorithms` the deterministic
-    Triton passes run instead; also where cuDNN's SDPA is switched off or unavailable, or torch's op for it
-    takes other arguments."""
-    applies = (
-        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0
-        and not torch.are_deterministic_algorithms_enabled()
-        and torch.backends.cuda.cudnn_sdp_enabled() and (torch.backends.cudnn.version() or 0) >= 90000
-        and cudnn_backward_available()
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-    )
-    return cudnn_softmax_backward if applies else None
+    cuDNN's where it applies (`cudnn_attention_applies`): about half the time of our recompute passes at Wan's
+    shape (BENCHMARKS.md). Under `torch.use_deterministic_algorithms`, for fp32, and where cuDNN's SDPA is off
+    or unavailable, the deterministic Triton passes run instead."""
+    return cudnn_softmax_backward if cudnn_attention_applies(q, backward=True) else None
 
 
 def hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax, scale, softmax_backward=None):

@@ -12,6 +12,7 @@ import torch
 
 from surgery.grid import VideoGrid
 from surgery.kernels import hybrid as hy
+from surgery.kernels.cudnn_attention import attention_backward_reference
 from surgery.kernels.hybrid import hybrid_attention, hybrid_attention_reference
 from surgery.variants.hybrid import HybridAttention, HybridConfig, linear_token_index
 from surgery.variants.linear import LinearAttention, LinearConfig
@@ -112,18 +113,6 @@ def test_heads_first_layout_and_scale(small_blocks):
     assert hybrid_attention(q, k, v, phi_q, kv, 3).stride() == q.stride()
 
 
-def softmax_backward_reference(do, q, k, v, o, lse, scale):
-    """What `cudnn_softmax_backward` computes, in plain PyTorch (fp32, fp64 stays): a flash-attention
-    backward from lse and o, with P = exp(scale·q·kᵀ − lse) and Δ = rowsum(do∘o)."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    do, q, k, v, o = (t.to(dtype) for t in (do, q, k, v, o))
-    p = (torch.einsum("bshd,bthd->bhst", q, k) * scale - lse.to(dtype).unsqueeze(-1)).exp()  # [B, H, S, S']
-    delta = (do * o).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, S, 1]
-    ds = p * (torch.einsum("bshd,bthd->bhst", do, v) - delta)
-    return (scale * torch.einsum("bhst,bthd->bshd", ds, k), scale * torch.einsum("bhst,bshd->bthd", ds, q),
-            torch.einsum("bhst,bshd->bthd", p, do))
-
-
 @pytest.mark.parametrize(
     "tokens,rate,batch,heads,head_dim,features",
     [(70, 2, 2, 2, 16, 8), (53, 4, 2, 3, 32, 12), (45, 1, 2, 2, 16, 8), (33, 40, 1, 2, 16, 8)],
@@ -132,20 +121,15 @@ def softmax_backward_reference(do, q, k, v, o, lse, scale):
 def test_backward_through_a_softmax_backward(small_blocks, monkeypatch, tokens, rate, batch, heads, head_dim,
                                              features):
     """The GPU path's backward (module docstring): the softmax terms from a plain softmax-attention
-    backward on (do', o, lse_soft) — here its PyTorch stand-in for cuDNN's — plus the max-gradient kernel."""
-    monkeypatch.setattr(hy, "softmax_backward_for", lambda q: softmax_backward_reference)
+    backward on (do, o, lse) — here the PyTorch stand-in for cuDNN's — plus the max-gradient kernel."""
+    monkeypatch.setattr(hy, "cudnn_attention_backward", attention_backward_reference)
+    monkeypatch.setattr(hy, "softmax_backward_for", lambda q: hy.cudnn_softmax_backward)
     g = torch.Generator().manual_seed(tokens * 100 + rate + 1)
     check_against_reference(random_inputs(batch, tokens, heads, head_dim, features, rate, g), rate, 1e-3)
 
 
 def test_backward_on_cpu_runs_the_recompute_passes():
     assert hy.softmax_backward_for(torch.zeros(1, 4, 1, 16)) is None
-
-
-def test_installed_torch_has_the_cudnn_backward_we_call():
-    """The README's torch has cuDNN's SDPA backward op with the argument order `cudnn_softmax_backward` passes
-    (a torch that changes it falls back to the Triton passes, and this test says so)."""
-    assert hy.cudnn_backward_available()
 
 
 @gpu
