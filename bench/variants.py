@@ -1,6 +1,6 @@
 """Time the whole `vsa` and `vmoba` variant paths against dense SDPA and the peers' whole VSA, in one run on one GPU.
 
-    python3 bench/variants.py [--shapes 1.3b 720p] [--no-vmoba] [--json out.json]
+    python3 bench/variants.py [--shapes 1.3b 720p] [--no-vmoba | --no-vsa] [--json out.json]
     TRITON_INTERPRET=1 python3 bench/variants.py --smoke    # CPU, tiny grid: checks the code paths only
 
 Rows take q, k, v as a Wan layer hands them to its attention: [B, S, H, D], raster order (batch 1,
@@ -20,8 +20,8 @@ above what was allocated before it. Rows:
   inputs with the gate values given, the form of the issue's peer figures (no permutation, no projection).
 - ours `vmoba`: `VideoMixtureOfBlockAttention.attend_kernel`, global threshold τ = 0.25, at layers 0, 1, 2
   (1D, 2D, 3D blocks). Target: time ≤ density × cuDNN dense time / 0.8, with the density the variant
-  measured (query-key pairs attended / S²), printed next to the share the kernel computes (the selected
-  pairs, each key block's gathered queries rounded up to whole 64-query chunks). Random q, k give
+  measured (query-key pairs attended / S²), printed next to the share the path computes. Where the cuDNN
+  path runs (`selected_blocks.PaddedProblems`), a second row forces the Triton kernels. Random q, k give
   near-uniform block scores, so those densities are not a trained layer's.
   `--sweep` first times launch configs of the vmoba kernels (`kernels/selected_blocks.py`) at layer 0.
 
@@ -289,7 +289,8 @@ def dense_attention(q, k, v, cuda: bool):
         return F.scaled_dot_product_attention(*bhsd).transpose(1, 2)
 
 
-def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log, vmoba_layers=VMOBA_LAYERS) -> list[dict]:
+def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log, vmoba_layers=VMOBA_LAYERS,
+              skip_vsa=False) -> list[dict]:
     S, H, D = grid.tokens, setup.heads, setup.head_dim
     cuda, dim = setup.cuda, H * D
     make = lambda *shape: torch.randn(*shape, device=setup.device, dtype=setup.dtype, requires_grad=True)
@@ -301,7 +302,7 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
 
     tiles = padded_tiles(grid, setup.device) if peers else None
     n = block_layout(grid, TILE).num_blocks
-    for sparsity in SPARSITIES:
+    for sparsity in () if skip_vsa else SPARSITIES:
         vsa = VideoSparseAttention(VSAConfig(tile=TILE, sparsity=sparsity), heads=H, head_dim=D, dim=dim)
         vsa = vsa.to(setup.device, setup.dtype)
         top_k = vsa.config.tiles_kept(n)
@@ -335,24 +336,46 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
                                              heads=H, head_dim=D, dim=dim, layer_index=layer_index)
         partition = vmoba.partition
         blocks = block_layout(grid, vmoba.config.block_shape(partition, grid)).num_blocks
-        row = measure(rows, log, label, "ours-vmoba",
-                      f"ours vmoba attend_kernel, layer {layer_index}: {partition.upper()}, {blocks} blocks, "
-                      f"τ = {VMOBA_THRESHOLD}", lambda: vmoba.attend_kernel(q, k, v, grid), [q, k, v], upstream, cuda,
-                      layer=layer_index, partition=partition, blocks=blocks)
-        row["density"] = vmoba.last_density  # every call sees the same q, k: the same selection
-        row["computed_density"] = computed_density(vmoba, q, k, grid)
+        fill, padded_density, chunked_density = computed_densities(vmoba, q, k, grid)
+        padded = cuda and fill >= selected_blocks.MIN_PADDED_FILL
+        for triton_only in (False, True) if padded else (False,):
+            path = "Triton kernels" if triton_only or not padded else f"cuDNN, padded fill {fill:.2f}"
+            with forced_fill(math.inf if triton_only else None):
+                row = measure(rows, log, label, "ours-vmoba",
+                              f"ours vmoba attend_kernel, layer {layer_index}: {partition.upper()}, {blocks} blocks, "
+                              f"τ = {VMOBA_THRESHOLD}, {path}", lambda: vmoba.attend_kernel(q, k, v, grid), [q, k, v],
+                              upstream, cuda, layer=layer_index, partition=partition, blocks=blocks)
+            row["density"] = vmoba.last_density  # every call sees the same q, k: the same selection
+            row["computed_density"] = padded_density if padded and not triton_only else chunked_density
     judge(rows)
     return rows
 
 
-def computed_density(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> float:
-    """Share of query-key pairs the kernel computes: per (batch, head, key block), the queries that chose the
-    block, rounded up to whole chunks of `selected_blocks.CHUNK`. The target counts only the pairs selected."""
+@contextlib.contextmanager
+def forced_fill(fill: float | None):
+    """`selected_blocks.MIN_PADDED_FILL` set to `fill` inside (None: unchanged); inf forces the Triton kernels."""
+    before = selected_blocks.MIN_PADDED_FILL
+    selected_blocks.MIN_PADDED_FILL = before if fill is None else fill
+    try:
+        yield
+    finally:
+        selected_blocks.MIN_PADDED_FILL = before
+
+
+def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> tuple[float, float, float]:
+    """The cuDNN path's padded fill, and the share of query-key pairs each path computes: padded problems (each
+    block's chooser list padded to the longest among blocks of its size) or the Triton kernels' chunks (each list
+    rounded up to whole chunks of `selected_blocks.CHUNK`). The target counts only the pairs selected."""
     block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     batch, heads, tokens, _ = block_mask.shape
+    square = batch * heads * tokens * tokens
+    pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
+    problems = selected_blocks.padded_problems(pairs, layout.offsets, batch, heads)
+    padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems)
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
-    return float((gathered * layout.sizes).sum(dtype=torch.float64) / (batch * heads * tokens * tokens))
+    return (selected_blocks.padded_fill(pairs, problems, batch, heads), padded / square,
+            float((gathered * layout.sizes).sum(dtype=torch.float64) / square))
 
 
 def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
@@ -439,8 +462,9 @@ def table(rows: list[dict], grids: dict[str, VideoGrid], setup: Setup) -> str:
             lines.append(f"\nvmoba densities {min(densities):.3f}–{max(densities):.3f} come from random normal q, k: "
                          "block scores are near uniform there, so the global threshold keeps what it would not keep "
                          "on a trained Wan layer's q, k; the target scales with whatever density was measured. "
-                         "'computed': the share of pairs the kernel computes (each key block's gathered queries "
-                         f"in whole {selected_blocks.CHUNK}-query chunks).")
+                         "'computed': the share of pairs the path computes (cuDNN: each key block's choosers "
+                         "padded to the longest list of its block size; Triton: in whole "
+                         f"{selected_blocks.CHUNK}-query chunks).")
     return "\n".join(lines)
 
 
@@ -449,6 +473,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["1.3b"], choices=list(SHAPES))
     parser.add_argument("--json", help="write all rows here")
     parser.add_argument("--no-vmoba", action="store_true", help="leave out the vmoba rows")
+    parser.add_argument("--no-vsa", action="store_true", help="leave out the vsa and peer rows")
     parser.add_argument("--sweep", action="store_true", help="first sweep the vmoba kernels' launch configs (GPU)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"CPU, grid {SMOKE_GRID}, {SMOKE.heads} heads × {SMOKE.head_dim}, fp32, no peers; "
@@ -472,7 +497,8 @@ def main():
     if args.sweep and setup.cuda:
         sweep_vmoba(SHAPES["1.3b"], setup, log)
     torch.manual_seed(0)
-    rows = [row for label, grid in grids.items() for row in run_shape(label, grid, setup, peers, log, () if args.no_vmoba else VMOBA_LAYERS)]
+    rows = [row for label, grid in grids.items()
+            for row in run_shape(label, grid, setup, peers, log, () if args.no_vmoba else VMOBA_LAYERS, args.no_vsa)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, torch=torch.__version__, triton=triton.__version__, rows=rows), f, indent=1)

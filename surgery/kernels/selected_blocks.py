@@ -15,11 +15,20 @@ over the queries that chose each block (one program per 64-key chunk, no atomics
 than gathering them every step (2–5% off a layer's forward+backward on an H100). Deterministic.
 The per-pair buffers take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run
 in groups (`head_groups`), each group's buffers freed before the next.
+
+On GPUs where cuDNN's attention applies, the attention itself goes to cuDNN instead (`PaddedProblems`): every
+(batch, key block, head) is one dense problem, the queries that chose the block against the block's keys, its
+query rows padded to the longest such list among blocks of that size. cuDNN's forward gives each pair's partial
+output and lse, merged per query as above. Its backward, handed each pair's *final* o and lse (gathered per
+pair), gives each pair's exact share of dq (summed per query) and dk, dv whole (`cudnn_attention`). Used while
+the pairs fill at least MIN_PADDED_FILL of the padded rows; under `torch.use_deterministic_algorithms` the
+backward is the Triton passes (cuDNN accumulates dq atomically).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import triton
@@ -27,12 +36,17 @@ import triton.language as tl
 
 from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chunk, input_precision,
                            block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference)
+from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
 CHUNK = 64
 # The backward's per-pair buffers grow with the pairs (fp32 dq partials and bf16 q, dO rows: 1 KB a pair at
 # head_dim 128; 5.6 GB at Wan-1.3B's 3D VMoBA layers): heads run in groups whose buffers fit this (`head_groups`).
 PARTIAL_BYTES = 8 * 2**30
+# The cuDNN path runs while real pairs fill at least this share of its padded rows. H100, VMoBA's 1D layer at the
+# 1.3B shape: cuDNN took 10.5 ms fwd+bwd for 663,600 padded rows where the Triton kernels took 15.3 for 608,525
+# pairs, so it breaks even near a fill of 0.63 (bench/NOTES.md, "Session 7").
+MIN_PADDED_FILL = 0.7
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
@@ -95,6 +109,94 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
     end = torch.minimum(first + chunk, group_offsets[group + 1])
     return PairLists(pair_query, pair_slot, group_offsets, torch.stack([first, end, group.to(torch.int32)], 1),
                      query_offsets)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedProblems:
+    """The pairs on the key blocks of one size, as dense attention problems for cuDNN.
+
+    Problem (b·len(blocks) + i, h) is batch b, head h and `blocks[i]`: its keys are the block's `key_size`
+    tokens, its query rows the queries that chose the block, ascending, then zero rows up to `rows` (the longest
+    list). Zero rows add nothing to dk, dv: their dO is zero too. Per pair on these blocks (int64): `batch`,
+    `token`, `head` index its query in [B, S, H, ·] tensors, `problem`, `head`, `row` its padded row and `slot` its
+    partial row (`PairLists`). `key_tokens`: the blocks' keys, block after block, or None when `blocks` are all
+    of k's blocks in order (k then reshapes into the problems without a copy).
+    """
+
+    key_size: int
+    blocks: list[int]
+    rows: int
+    key_tokens: torch.Tensor | None
+    batch: torch.Tensor
+    token: torch.Tensor
+    head: torch.Tensor
+    problem: torch.Tensor
+    row: torch.Tensor
+    slot: torch.Tensor
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of x [B, S, H, D] (or the values of [B, H, S]) at these pairs' queries, as zero-padded
+        problems [B·len(blocks), H, rows, D] (or [B·len(blocks), H, rows])."""
+        per_row = x.dim() == 4
+        B, H = x.shape[0], x.shape[2 if per_row else 1]
+        out = x.new_zeros(B * len(self.blocks), H, self.rows, *x.shape[3:])
+        out[self.problem, self.head, self.row] = (x[self.batch, self.token, self.head] if per_row
+                                                  else x[self.batch, self.head, self.token])
+        return out
+
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' rows of x [B, S_kv, H, D] as the problems' keys [B·len(blocks), H, key_size, D]."""
+        B, _, H, D = x.shape
+        rows = x if self.key_tokens is None else x[:, self.key_tokens]
+        return rows.reshape(B * len(self.blocks), self.key_size, H, D).transpose(1, 2)
+
+    def put_keys(self, dx: torch.Tensor, grad: torch.Tensor) -> None:
+        """Writes the problems' key gradients grad [B·len(blocks), H, key_size, D] into dx [B, S_kv, H, D]."""
+        B, _, H, D = dx.shape
+        rows = grad.transpose(1, 2).reshape(B, len(self.blocks) * self.key_size, H, D)
+        if self.key_tokens is None:
+            dx.copy_(rows)
+        else:
+            dx[:, self.key_tokens] = rows.to(dx.dtype)
+
+
+def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int) -> list[PaddedProblems]:
+    """`PairLists` of a [batch, heads, S, n] block mask as `PaddedProblems`, one per key block size that some
+    query chose. One host sync (block sizes and longest lists)."""
+    n = kv_offsets.numel() - 1
+    device = kv_offsets.device
+    counts = pairs.group_offsets.diff()  # [B·H·n] queries per (b, h, block), key-major like the pairs
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=pairs.pairs)
+    row = torch.arange(pairs.pairs, device=device) - pairs.group_offsets[group]
+    batch_of, head_of, block_of = group // (heads * n), group // n % heads, group % n
+    sizes, longest = torch.stack([kv_offsets.diff().long(), counts.view(-1, n).amax(0).long()]).tolist()
+    blocks_of_size: dict[int, list[int]] = {}
+    for block, size in enumerate(sizes):
+        blocks_of_size.setdefault(size, []).append(block)
+    problems = []
+    for size, blocks in blocks_of_size.items():
+        rows = max(longest[b] for b in blocks)
+        if rows == 0:  # no query chose these blocks: their dk, dv stay zero
+            continue
+        if len(blocks) == n:
+            pair, index, key_tokens = slice(None), block_of, None
+        else:
+            ids = torch.tensor(blocks, device=device)
+            position = torch.full((n,), -1, device=device).index_put_((ids,), torch.arange(len(blocks), device=device))
+            pair = (position[block_of] >= 0).nonzero().squeeze(1)
+            index = position[block_of[pair]]
+            key_tokens = (kv_offsets[ids].unsqueeze(1) + torch.arange(size, device=device)).flatten()
+        b = batch_of[pair]
+        problems.append(PaddedProblems(
+            size, blocks, rows, key_tokens, b, pairs.pair_query[pair].long(), head_of[pair], b * len(blocks) + index,
+            row[pair], pairs.pair_slot[pair].long()))
+    return problems
+
+
+def padded_fill(pairs: PairLists, problems: list[PaddedProblems], batch: int, heads: int) -> float:
+    """Share of the problems' padded query rows that hold a real pair (1 with no pairs)."""
+    padded = sum(batch * len(p.blocks) * heads * p.rows for p in problems)
+    return pairs.pairs / padded if padded else 1.0
 
 
 @triton.jit
@@ -306,6 +408,48 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
     )
 
 
+def dense_attention_forward_for(q):
+    """The dense attention forward the padded problems go to (`cudnn_attention`), or None for the Triton kernels."""
+    return cudnn_attention_forward if cudnn_attention_applies(q, backward=False) else None
+
+
+def dense_attention_backward_for(q):
+    """Its backward, or None for the Triton passes (also in deterministic mode)."""
+    return cudnn_attention_backward if cudnn_attention_applies(q, backward=True) else None
+
+
+def padded_fwd(attention_forward, q, k, v, pairs: PairLists, problems: list[PaddedProblems], scale, o):
+    """`selected_blocks_fwd` with each size's problems in one `attention_forward(q, k, v, scale) → o, lse` call."""
+    B, S, H, D = q.shape
+    o_part = torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(pairs.pairs, device=q.device, dtype=torch.float32)
+    for p in problems:
+        o_pad, lse_pad = attention_forward(p.padded(q), p.keys(k), p.keys(v), scale)
+        o_part[p.slot] = o_pad[p.problem, p.head, p.row].to(q.dtype)
+        lse_part[p.slot] = lse_pad[p.problem, p.head, p.row].float() * math.log2(math.e)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True)
+    return lse
+
+
+def padded_bwd(attention_backward, do, q, k, v, o, lse, pairs: PairLists, problems: list[PaddedProblems], scale,
+               dq, dk, dv):
+    """`selected_blocks_bwd` through `attention_backward(do, q, k, v, o, lse, scale) → dq, dk, dv` on each size's
+    problems, handed each pair's final o and lse."""
+    D = q.shape[-1]
+    dq_part = torch.empty(pairs.pairs, D, device=q.device, dtype=torch.float32)
+    if sum(p.key_size * len(p.blocks) for p in problems) < k.shape[1]:  # some blocks were chosen by nobody
+        dk.zero_()
+        dv.zero_()
+    for p in problems:
+        dq_pad, dk_blocks, dv_blocks = attention_backward(p.padded(do), p.padded(q), p.keys(k), p.keys(v), p.padded(o),
+                                                          p.padded(lse), scale)
+        dq_part[p.slot] = dq_pad[p.problem, p.head, p.row].float()
+        p.put_keys(dk, dk_blocks)
+        p.put_keys(dv, dv_blocks)
+    _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
+
+
 def pair_bytes(head_dim: int, element_size: int) -> int:
     """Backward buffer bytes per (query, block) pair: an fp32 dq partial, q and dO rows, fp32 lse and delta."""
     return head_dim * 4 + 2 * head_dim * element_size + 8
@@ -331,12 +475,22 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, block_mask, kv_offsets, max_kv_block, scale):
         o = torch.empty_like(q)
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device, dtype=torch.float32)
+        attention_forward = dense_attention_forward_for(q)
         ctx.groups = []
         for h0, h1 in head_groups(block_mask, pair_bytes(q.shape[-1], q.element_size())):
             pairs = list_pairs(block_mask[:, h0:h1], CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
-            lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)
-            ctx.groups.append((h0, h1, pairs))
+            problems = None
+            if attention_forward is not None:
+                problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0)
+                if padded_fill(pairs, problems, q.shape[0], h1 - h0) < MIN_PADDED_FILL:
+                    problems = None
+            if problems is None:
+                lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)
+            else:
+                lse[:, h0:h1] = padded_fwd(attention_forward, q_heads, k_heads, v_heads, pairs, problems, scale,
+                                           o_heads)
+            ctx.groups.append((h0, h1, pairs, problems))
         ctx.save_for_backward(q, k, v, o, lse, kv_offsets)
         ctx.max_kv_block, ctx.scale = max_kv_block, scale
         ctx.mark_non_differentiable(lse)
@@ -348,11 +502,15 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for h0, h1, pairs in ctx.groups:
+        attention_backward = dense_attention_backward_for(q)
+        for h0, h1, pairs, problems in ctx.groups:
             heads = [t[:, :, h0:h1] for t in (do, q, k, v, o)]
             grads = [t[:, :, h0:h1] for t in (dq, dk, dv)]
-            selected_blocks_bwd(*heads, lse[:, h0:h1].contiguous(), pairs, kv_offsets, ctx.max_kv_block, ctx.scale,
-                                *grads)
+            if problems is not None and attention_backward is not None:
+                padded_bwd(attention_backward, *heads, lse[:, h0:h1].contiguous(), pairs, problems, ctx.scale, *grads)
+            else:
+                selected_blocks_bwd(*heads, lse[:, h0:h1].contiguous(), pairs, kv_offsets, ctx.max_kv_block,
+                                    ctx.scale, *grads)
         return dq, dk, dv, None, None, None, None
 
 

@@ -1,16 +1,21 @@
 """Key-block-major attention over per-query block choices (Triton) against its plain-PyTorch reference.
 
 CPU: Triton's interpreter at tiny shapes (partial key blocks, several heads, batch 2), fp32, relative error
-≤ 1e-3 against the reference in fp64. GPU (`-m gpu`): VMoBA's 1.3B shape in bf16, ≤ 1e-2 against the
+≤ 1e-3 against the reference in fp64; the cuDNN path with PyTorch stand-ins for cuDNN's attention. GPU (`-m gpu`): VMoBA's 1.3B shape in bf16, ≤ 1e-2 against the
 reference in fp32 on the same bf16 inputs, with NaN-poisoned outputs.
 """
+
+import math
 
 import pytest
 import torch
 
 from surgery.grid import VideoGrid, block_layout
 from surgery.kernels import selected_blocks as sb
+from surgery.kernels.cudnn_attention import attention_backward_reference, attention_forward_reference
 from surgery.kernels.selected_blocks import list_pairs, selected_block_attention, selected_block_attention_reference
+
+from .conftest import deterministic_algorithms
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -100,13 +105,86 @@ def test_rejects_bad_arguments():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("block", [(3, 30, 52), (3, 5, 13)])  # VMoBA-like 1D (4,680 keys) and small 3D blocks
-def test_gpu_bf16_every_output_written(poisoned_empty, block):
-    """Wan2.1-1.3B's frame size (30×52) over 9 frames, 2 heads × 128, ~25% of blocks per query (own block kept)."""
+@pytest.mark.parametrize("block", [(3, 30, 52), (3, 5, 13), (3, 7, 11)])  # 1D (4,680 keys), 3D, 3D of 4 sizes
+@pytest.mark.parametrize("min_fill,deterministic", [(0.0, False), (0.0, True), (math.inf, False)],
+                         ids=["cudnn", "cudnn-forward-triton-backward", "triton"])
+def test_gpu_bf16_every_output_written(poisoned_empty, monkeypatch, block, min_fill, deterministic):
+    """Wan2.1-1.3B's frame size (30×52) over 9 frames, 2 heads × 128, ~25% of blocks per query (own block kept),
+    through each path: cuDNN (its backward not in deterministic mode) or the Triton kernels."""
+    monkeypatch.setattr(sb, "MIN_PADDED_FILL", min_fill)
     generator = torch.Generator().manual_seed(3)
     layout = block_layout(VideoGrid(9, 30, 52), block, "cuda")
     tokens, heads = layout.order.numel(), 2
     q, k, v = (torch.randn(1, tokens, heads, 128, generator=generator).cuda().bfloat16() for _ in range(3))
     block_mask = torch.rand(1, heads, tokens, layout.num_blocks, generator=generator).cuda() < 0.25
     block_mask |= torch.nn.functional.one_hot(layout.block_of_token, layout.num_blocks).bool()
-    print(check_against_reference(q, k, v, block_mask, layout.offsets, int(layout.sizes.max()), 1e-2))
+    with deterministic_algorithms(deterministic):
+        print(check_against_reference(q, k, v, block_mask, layout.offsets, int(layout.sizes.max()), 1e-2))
+
+
+@pytest.fixture
+def padded_path(monkeypatch):
+    """The cuDNN path with PyTorch stand-ins for cuDNN's attention, taken whatever the padding; counts the calls."""
+    calls = {"forward": 0, "backward": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return lambda q: call
+
+    monkeypatch.setattr(sb, "dense_attention_forward_for", counted("forward", attention_forward_reference))
+    monkeypatch.setattr(sb, "dense_attention_backward_for", counted("backward", attention_backward_reference))
+    monkeypatch.setattr(sb, "MIN_PADDED_FILL", 0.0)
+    return calls
+
+
+@pytest.mark.parametrize("batch,heads,queries,sizes,density", [
+    (2, 2, 37, (20, 7, 33, 1, 7), 0.4),  # four block sizes: keys gathered per size
+    (1, 3, 70, (16, 16, 16), 0.7),  # one size: keys reshaped in place
+    (2, 1, 9, (5, 70, 5), 0.2),  # some queries choose nothing, some blocks are chosen by nobody
+])
+def test_padded_path_matches_reference(padded_path, batch, heads, queries, sizes, density):
+    generator = torch.Generator().manual_seed(sum(sizes) + queries + 1)
+    q = torch.randn(batch, queries, heads, 16, generator=generator)
+    k, v = (torch.randn(batch, sum(sizes), heads, 16, generator=generator) for _ in range(2))
+    block_mask = torch.rand(batch, heads, queries, len(sizes), generator=generator) < density
+    check_against_reference(q, k, v, block_mask, block_offsets(sizes, "cpu"), max(sizes), 1e-3)
+    assert padded_path["forward"] >= 1 and padded_path["backward"] >= 1
+
+
+def test_padded_path_needs_the_fill(padded_path, monkeypatch):
+    """Below MIN_PADDED_FILL the Triton kernels run (same results)."""
+    monkeypatch.setattr(sb, "MIN_PADDED_FILL", 1.01)
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 24, 2, 16, generator=generator) for _ in range(3))
+    block_mask = torch.rand(1, 2, 24, 3, generator=generator) < 0.5
+    check_against_reference(q, k, v, block_mask, block_offsets((8, 8, 8), "cpu"), 8, 1e-3)
+    assert padded_path == {"forward": 0, "backward": 0}
+
+
+def test_padded_problems_hold_each_pair_once():
+    """Every pair has one padded row, in its block's problem, at its rank among the block's queries; the fill is
+    the pairs over the padded rows."""
+    generator = torch.Generator().manual_seed(2)
+    B, H, S, sizes = 2, 3, 13, (4, 6, 4, 6, 3)
+    block_mask = torch.rand(B, H, S, len(sizes), generator=generator) < 0.4
+    offsets = block_offsets(sizes, "cpu")
+    pairs = list_pairs(block_mask, sb.CHUNK)
+    problems = sb.padded_problems(pairs, offsets, B, H)
+    assert sorted(p.key_size for p in problems) == [3, 4, 6]
+    seen = []
+    for p in problems:
+        assert all(sizes[j] == p.key_size for j in p.blocks)
+        block = torch.tensor(p.blocks)[p.problem % len(p.blocks)]
+        assert block_mask[p.batch, p.head, p.token, block].all()
+        assert (p.problem // len(p.blocks) == p.batch).all() and (p.row < p.rows).all()
+        padded_rows = (p.problem * H + p.head) * p.rows + p.row
+        assert padded_rows.unique().numel() == padded_rows.numel()
+        seen += p.slot.tolist()
+        keys = torch.arange(offsets[-1]).view(1, -1, 1, 1).expand(B, -1, H, 1).float()
+        assert torch.equal(p.keys(keys)[:, 0, :, 0], (offsets[block.new_tensor(p.blocks)].unsqueeze(1)
+                                                      + torch.arange(p.key_size)).float().repeat(B, 1))
+    assert sorted(seen) == list(range(pairs.pairs))
+    padded = sum(B * len(p.blocks) * H * p.rows for p in problems)
+    assert sb.padded_fill(pairs, problems, B, H) == pairs.pairs / padded
