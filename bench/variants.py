@@ -370,11 +370,11 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     batch, heads, tokens, _ = block_mask.shape
     square = batch * heads * tokens * tokens
     pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
-    problems = selected_blocks.padded_problems(pairs, layout.offsets, batch, heads)
-    padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems)
+    problems = selected_blocks.padded_problems(pairs, layout.offsets, batch, heads, tokens)
+    padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems.sizes)
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
-    return (selected_blocks.padded_fill(pairs, problems, batch, heads), padded / square,
+    return (selected_blocks.padded_fill(pairs, problems), padded / square,
             float((gathered * layout.sizes).sum(dtype=torch.float64) / square))
 
 

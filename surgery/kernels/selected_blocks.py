@@ -112,37 +112,23 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
 
 
 @dataclasses.dataclass(frozen=True)
-class PaddedProblems:
-    """The pairs on the key blocks of one size, as dense attention problems for cuDNN.
-
-    Problem (b·len(blocks) + i, h) is batch b, head h and `blocks[i]`: its keys are the block's `key_size`
-    tokens, its query rows the queries that chose the block, ascending, then zero rows up to `rows` (the longest
-    list). Zero rows add nothing to dk, dv: their dO is zero too. Per pair on these blocks (int64): `batch`,
-    `token`, `head` index its query in [B, S, H, ·] tensors, `problem`, `head`, `row` its padded row and `slot` its
-    partial row (`PairLists`). `key_tokens`: the blocks' keys, block after block, or None when `blocks` are all
-    of k's blocks in order (k then reshapes into the problems without a copy).
-    """
+class KeySizeProblems:
+    """The dense problems on the key blocks of one size: one cuDNN call. Problem (b·len(blocks) + i, h) is batch b,
+    head h and `blocks[i]`, with `rows` query rows (the longest chooser list) at padded rows `first_row` onward.
+    `key_tokens`: the blocks' keys, block after block, or None when `blocks` are all of k's blocks in order
+    (k then reshapes into the problems' keys without a copy)."""
 
     key_size: int
     blocks: list[int]
     rows: int
+    first_row: int
     key_tokens: torch.Tensor | None
-    batch: torch.Tensor
-    token: torch.Tensor
-    head: torch.Tensor
-    problem: torch.Tensor
-    row: torch.Tensor
-    slot: torch.Tensor
 
-    def padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of x [B, S, H, D] (or the values of [B, H, S]) at these pairs' queries, as zero-padded
-        problems [B·len(blocks), H, rows, D] (or [B·len(blocks), H, rows])."""
-        per_row = x.dim() == 4
-        B, H = x.shape[0], x.shape[2 if per_row else 1]
-        out = x.new_zeros(B * len(self.blocks), H, self.rows, *x.shape[3:])
-        out[self.problem, self.head, self.row] = (x[self.batch, self.token, self.head] if per_row
-                                                  else x[self.batch, self.head, self.token])
-        return out
+    def queries(self, padded: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+        """This size's rows of a padded [rows, ...] tensor, as problems [B·len(blocks), H, rows, ...]."""
+        count = batch * len(self.blocks) * heads * self.rows
+        return padded[self.first_row:self.first_row + count].view(batch * len(self.blocks), heads, self.rows,
+                                                                   *padded.shape[1:])
 
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks' rows of x [B, S_kv, H, D] as the problems' keys [B·len(blocks), H, key_size, D]."""
@@ -160,20 +146,52 @@ class PaddedProblems:
             dx[:, self.key_tokens] = rows.to(dx.dtype)
 
 
-def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int) -> list[PaddedProblems]:
-    """`PairLists` of a [batch, heads, S, n] block mask as `PaddedProblems`, one per key block size that some
-    query chose. One host sync (block sizes and longest lists)."""
+@dataclasses.dataclass(frozen=True)
+class PaddedProblems:
+    """The pairs of `PairLists` as dense attention problems for cuDNN, one `KeySizeProblems` per key block size.
+
+    Each (batch, head, key block) is a problem: the queries that chose the block, ascending, then padding rows up
+    to the longest such list among blocks of its size, against the block's keys. All sizes' query rows stack into
+    one padded [padded_rows, ·] tensor. `query_row` [padded_rows]: the row of each in [B, S, H, ·] tensors seen as
+    rows, B·S·H (one past the end: a zero row) for padding; `value_row`: the same in [B, H, S] tensors;
+    `part_row` [P]: the padded row of each query-major pair slot. Padding rows add nothing to dk, dv: their dO
+    rows are zero.
+    """
+
+    sizes: list[KeySizeProblems]
+    query_row: torch.Tensor
+    value_row: torch.Tensor
+    part_row: torch.Tensor
+
+    @property
+    def padded_rows(self) -> int:
+        return self.query_row.numel()
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, H, D] (or [B, H, S]) at the padded rows: [padded_rows, D] (or [padded_rows]), zero rows for
+        padding."""
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() == 4 else x.reshape(-1, 1)
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+        return rows.index_select(0, self.query_row if x.dim() == 4 else self.value_row).squeeze(-1)
+
+
+def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int,
+                    tokens: int) -> PaddedProblems:
+    """`PairLists` of a [batch, heads, tokens, n] block mask as `PaddedProblems`. One host sync (block sizes and
+    longest lists)."""
     n = kv_offsets.numel() - 1
     device = kv_offsets.device
     counts = pairs.group_offsets.diff()  # [B·H·n] queries per (b, h, block), key-major like the pairs
     group = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=pairs.pairs)
-    row = torch.arange(pairs.pairs, device=device) - pairs.group_offsets[group]
+    rank = torch.arange(pairs.pairs, device=device) - pairs.group_offsets[group]
     batch_of, head_of, block_of = group // (heads * n), group // n % heads, group % n
-    sizes, longest = torch.stack([kv_offsets.diff().long(), counts.view(-1, n).amax(0).long()]).tolist()
+    query = pairs.pair_query.long()
+    key_sizes, longest = torch.stack([kv_offsets.diff().long(), counts.view(-1, n).amax(0).long()]).tolist()
     blocks_of_size: dict[int, list[int]] = {}
-    for block, size in enumerate(sizes):
+    for block, size in enumerate(key_sizes):
         blocks_of_size.setdefault(size, []).append(block)
-    problems = []
+    sizes, first_row = [], 0
+    padded_row = torch.empty_like(rank)  # of each key-major pair
     for size, blocks in blocks_of_size.items():
         rows = max(longest[b] for b in blocks)
         if rows == 0:  # no query chose these blocks: their dk, dv stay zero
@@ -186,17 +204,22 @@ def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, head
             pair = (position[block_of] >= 0).nonzero().squeeze(1)
             index = position[block_of[pair]]
             key_tokens = (kv_offsets[ids].unsqueeze(1) + torch.arange(size, device=device)).flatten()
-        b = batch_of[pair]
-        problems.append(PaddedProblems(
-            size, blocks, rows, key_tokens, b, pairs.pair_query[pair].long(), head_of[pair], b * len(blocks) + index,
-            row[pair], pairs.pair_slot[pair].long()))
-    return problems
+        problem = batch_of[pair] * len(blocks) + index
+        padded_row[pair] = first_row + (problem * heads + head_of[pair]) * rows + rank[pair]
+        sizes.append(KeySizeProblems(size, blocks, rows, first_row, key_tokens))
+        first_row += batch * len(blocks) * heads * rows
+    query_row = torch.full((first_row,), batch * tokens * heads, device=device)
+    query_row[padded_row] = (batch_of * tokens + query) * heads + head_of
+    value_row = torch.full((first_row,), batch * heads * tokens, device=device)
+    value_row[padded_row] = (batch_of * heads + head_of) * tokens + query
+    part_row = torch.empty_like(padded_row)
+    part_row[pairs.pair_slot.long()] = padded_row
+    return PaddedProblems(sizes, query_row, value_row, part_row)
 
 
-def padded_fill(pairs: PairLists, problems: list[PaddedProblems], batch: int, heads: int) -> float:
-    """Share of the problems' padded query rows that hold a real pair (1 with no pairs)."""
-    padded = sum(batch * len(p.blocks) * heads * p.rows for p in problems)
-    return pairs.pairs / padded if padded else 1.0
+def padded_fill(pairs: PairLists, problems: PaddedProblems) -> float:
+    """Share of the padded query rows that hold a real pair (1 with no pairs)."""
+    return pairs.pairs / problems.padded_rows if problems.padded_rows else 1.0
 
 
 @triton.jit
@@ -248,11 +271,12 @@ def selected_blocks_fwd_kernel(
 
 @triton.jit
 def merge_partials_kernel(
-    part, lse_part, query_offsets, out, lse, stride_ob, stride_os, stride_oh, H, S, U,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, WEIGHTED: tl.constexpr,
+    part, lse_part, part_row, query_offsets, out, lse, stride_ob, stride_os, stride_oh, H, S, U,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, WEIGHTED: tl.constexpr, INDEXED: tl.constexpr,
 ):
     """Per query u = (b·H + h)·S + s, its partial rows: weighted by their base-2 lse into out and the natural-log
-    lse (WEIGHTED, the forward), or summed into out (dq)."""
+    lse (WEIGHTED, the forward), or summed into out (dq). Pair slot r's partial is row r of part and lse_part, or
+    row part_row[r] (INDEXED)."""
     offs_u = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     u_ok = offs_u < U
     first = tl.load(query_offsets + offs_u, mask=u_ok, other=0)
@@ -264,6 +288,8 @@ def merge_partials_kernel(
     for i in range(0, tl.max(count)):
         ok = i < count
         row = (first + i).to(tl.int64)
+        if INDEXED:
+            row = tl.load(part_row + row, mask=ok, other=0)
         b_part = tl.load(part + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.).to(tl.float32)
         if WEIGHTED:
             b_lse = tl.load(lse_part + row, mask=ok, other=float("-inf"))
@@ -347,12 +373,13 @@ def selected_blocks_bwd_dkv_kernel(
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
 
-def _merge(part, lse_part, query_offsets, out, lse, weighted: bool):
+def _merge(part, lse_part, query_offsets, out, lse, weighted: bool, part_row=None):
     B, S, H, D = out.shape
     config = CONFIGS["merge"]
     merge_partials_kernel[(triton.cdiv(B * H * S, config["BLOCK_M"]),)](
-        part, lse_part, query_offsets, out, lse, out.stride(0), out.stride(1), out.stride(2), H, S, B * H * S,
-        D=D, WEIGHTED=weighted, **config,
+        part, lse_part, query_offsets if part_row is None else part_row, query_offsets, out, lse,
+        out.stride(0), out.stride(1), out.stride(2), H, S, B * H * S,
+        D=D, WEIGHTED=weighted, INDEXED=part_row is not None, **config,
     )
 
 
@@ -418,36 +445,43 @@ def dense_attention_backward_for(q):
     return cudnn_attention_backward if cudnn_attention_applies(q, backward=True) else None
 
 
-def padded_fwd(attention_forward, q, k, v, pairs: PairLists, problems: list[PaddedProblems], scale, o):
-    """`selected_blocks_fwd` with each size's problems in one `attention_forward(q, k, v, scale) → o, lse` call."""
+def padded_fwd(attention_forward, q, k, v, pairs: PairLists, problems: PaddedProblems, scale, o):
+    """`selected_blocks_fwd` with each key size's problems in one `attention_forward(q, k, v, scale) → o, lse`."""
     B, S, H, D = q.shape
-    o_part = torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype)
-    lse_part = torch.empty(pairs.pairs, device=q.device, dtype=torch.float32)
-    for p in problems:
-        o_pad, lse_pad = attention_forward(p.padded(q), p.keys(k), p.keys(v), scale)
-        o_part[p.slot] = o_pad[p.problem, p.head, p.row].to(q.dtype)
-        lse_part[p.slot] = lse_pad[p.problem, p.head, p.row].float() * math.log2(math.e)
+    q_padded = problems.padded(q)
+    results = [attention_forward(p.queries(q_padded, B, H), p.keys(k), p.keys(v), scale) for p in problems.sizes]
+    o_part = _stacked_rows([o for o, _ in results], D)
+    lse_part = _stacked_rows([lse for _, lse in results], 1).squeeze(1).float() * math.log2(math.e)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True)
+    _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True, part_row=problems.part_row)
     return lse
 
 
-def padded_bwd(attention_backward, do, q, k, v, o, lse, pairs: PairLists, problems: list[PaddedProblems], scale,
+def padded_bwd(attention_backward, do, q, k, v, o, lse, pairs: PairLists, problems: PaddedProblems, scale,
                dq, dk, dv):
-    """`selected_blocks_bwd` through `attention_backward(do, q, k, v, o, lse, scale) → dq, dk, dv` on each size's
-    problems, handed each pair's final o and lse."""
-    D = q.shape[-1]
-    dq_part = torch.empty(pairs.pairs, D, device=q.device, dtype=torch.float32)
-    if sum(p.key_size * len(p.blocks) for p in problems) < k.shape[1]:  # some blocks were chosen by nobody
+    """`selected_blocks_bwd` through `attention_backward(do, q, k, v, o, lse, scale) → dq, dk, dv` on each key
+    size's problems, handed each pair's final o and lse."""
+    B, S, H, D = q.shape
+    if sum(p.key_size * len(p.blocks) for p in problems.sizes) < k.shape[1]:  # some blocks were chosen by nobody
         dk.zero_()
         dv.zero_()
-    for p in problems:
-        dq_pad, dk_blocks, dv_blocks = attention_backward(p.padded(do), p.padded(q), p.keys(k), p.keys(v), p.padded(o),
-                                                          p.padded(lse), scale)
-        dq_part[p.slot] = dq_pad[p.problem, p.head, p.row].float()
+    do_padded, q_padded, o_padded, lse_padded = (problems.padded(t) for t in (do, q, o, lse))
+    dq_parts = []
+    for p in problems.sizes:
+        dq_part, dk_blocks, dv_blocks = attention_backward(
+            *(p.queries(t, B, H) for t in (do_padded, q_padded)), p.keys(k), p.keys(v),
+            *(p.queries(t, B, H) for t in (o_padded, lse_padded)), scale)
+        dq_parts.append(dq_part)
         p.put_keys(dk, dk_blocks)
         p.put_keys(dv, dv_blocks)
-    _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
+    _merge(_stacked_rows(dq_parts, D), lse, pairs.query_offsets, dq, lse, weighted=False, part_row=problems.part_row)
+
+
+def _stacked_rows(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Problems' results [·, H, rows, width] (or [·, H, rows]) as one [padded_rows, width] tensor, in padded row
+    order."""
+    rows = [t.reshape(-1, width) for t in parts]
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def pair_bytes(head_dim: int, element_size: int) -> int:
@@ -482,8 +516,8 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             problems = None
             if attention_forward is not None:
-                problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0)
-                if padded_fill(pairs, problems, q.shape[0], h1 - h0) < MIN_PADDED_FILL:
+                problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0, q.shape[1])
+                if padded_fill(pairs, problems) < MIN_PADDED_FILL:
                     problems = None
             if problems is None:
                 lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)

@@ -164,27 +164,26 @@ def test_padded_path_needs_the_fill(padded_path, monkeypatch):
 
 
 def test_padded_problems_hold_each_pair_once():
-    """Every pair has one padded row, in its block's problem, at its rank among the block's queries; the fill is
-    the pairs over the padded rows."""
+    """Every pair slot has its own padded row, in the problem of its (batch, head, block), pointing back at its
+    query; every other padded row points at the zero row; each size's keys are its blocks' keys."""
     generator = torch.Generator().manual_seed(2)
     B, H, S, sizes = 2, 3, 13, (4, 6, 4, 6, 3)
     block_mask = torch.rand(B, H, S, len(sizes), generator=generator) < 0.4
     offsets = block_offsets(sizes, "cpu")
     pairs = list_pairs(block_mask, sb.CHUNK)
-    problems = sb.padded_problems(pairs, offsets, B, H)
-    assert sorted(p.key_size for p in problems) == [3, 4, 6]
-    seen = []
-    for p in problems:
-        assert all(sizes[j] == p.key_size for j in p.blocks)
-        block = torch.tensor(p.blocks)[p.problem % len(p.blocks)]
-        assert block_mask[p.batch, p.head, p.token, block].all()
-        assert (p.problem // len(p.blocks) == p.batch).all() and (p.row < p.rows).all()
-        padded_rows = (p.problem * H + p.head) * p.rows + p.row
-        assert padded_rows.unique().numel() == padded_rows.numel()
-        seen += p.slot.tolist()
-        keys = torch.arange(offsets[-1]).view(1, -1, 1, 1).expand(B, -1, H, 1).float()
-        assert torch.equal(p.keys(keys)[:, 0, :, 0], (offsets[block.new_tensor(p.blocks)].unsqueeze(1)
-                                                      + torch.arange(p.key_size)).float().repeat(B, 1))
-    assert sorted(seen) == list(range(pairs.pairs))
-    padded = sum(B * len(p.blocks) * H * p.rows for p in problems)
-    assert sb.padded_fill(pairs, problems, B, H) == pairs.pairs / padded
+    problems = sb.padded_problems(pairs, offsets, B, H, S)
+    assert sorted(p.key_size for p in problems.sizes) == [3, 4, 6]
+    assert problems.part_row.unique().numel() == pairs.pairs
+    for slot, (b, h, s, j) in enumerate(block_mask.nonzero().tolist()):  # query-major, as the slots
+        row = int(problems.part_row[slot])
+        assert problems.query_row[row] == (b * S + s) * H + h and problems.value_row[row] == (b * H + h) * S + s
+        size = next(p for p in problems.sizes if p.first_row <= row < p.first_row + B * len(p.blocks) * H * p.rows)
+        problem, head = divmod((row - size.first_row) // size.rows, H)
+        assert head == h and divmod(problem, len(size.blocks)) == (b, size.blocks.index(j))
+    padding = torch.ones(problems.padded_rows, dtype=torch.bool).index_fill_(0, problems.part_row, False)
+    assert (problems.query_row[padding] == B * S * H).all() and (problems.value_row[padding] == B * H * S).all()
+    assert sb.padded_fill(pairs, problems) == pairs.pairs / problems.padded_rows
+    keys = torch.arange(int(offsets[-1])).view(1, -1, 1, 1).expand(B, -1, H, 1).float()
+    for p in problems.sizes:
+        expected = offsets[torch.tensor(p.blocks)].unsqueeze(1) + torch.arange(p.key_size)
+        assert torch.equal(p.keys(keys)[:, 0, :, 0], expected.float().repeat(B, 1))
