@@ -20,8 +20,9 @@ above what was allocated before it. Rows:
   inputs with the gate values given, the form of the issue's peer figures (no permutation, no projection).
 - ours `vmoba`: `VideoMixtureOfBlockAttention.attend_kernel`, global threshold τ = 0.25, at layers 0, 1, 2
   (1D, 2D, 3D blocks). Target: time ≤ density × cuDNN dense time / 0.8, with the density the variant
-  measured (query-key pairs attended / S²), printed next to the share the path computes. Where the cuDNN
-  path runs (`selected_blocks.PaddedProblems`), a second row forces the Triton kernels. Random q, k give
+  measured (query-key pairs attended / S²), printed next to the share the path computes. On CUDA, one row
+  per path: cuDNN (`selected_blocks.PaddedProblems`) and the Triton kernels, each forced; "(default)" marks
+  the one `selected_blocks` picks. Random q, k give
   near-uniform block scores, so those densities are not a trained layer's.
   `--sweep` first times launch configs of the vmoba kernels (`kernels/selected_blocks.py`) at layer 0.
 
@@ -336,36 +337,38 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
                                              heads=H, head_dim=D, dim=dim, layer_index=layer_index)
         partition = vmoba.partition
         blocks = block_layout(grid, vmoba.config.block_shape(partition, grid)).num_blocks
-        fill, padded_density, chunked_density = computed_densities(vmoba, q, k, grid)
-        padded = cuda and fill >= selected_blocks.MIN_PADDED_FILL
-        for triton_only in (False, True) if padded else (False,):
-            path = "Triton kernels" if triton_only or not padded else f"cuDNN, padded fill {fill:.2f}"
-            with forced_fill(math.inf if triton_only else None):
+        fill, padded_density, chunked_density, longest = computed_densities(vmoba, q, k, grid)
+        default_padded = fill >= selected_blocks.MIN_PADDED_FILL and longest >= selected_blocks.MIN_PADDED_KEYS
+        for padded in (True, False) if cuda else (False,):
+            path = f"cuDNN, padded fill {fill:.2f}" if padded else "Triton kernels"
+            path += " (default)" if cuda and padded == default_padded else ""
+            with forced_path(padded):
                 row = measure(rows, log, label, "ours-vmoba",
                               f"ours vmoba attend_kernel, layer {layer_index}: {partition.upper()}, {blocks} blocks, "
                               f"τ = {VMOBA_THRESHOLD}, {path}", lambda: vmoba.attend_kernel(q, k, v, grid), [q, k, v],
                               upstream, cuda, layer=layer_index, partition=partition, blocks=blocks)
             row["density"] = vmoba.last_density  # every call sees the same q, k: the same selection
-            row["computed_density"] = padded_density if padded and not triton_only else chunked_density
+            row["computed_density"] = padded_density if padded else chunked_density
     judge(rows)
     return rows
 
 
 @contextlib.contextmanager
-def forced_fill(fill: float | None):
-    """`selected_blocks.MIN_PADDED_FILL` set to `fill` inside (None: unchanged); inf forces the Triton kernels."""
-    before = selected_blocks.MIN_PADDED_FILL
-    selected_blocks.MIN_PADDED_FILL = before if fill is None else fill
+def forced_path(padded: bool):
+    """The cuDNN path (`selected_blocks.PaddedProblems`) wherever cuDNN applies, or the Triton kernels, inside."""
+    before = selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS
+    selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = (0.0, 0) if padded else (math.inf, 0)
     try:
         yield
     finally:
-        selected_blocks.MIN_PADDED_FILL = before
+        selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = before
 
 
-def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> tuple[float, float, float]:
-    """The cuDNN path's padded fill, and the share of query-key pairs each path computes: padded problems (each
+def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> tuple[float, float, float, int]:
+    """The cuDNN path's padded fill; the share of query-key pairs each path computes: padded problems (each
     block's chooser list padded to the longest among blocks of its size) or the Triton kernels' chunks (each list
-    rounded up to whole chunks of `selected_blocks.CHUNK`). The target counts only the pairs selected."""
+    rounded up to whole chunks of `selected_blocks.CHUNK`); the longest key block. The target counts only the
+    pairs selected."""
     block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     batch, heads, tokens, _ = block_mask.shape
     square = batch * heads * tokens * tokens
@@ -375,7 +378,7 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
     return (selected_blocks.padded_fill(pairs, problems), padded / square,
-            float((gathered * layout.sizes).sum(dtype=torch.float64) / square))
+            float((gathered * layout.sizes).sum(dtype=torch.float64) / square), int(layout.sizes.max()))
 
 
 def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:

@@ -20,9 +20,9 @@ On GPUs where cuDNN's attention applies, the attention itself goes to cuDNN inst
 (batch, key block, head) is one dense problem, the queries that chose the block against the block's keys, its
 query rows padded to the longest such list among blocks of that size. cuDNN's forward gives each pair's partial
 output and lse, merged per query as above. Its backward, handed each pair's *final* o and lse (gathered per
-pair), gives each pair's exact share of dq (summed per query) and dk, dv whole (`cudnn_attention`). Used while
-the pairs fill at least MIN_PADDED_FILL of the padded rows; under `torch.use_deterministic_algorithms` the
-backward is the Triton passes (cuDNN accumulates dq atomically).
+pair), gives each pair's exact share of dq (summed per query) and dk, dv whole (`cudnn_attention`). Used for
+long key blocks (MIN_PADDED_KEYS) while the pairs fill at least MIN_PADDED_FILL of the padded rows; under
+`torch.use_deterministic_algorithms` the backward is the Triton passes (cuDNN accumulates dq atomically).
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ CHUNK = 64
 # The backward's per-pair buffers grow with the pairs (fp32 dq partials and bf16 q, dO rows: 1 KB a pair at
 # head_dim 128; 5.6 GB at Wan-1.3B's 3D VMoBA layers): heads run in groups whose buffers fit this (`head_groups`).
 PARTIAL_BYTES = 8 * 2**30
-# The cuDNN path runs while real pairs fill at least this share of its padded rows. H100, VMoBA's 1D layer at the
-# 1.3B shape: cuDNN took 10.5 ms fwd+bwd for 663,600 padded rows where the Triton kernels took 15.3 for 608,525
-# pairs, so it breaks even near a fill of 0.63 (bench/NOTES.md, "Session 7").
+# The cuDNN path runs for key blocks of at least MIN_PADDED_KEYS tokens, while real pairs fill at least
+# MIN_PADDED_FILL of its padded rows. Its gathers into padded rows cost per pair, its attention per pair and key:
+# on an H100 at the 1.3B shape (bench/NOTES.md, "Session 8"), VMoBA's 1D layer (4,680-key blocks, fill 0.88) took
+# 16.6 ms fwd+bwd against the Triton kernels' 19.3; the 2D layer (1,365 keys) 23.7 against 21.0. The attention
+# alone broke even near a fill of 0.63 ("Session 7").
+MIN_PADDED_KEYS = 3072
+# Rows per program of the padding gather.
+GATHER_ROWS = 32
 MIN_PADDED_FILL = 0.7
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
@@ -170,9 +175,25 @@ class PaddedProblems:
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H, D] (or [B, H, S]) at the padded rows: [padded_rows, D] (or [padded_rows]), zero rows for
         padding."""
-        rows = x.reshape(-1, x.shape[-1]) if x.dim() == 4 else x.reshape(-1, 1)
-        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-        return rows.index_select(0, self.query_row if x.dim() == 4 else self.value_row).squeeze(-1)
+        if x.dim() == 3:
+            return torch.cat([x.flatten(), x.new_zeros(1)]).index_select(0, self.value_row)
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.empty(self.padded_rows, rows.shape[1], device=x.device, dtype=x.dtype)
+        gather_rows_kernel[(triton.cdiv(self.padded_rows, GATHER_ROWS),)](
+            rows, self.query_row, out, rows.shape[0], self.padded_rows, D=rows.shape[1], BLOCK_M=GATHER_ROWS)
+        return out
+
+
+@triton.jit
+def gather_rows_kernel(src, index, dst, N_SRC, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dst[r] = src[index[r]] for rows of D elements, zeros where index[r] ≥ N_SRC. (torch's `index_select` ran at
+    ~1.4 TB/s on these rows on an H100, and padding with it needs a copy of src with a zero row appended.)"""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < N
+    source = tl.load(index + rows, mask=ok, other=N_SRC)
+    offs_d = tl.arange(0, D)
+    values = tl.load(src + source[:, None] * D + offs_d[None, :], mask=(source < N_SRC)[:, None], other=0.)
+    tl.store(dst + rows.to(tl.int64)[:, None] * D + offs_d[None, :], values, mask=ok[:, None])
 
 
 def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int,
@@ -515,7 +536,7 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
             pairs = list_pairs(block_mask[:, h0:h1], CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             problems = None
-            if attention_forward is not None:
+            if attention_forward is not None and max_kv_block >= MIN_PADDED_KEYS:
                 problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0, q.shape[1])
                 if padded_fill(pairs, problems) < MIN_PADDED_FILL:
                     problems = None

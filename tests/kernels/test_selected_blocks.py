@@ -112,6 +112,7 @@ def test_gpu_bf16_every_output_written(poisoned_empty, monkeypatch, block, min_f
     """Wan2.1-1.3B's frame size (30×52) over 9 frames, 2 heads × 128, ~25% of blocks per query (own block kept),
     through each path: cuDNN (its backward not in deterministic mode) or the Triton kernels."""
     monkeypatch.setattr(sb, "MIN_PADDED_FILL", min_fill)
+    monkeypatch.setattr(sb, "MIN_PADDED_KEYS", 0)
     generator = torch.Generator().manual_seed(3)
     layout = block_layout(VideoGrid(9, 30, 52), block, "cuda")
     tokens, heads = layout.order.numel(), 2
@@ -136,6 +137,7 @@ def padded_path(monkeypatch):
     monkeypatch.setattr(sb, "dense_attention_forward_for", counted("forward", attention_forward_reference))
     monkeypatch.setattr(sb, "dense_attention_backward_for", counted("backward", attention_backward_reference))
     monkeypatch.setattr(sb, "MIN_PADDED_FILL", 0.0)
+    monkeypatch.setattr(sb, "MIN_PADDED_KEYS", 0)
     return calls
 
 
@@ -153,9 +155,10 @@ def test_padded_path_matches_reference(padded_path, batch, heads, queries, sizes
     assert padded_path["forward"] >= 1 and padded_path["backward"] >= 1
 
 
-def test_padded_path_needs_the_fill(padded_path, monkeypatch):
-    """Below MIN_PADDED_FILL the Triton kernels run (same results)."""
-    monkeypatch.setattr(sb, "MIN_PADDED_FILL", 1.01)
+@pytest.mark.parametrize("gate,value", [("MIN_PADDED_FILL", 1.01), ("MIN_PADDED_KEYS", 9)])
+def test_padded_path_needs_fill_and_long_blocks(padded_path, monkeypatch, gate, value):
+    """Below MIN_PADDED_FILL, or with key blocks shorter than MIN_PADDED_KEYS, the Triton kernels run."""
+    monkeypatch.setattr(sb, gate, value)
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 24, 2, 16, generator=generator) for _ in range(3))
     block_mask = torch.rand(1, 2, 24, 3, generator=generator) < 0.5
