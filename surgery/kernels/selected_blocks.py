@@ -43,12 +43,12 @@ CHUNK = 64
 # The backward's per-pair buffers grow with the pairs (fp32 dq partials and bf16 q, dO rows: 1 KB a pair at
 # head_dim 128; 5.6 GB at Wan-1.3B's 3D VMoBA layers): heads run in groups whose buffers fit this (`head_groups`).
 PARTIAL_BYTES = 8 * 2**30
-# The cuDNN path runs for key blocks of at least MIN_PADDED_KEYS tokens, while real pairs fill at least
-# MIN_PADDED_FILL of its padded rows. Its gathers into padded rows cost per pair, its attention per pair and key:
-# on an H100 at the 1.3B shape (bench/NOTES.md, "Session 8"), VMoBA's 1D layer (4,680-key blocks, fill 0.88) took
-# 16.6 ms fwd+bwd against the Triton kernels' 19.3; the 2D layer (1,365 keys) 23.7 against 21.0. The attention
-# alone broke even near a fill of 0.63 ("Session 7").
-MIN_PADDED_KEYS = 3072
+# The cuDNN path runs where the longest key block has at least MIN_PADDED_KEYS tokens, while real pairs fill at
+# least MIN_PADDED_FILL of its padded rows. Its gathers into padded rows cost per pair, its attention per pair and
+# key. H100, 1.3B shape, fwd+bwd against the Triton kernels (bench/NOTES.md, "Session 8"): VMoBA's 1D layer
+# (4,680-key blocks, fill 0.88) 15.5 against 19.1 ms, 2D (1,365 keys, fill 0.83) 18.9 against 20.8, 3D (455 keys)
+# 32.3 against 30.0. The attention alone broke even near a fill of 0.63 ("Session 7").
+MIN_PADDED_KEYS = 1024
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
 MIN_PADDED_FILL = 0.7
