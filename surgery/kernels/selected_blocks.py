@@ -49,9 +49,9 @@ PARTIAL_BYTES = 8 * 2**30
 # (4,680-key blocks, fill 0.88) 15.5 against 19.1 ms, 2D (1,365 keys, fill 0.83) 18.9 against 20.8, 3D (455 keys)
 # 32.3 against 30.0. The attention alone broke even near a fill of 0.63 ("Session 7").
 MIN_PADDED_KEYS = 1024
+MIN_PADDED_FILL = 0.7
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
-MIN_PADDED_FILL = 0.7
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
@@ -116,6 +116,18 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
                      query_offsets)
 
 
+@triton.jit
+def gather_rows_kernel(src, index, dst, N_SRC, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dst[r] = src[index[r]] for rows of D elements, zeros where index[r] ≥ N_SRC. (torch's `index_select` ran at
+    ~1.4 TB/s on these rows on an H100, and padding with it needs a copy of src with a zero row appended.)"""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < N
+    source = tl.load(index + rows, mask=ok, other=N_SRC)
+    offs_d = tl.arange(0, D)
+    values = tl.load(src + source[:, None] * D + offs_d[None, :], mask=(source < N_SRC)[:, None], other=0.)
+    tl.store(dst + rows.to(tl.int64)[:, None] * D + offs_d[None, :], values, mask=ok[:, None])
+
+
 @dataclasses.dataclass(frozen=True)
 class KeySizeProblems:
     """The dense problems on the key blocks of one size: one cuDNN call. Problem (b·len(blocks) + i, h) is batch b,
@@ -158,7 +170,7 @@ class PaddedProblems:
     Each (batch, head, key block) is a problem: the queries that chose the block, ascending, then padding rows up
     to the longest such list among blocks of its size, against the block's keys. All sizes' query rows stack into
     one padded [padded_rows, ·] tensor. `query_row` [padded_rows]: the row of each in [B, S, H, ·] tensors seen as
-    rows, B·S·H (one past the end: a zero row) for padding; `value_row`: the same in [B, H, S] tensors;
+    rows, B·S·H (past the end: zeros) for padding; `value_row`: the same in [B, H, S] tensors;
     `part_row` [P]: the padded row of each query-major pair slot. Padding rows add nothing to dk, dv: their dO
     rows are zero.
     """
@@ -182,18 +194,6 @@ class PaddedProblems:
         gather_rows_kernel[(triton.cdiv(self.padded_rows, GATHER_ROWS),)](
             rows, self.query_row, out, rows.shape[0], self.padded_rows, D=rows.shape[1], BLOCK_M=GATHER_ROWS)
         return out
-
-
-@triton.jit
-def gather_rows_kernel(src, index, dst, N_SRC, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dst[r] = src[index[r]] for rows of D elements, zeros where index[r] ≥ N_SRC. (torch's `index_select` ran at
-    ~1.4 TB/s on these rows on an H100, and padding with it needs a copy of src with a zero row appended.)"""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = rows < N
-    source = tl.load(index + rows, mask=ok, other=N_SRC)
-    offs_d = tl.arange(0, D)
-    values = tl.load(src + source[:, None] * D + offs_d[None, :], mask=(source < N_SRC)[:, None], other=0.)
-    tl.store(dst + rows.to(tl.int64)[:, None] * D + offs_d[None, :], values, mask=ok[:, None])
 
 
 def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int,
