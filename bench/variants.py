@@ -372,7 +372,7 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     batch, heads, tokens, _ = block_mask.shape
     square = batch * heads * tokens * tokens
-    pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
+    pairs = selected_blocks.list_pairs(block_mask, layout.offsets, selected_blocks.CHUNK)
     problems = selected_blocks.padded_problems(pairs, layout.offsets, batch, heads, tokens)
     padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems.sizes)
     chunk = selected_blocks.CHUNK
@@ -389,7 +389,7 @@ def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
     vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
                                          heads=H, head_dim=D, dim=H * D, layer_index=0)
     block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
-    pairs = selected_blocks.list_pairs(block_mask, selected_blocks.CHUNK)
+    pairs = selected_blocks.list_pairs(block_mask, layout.offsets, selected_blocks.CHUNK)
     longest, scale = math.prod(layout.block), D ** -0.5
     o, dq, dk, dv = (torch.empty_like(t) for t in (q, q, k, v))
     lse = selected_blocks.selected_blocks_fwd(q, k, v, pairs, layout.offsets, scale, o)

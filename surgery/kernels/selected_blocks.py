@@ -71,6 +71,8 @@ class PairLists:
     `chunks` [C, 3] int32 (first row, end row, group) cuts each group into ≤ chunk-size runs.
     Query-major: query u = (b·H + h)·S + s owns partial rows `query_offsets[u]:query_offsets[u + 1]`;
     `pair_slot` [P] int32 is the partial row of each key-major pair.
+    On the host, per key block: `key_sizes` (its tokens), `block_rows` (its longest chooser list over batch and
+    heads) and `block_pairs` (its pairs).
     """
 
     pair_query: torch.Tensor
@@ -78,6 +80,9 @@ class PairLists:
     group_offsets: torch.Tensor
     chunks: torch.Tensor
     query_offsets: torch.Tensor
+    key_sizes: tuple[int, ...]
+    block_rows: tuple[int, ...]
+    block_pairs: tuple[int, ...]
 
     @property
     def pairs(self) -> int:
@@ -88,15 +93,21 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
-    """`PairLists` of block_mask [B, H, S, n] (bool) with key-major chunks of ≤ `chunk` pairs. Two host syncs:
-    the pair count (`nonzero`) and the chunk count."""
+def list_pairs(block_mask: torch.Tensor, kv_offsets: torch.Tensor, chunk: int) -> PairLists:
+    """`PairLists` of block_mask [B, H, S, n] (bool) over the key blocks of kv_offsets, with key-major chunks of
+    ≤ `chunk` pairs. One host sync: the pair and chunk counts, with the per-block counts `PairLists` keeps."""
     B, H, S, n = block_mask.shape
     device = block_mask.device
     by_block = block_mask.transpose(-1, -2)  # [B, H, n, S]
-    flat = by_block.flatten().nonzero().squeeze(1)  # sorted: group-major, ascending tokens
-    pair_query = (flat % S).to(torch.int32)
     group_counts = by_block.sum(-1, dtype=torch.int32).flatten()  # [G]
+    chunks_per_group = (group_counts + chunk - 1) // chunk
+    per_block = group_counts.view(-1, n).long()
+    counts = torch.cat([torch.stack([per_block.sum(), chunks_per_group.sum(dtype=torch.int64)]), kv_offsets.diff().long(),
+                        per_block.amax(0), per_block.sum(0)]).tolist()
+    pairs, total = counts[:2]
+    key_sizes, block_rows, block_pairs = (tuple(counts[2 + i * n:2 + (i + 1) * n]) for i in range(3))
+    flat = torch.nonzero_static(by_block.flatten(), size=pairs).squeeze(1)  # sorted: group-major, ascending tokens
+    pair_query = (flat % S).to(torch.int32)
     group_offsets = _exclusive_cumsum(group_counts)
     # Partial rows go query-major: a pair's row is the number of pairs before it in row-major (b, h, s, j)
     # order, one flat scan (a scan along the short last dim is ~25× slower on the GPU).
@@ -105,15 +116,13 @@ def list_pairs(block_mask: torch.Tensor, chunk: int) -> PairLists:
     query_offsets = torch.cat([slot[..., 0].flatten(), chosen.sum(dtype=torch.int32).view(1)])
     pair_slot = slot.transpose(-1, -2).flatten()[flat]
 
-    chunks_per_group = (group_counts + chunk - 1) // chunk
     chunk_offsets = _exclusive_cumsum(chunks_per_group)
-    total = int(chunk_offsets[-1])
     group = torch.repeat_interleave(torch.arange(B * H * n, device=device), chunks_per_group, output_size=total)
     rank_in_group = torch.arange(total, device=device, dtype=torch.int32) - chunk_offsets[group]
     first = group_offsets[group] + rank_in_group * chunk
     end = torch.minimum(first + chunk, group_offsets[group + 1])
     return PairLists(pair_query, pair_slot, group_offsets, torch.stack([first, end, group.to(torch.int32)], 1),
-                     query_offsets)
+                     query_offsets, key_sizes, block_rows, block_pairs)
 
 
 @triton.jit
@@ -198,8 +207,7 @@ class PaddedProblems:
 
 def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int,
                     tokens: int) -> PaddedProblems:
-    """`PairLists` of a [batch, heads, tokens, n] block mask as `PaddedProblems`. One host sync (block sizes and
-    longest lists)."""
+    """`PairLists` of a [batch, heads, tokens, n] block mask as `PaddedProblems`. No host sync."""
     n = kv_offsets.numel() - 1
     device = kv_offsets.device
     counts = pairs.group_offsets.diff()  # [B·H·n] queries per (b, h, block), key-major like the pairs
@@ -207,14 +215,13 @@ def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, head
     rank = torch.arange(pairs.pairs, device=device) - pairs.group_offsets[group]
     batch_of, head_of, block_of = group // (heads * n), group // n % heads, group % n
     query = pairs.pair_query.long()
-    key_sizes, longest = torch.stack([kv_offsets.diff().long(), counts.view(-1, n).amax(0).long()]).tolist()
     blocks_of_size: dict[int, list[int]] = {}
-    for block, size in enumerate(key_sizes):
+    for block, size in enumerate(pairs.key_sizes):
         blocks_of_size.setdefault(size, []).append(block)
     sizes, first_row = [], 0
     padded_row = torch.empty_like(rank)  # of each key-major pair
     for size, blocks in blocks_of_size.items():
-        rows = max(longest[b] for b in blocks)
+        rows = max(pairs.block_rows[b] for b in blocks)
         if rows == 0:  # no query chose these blocks: their dk, dv stay zero
             continue
         if len(blocks) == n:
@@ -222,7 +229,8 @@ def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, head
         else:
             ids = torch.tensor(blocks, device=device)
             position = torch.full((n,), -1, device=device).index_put_((ids,), torch.arange(len(blocks), device=device))
-            pair = (position[block_of] >= 0).nonzero().squeeze(1)
+            pair = torch.nonzero_static(position[block_of] >= 0, size=sum(pairs.block_pairs[b] for b in blocks))
+            pair = pair.squeeze(1)
             index = position[block_of[pair]]
             key_tokens = (kv_offsets[ids].unsqueeze(1) + torch.arange(size, device=device)).flatten()
         problem = batch_of[pair] * len(blocks) + index
@@ -533,7 +541,7 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
         attention_forward = dense_attention_forward_for(q)
         ctx.groups = []
         for h0, h1 in head_groups(block_mask, pair_bytes(q.shape[-1], q.element_size())):
-            pairs = list_pairs(block_mask[:, h0:h1], CHUNK)
+            pairs = list_pairs(block_mask[:, h0:h1], kv_offsets, CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             problems = None
             if attention_forward is not None and max_kv_block >= MIN_PADDED_KEYS:

@@ -77,7 +77,7 @@ def test_heads_in_groups_when_partials_outgrow_the_cap(monkeypatch):
 
 def test_pair_lists_index_every_pair_both_ways():
     block_mask = torch.rand(2, 3, 11, 4, generator=torch.Generator().manual_seed(0)) < 0.5
-    pairs = list_pairs(block_mask, chunk=3)
+    pairs = list_pairs(block_mask, block_offsets((2, 5, 1, 3), "cpu"), chunk=3)
     B, H, S, n = block_mask.shape
     expected = block_mask.nonzero().tolist()  # query-major: (b, h, s, j)
     assert pairs.pairs == len(expected)
@@ -89,6 +89,9 @@ def test_pair_lists_index_every_pair_both_ways():
     assert ((end - first >= 1) & (end - first <= 3)).all()
     assert torch.equal(pairs.group_offsets[group.long()] <= first, torch.ones_like(first, dtype=torch.bool))
     assert (end - first).sum() == pairs.pairs
+    per_block = block_mask.sum(2).view(-1, n)  # [B·H, n] choosers of each block
+    assert pairs.key_sizes == (2, 5, 1, 3) and pairs.block_pairs == tuple(per_block.sum(0).tolist())
+    assert pairs.block_rows == tuple(per_block.amax(0).tolist())
 
 
 def test_rejects_bad_arguments():
@@ -173,7 +176,7 @@ def test_padded_problems_hold_each_pair_once():
     B, H, S, sizes = 2, 3, 13, (4, 6, 4, 6, 3)
     block_mask = torch.rand(B, H, S, len(sizes), generator=generator) < 0.4
     offsets = block_offsets(sizes, "cpu")
-    pairs = list_pairs(block_mask, sb.CHUNK)
+    pairs = list_pairs(block_mask, offsets, sb.CHUNK)
     problems = sb.padded_problems(pairs, offsets, B, H, S)
     assert sorted(p.key_size for p in problems.sizes) == [3, 4, 6]
     assert problems.part_row.unique().numel() == pairs.pairs
