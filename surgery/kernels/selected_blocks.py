@@ -126,14 +126,14 @@ def list_pairs(block_mask: torch.Tensor, kv_offsets: torch.Tensor, chunk: int) -
 
 
 @triton.jit
-def gather_rows_kernel(src, index, dst, N_SRC, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
+def gather_rows_kernel(src, index, dst, stride_src, N_SRC, N, D: tl.constexpr, BLOCK_M: tl.constexpr):
     """dst[r] = src[index[r]] for rows of D elements, zeros where index[r] ≥ N_SRC. (torch's `index_select` ran at
     ~1.4 TB/s on these rows on an H100, and padding with it needs a copy of src with a zero row appended.)"""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = rows < N
     source = tl.load(index + rows, mask=ok, other=N_SRC)
     offs_d = tl.arange(0, D)
-    values = tl.load(src + source[:, None] * D + offs_d[None, :], mask=(source < N_SRC)[:, None], other=0.)
+    values = tl.load(src + source[:, None] * stride_src + offs_d[None, :], mask=(source < N_SRC)[:, None], other=0.)
     tl.store(dst + rows.to(tl.int64)[:, None] * D + offs_d[None, :], values, mask=ok[:, None])
 
 
@@ -198,10 +198,11 @@ class PaddedProblems:
         padding."""
         if x.dim() == 3:
             return torch.cat([x.flatten(), x.new_zeros(1)]).index_select(0, self.value_row)
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])  # a view where x's strides allow: its row stride need not be D
         out = torch.empty(self.padded_rows, rows.shape[1], device=x.device, dtype=x.dtype)
         gather_rows_kernel[(triton.cdiv(self.padded_rows, GATHER_ROWS),)](
-            rows, self.query_row, out, rows.shape[0], self.padded_rows, D=rows.shape[1], BLOCK_M=GATHER_ROWS)
+            rows, self.query_row, out, rows.stride(0), rows.shape[0], self.padded_rows, D=rows.shape[1],
+            BLOCK_M=GATHER_ROWS)
         return out
 
 
@@ -509,7 +510,7 @@ def padded_bwd(attention_backward, do, q, k, v, o, lse, pairs: PairLists, proble
 def _stacked_rows(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     """Problems' results [·, H, rows, width] (or [·, H, rows]) as one [padded_rows, width] tensor, in padded row
     order."""
-    rows = [t.reshape(-1, width) for t in parts]
+    rows = [t.reshape(-1, width).contiguous() for t in parts]  # the merge kernel reads rows width apart
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

@@ -61,8 +61,11 @@ def test_matches_reference(batch, heads, queries, sizes, density):
     check_against_reference(q, k, v, block_mask, block_offsets(sizes, "cpu"), max(sizes), 1e-3)
 
 
-def test_heads_in_groups_when_partials_outgrow_the_cap(monkeypatch):
-    """A cap of two heads' per-pair buffers splits 5 heads into groups; results as the reference's."""
+@pytest.mark.parametrize("path", ["triton", "padded"])
+def test_heads_in_groups_when_partials_outgrow_the_cap(monkeypatch, request, path):
+    """A cap of two heads' per-pair buffers splits 5 heads into groups; results as the reference's, on both paths."""
+    if path == "padded":
+        request.getfixturevalue("padded_path")
     generator = torch.Generator().manual_seed(7)
     q = torch.randn(2, 21, 5, 16, generator=generator)
     k, v = (torch.randn(2, 30, 5, 16, generator=generator) for _ in range(2))
