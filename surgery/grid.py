@@ -107,6 +107,11 @@ class BlockLayout:
     def num_blocks(self) -> int:
         return self.sizes.numel()
 
+    @property
+    def equal_blocks(self) -> bool:
+        """Whether every block is whole (the block shape divides the grid), known without reading `sizes`."""
+        return all(g % b == 0 for g, b in zip(self.grid.shape, self.block))
+
     def to(self, device) -> "BlockLayout":
         return block_layout(self.grid, self.block, torch.device(device))
 

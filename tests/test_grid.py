@@ -38,3 +38,15 @@ def test_grid_context_reads_the_patched_shape():
     ctx = GridContext((1, 2, 2))
     ctx(None, (torch.zeros(1, 16, 6, 20, 12),), {})
     assert ctx.grid == VideoGrid(6, 10, 6)
+
+
+@pytest.mark.parametrize("grid,block,equal", [((6, 8, 10), (3, 4, 5), True), ((5, 3, 7), (2, 2, 3), False)])
+def test_block_means(grid, block, equal):
+    """`mean_pool_blocks` on whole blocks (gather and mean) and on partial ones (index_add), against a loop."""
+    from surgery.variants.block_select import mean_pool_blocks
+
+    layout = block_layout(VideoGrid(*grid), block)
+    assert layout.equal_blocks == equal
+    x = torch.randn(2, layout.order.numel(), 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.stack([x[:, layout.block_of_token == j].mean(1) for j in range(layout.num_blocks)], 1)
+    torch.testing.assert_close(mean_pool_blocks(x, layout), expected)
