@@ -355,9 +355,10 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
 
 @contextlib.contextmanager
 def forced_path(padded: bool):
-    """The cuDNN path (`selected_blocks.PaddedProblems`) wherever cuDNN applies, or the Triton kernels, inside."""
+    """The cuDNN path (`selected_blocks.PaddedProblems`) wherever cuDNN applies, or the Triton kernels (without
+    building the padded problems that the fill check would need), inside."""
     before = selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS
-    selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = (0.0, 0) if padded else (math.inf, 0)
+    selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = (0.0, 0) if padded else (math.inf, math.inf)
     try:
         yield
     finally:
