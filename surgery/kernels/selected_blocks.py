@@ -45,10 +45,12 @@ CHUNK = 64
 PARTIAL_BYTES = 8 * 2**30
 # The cuDNN path runs where the longest key block has at least MIN_PADDED_KEYS tokens, while real pairs fill at
 # least MIN_PADDED_FILL of its padded rows. Its gathers into padded rows cost per pair, its attention per pair and
-# key. H100, 1.3B shape, fwd+bwd against the Triton kernels (bench/NOTES.md, "Session 8"): VMoBA's 1D layer
-# (4,680-key blocks, fill 0.88) 15.5 against 19.1 ms, 2D (1,365 keys, fill 0.83) 18.9 against 20.8, 3D (455 keys)
-# 32.3 against 30.0. The attention alone broke even near a fill of 0.63 ("Session 7").
-MIN_PADDED_KEYS = 1024
+# key, and it holds more memory (padded q, dO, o and dq). H100, fwd+bwd against the Triton kernels (bench/NOTES.md,
+# "Session 8"): VMoBA's 1D layers win clearly (4,680-key blocks 14.8 against 17.9 ms at the 1.3B shape; 10,800
+# keys at 720p 63.0 against 83.5); 2D layers' 1,365-key blocks break even (1.3B 18.7 against 19.8, 720p 104.1
+# against 101.8) at 1.7× the peak memory; 3D layers' 455 keys lose (31.7 against 28.0). The attention alone broke
+# even near a fill of 0.63 ("Session 7").
+MIN_PADDED_KEYS = 2048
 MIN_PADDED_FILL = 0.7
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
