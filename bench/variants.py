@@ -355,10 +355,9 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
 
 @contextlib.contextmanager
 def forced_path(padded: bool):
-    """The cuDNN path (`selected_blocks.PaddedProblems`) wherever cuDNN applies, or the Triton kernels (without
-    building the padded problems that the fill check would need), inside."""
+    """The cuDNN path (`selected_blocks.PaddedProblems`) wherever cuDNN applies, or the Triton kernels, inside."""
     before = selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS
-    selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = (0.0, 0) if padded else (math.inf, math.inf)
+    selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = (0.0, 0) if padded else (math.inf, 0)
     try:
         yield
     finally:
@@ -378,7 +377,7 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems.sizes)
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
-    return (selected_blocks.padded_fill(pairs, problems), padded / square,
+    return (selected_blocks.padded_fill(pairs, batch, heads), padded / square,
             float((gathered * layout.sizes).sum(dtype=torch.float64) / square), int(layout.sizes.max()))
 
 

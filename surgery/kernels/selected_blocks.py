@@ -218,12 +218,9 @@ def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, head
     rank = torch.arange(pairs.pairs, device=device) - pairs.group_offsets[group]
     batch_of, head_of, block_of = group // (heads * n), group // n % heads, group % n
     query = pairs.pair_query.long()
-    blocks_of_size: dict[int, list[int]] = {}
-    for block, size in enumerate(pairs.key_sizes):
-        blocks_of_size.setdefault(size, []).append(block)
     sizes, first_row = [], 0
     padded_row = torch.empty_like(rank)  # of each key-major pair
-    for size, blocks in blocks_of_size.items():
+    for size, blocks in _blocks_by_size(pairs).items():
         rows = max(pairs.block_rows[b] for b in blocks)
         if rows == 0:  # no query chose these blocks: their dk, dv stay zero
             continue
@@ -249,9 +246,20 @@ def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, head
     return PaddedProblems(sizes, query_row, value_row, part_row)
 
 
-def padded_fill(pairs: PairLists, problems: PaddedProblems) -> float:
-    """Share of the padded query rows that hold a real pair (1 with no pairs)."""
-    return pairs.pairs / problems.padded_rows if problems.padded_rows else 1.0
+def _blocks_by_size(pairs: PairLists) -> dict[int, list[int]]:
+    """The key block ids of each block size, ascending."""
+    blocks_of_size: dict[int, list[int]] = {}
+    for block, size in enumerate(pairs.key_sizes):
+        blocks_of_size.setdefault(size, []).append(block)
+    return blocks_of_size
+
+
+def padded_fill(pairs: PairLists, batch: int, heads: int) -> float:
+    """Share of `padded_problems`' query rows that would hold a real pair (1 with no pairs), from the host counts:
+    the path is chosen before anything is built."""
+    padded = sum(batch * len(blocks) * heads * max(pairs.block_rows[b] for b in blocks)
+                 for blocks in _blocks_by_size(pairs).values())
+    return pairs.pairs / padded if padded else 1.0
 
 
 @triton.jit
@@ -547,10 +555,9 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
             pairs = list_pairs(block_mask[:, h0:h1], kv_offsets, CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             problems = None
-            if attention_forward is not None and max_kv_block >= MIN_PADDED_KEYS:
+            if (attention_forward is not None and max_kv_block >= MIN_PADDED_KEYS
+                    and padded_fill(pairs, q.shape[0], h1 - h0) >= MIN_PADDED_FILL):
                 problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0, q.shape[1])
-                if padded_fill(pairs, problems) < MIN_PADDED_FILL:
-                    problems = None
             if problems is None:
                 lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)
             else:

@@ -191,7 +191,7 @@ def test_padded_problems_hold_each_pair_once():
         assert head == h and divmod(problem, len(size.blocks)) == (b, size.blocks.index(j))
     padding = torch.ones(problems.padded_rows, dtype=torch.bool).index_fill_(0, problems.part_row, False)
     assert (problems.query_row[padding] == B * S * H).all() and (problems.value_row[padding] == B * H * S).all()
-    assert sb.padded_fill(pairs, problems) == pairs.pairs / problems.padded_rows
+    assert sb.padded_fill(pairs, B, H) == pairs.pairs / problems.padded_rows
     keys = torch.arange(int(offsets[-1])).view(1, -1, 1, 1).expand(B, -1, H, 1).float()
     for p in problems.sizes:
         expected = offsets[torch.tensor(p.blocks)].unsqueeze(1) + torch.arange(p.key_size)
