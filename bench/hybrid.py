@@ -2,8 +2,9 @@
 
     python3 bench/hybrid.py [--sweep] [--json out.json]
 
-Wan-1.3B's shape (21×30×52 = 32,760 tokens, batch 1, 12 heads × 128, F = 128, bf16), forward and
-forward+backward, triton.testing.do_bench medians. Rows: SDPA cuDNN (dense); one feature map φ over all
+Wan-1.3B's shape (21×30×52 = 32,760 tokens, batch 1, 12 heads × 128, F = 128, bf16), forward (under
+torch.no_grad, as inference runs it, like bench/variants.py) and forward+backward, triton.testing.do_bench
+medians. Rows: SDPA cuDNN (dense); one feature map φ over all
 S tokens, the reference `FeatureMap.forward` and the fused kernel (`FeatureMap.forward_kernel`, backward
 into x, W and b); the fused linear-attention op alone (`linear_attention`: φ_q, φ_k computed inside its
 kernels; backward into q, k, v, W and b of both maps); the fused hybrid op alone (`hybrid_attention` on a
@@ -103,20 +104,23 @@ def sweep(log):
 def sweep_hybrid(log):
     inputs = op_inputs(4)
     do = torch.randn_like(inputs[0])
+    forward_configs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm, bn, w, s in
+                       [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)]]
     candidates = {
-        "fwd": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-                for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 4)]],
+        "fwd": forward_configs,
+        "fwd_inference": forward_configs,
         "dq": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)]],
         "dkv": [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                 for bm, bn, w, s in [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)]],
     }
     for name, configs in candidates.items():
-        if name == "fwd":
+        if name.startswith("fwd"):
             call = lambda: hy.hybrid_attention(*inputs, 4)
         else:
             call = lambda: hy.hybrid_attention(*inputs, 4).backward(do)
-        with deterministic():  # the dq and dkv kernels run only there
+        # The dq and dkv kernels run only under deterministic algorithms; fwd_inference only without gradients.
+        with deterministic(), torch.set_grad_enabled(name != "fwd_inference"):
             keep_fastest(log, "hybrid", hy.CONFIGS, name, configs, call, inputs)
 
 
@@ -190,7 +194,8 @@ def main():
     rows = []
 
     def add(name, call, grads, flops=None):
-        row = dict(name=name, fwd_ms=bench(call))
+        with torch.no_grad():  # the forward as inference runs it; the backward's own forward is in fwd+bwd
+            row = dict(name=name, fwd_ms=bench(call))
         grad = torch.randn_like(call())
         row["fwd_bwd_ms"] = bench(lambda: call().backward(grad), grad_to_none=grads)
         for t in grads:  # the peak counts the gradients made, not ones left from timing

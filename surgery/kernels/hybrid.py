@@ -52,9 +52,11 @@ from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, check_qkv, input_precisio
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
-# (bench/NOTES-hybrid.md); the tests shrink the blocks.
+# (bench/NOTES-hybrid.md; fwd and fwd_inference from session 9, with the key mask on the last block only);
+# the tests shrink the blocks.
 CONFIGS = {
-    "fwd": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    "fwd_inference": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
     "preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -83,14 +85,47 @@ def _backward_row_stats(lse, delta, dc, amax, row, ok):
 
 
 @triton.jit
+def _softmax_step(b_q, k_base, v_base, n0, SK, stride_ks, stride_vs, offs_d, qk_scale, m_i, l_i, a_i, acc,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
+    """One block of softmax keys n0 … n0 + BLOCK_N of the forward's online softmax: the running max m, sum l,
+    argmax a (with STATS) and acc, updated. MASKED: the block may run past SK."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = offs_n < SK
+        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
+    else:
+        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
+        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+    if MASKED:
+        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
+    if STATS:
+        # Every block holds a valid key (n0 < SK), so b_max is finite and the first block sets the argmax.
+        b_max, b_arg = tl.max(b_s, 1, return_indices=True)
+        # Strict >: on a tie the earlier key keeps the max.
+        a_i = tl.where(b_max > m_i, n0 + b_arg, a_i)
+    else:
+        b_max = tl.max(b_s, 1)
+    m_new = tl.maximum(m_i, b_max)
+    b_p = tl.exp2(b_s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+    return m_new, l_i, a_i, acc
+
+
+@triton.jit
 def hybrid_fwd_kernel(
     q, k, v, phi, kv_num, kv_den, o, lse, den, amax, scale,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_pb, stride_ps, stride_ph, stride_ob, stride_os, stride_oh,
     H, S, SK, F2,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
 ):
+    # STATS: store what the backward needs (lse, den, the argmax). Inference skips them, and the argmax's
+    # indexed reduction with them.
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,23 +141,15 @@ def hybrid_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(0, SK, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < SK
-        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
-        # Every block holds a valid key (n0 < SK), so b_max is finite and the first block sets the argmax.
-        b_max, b_arg = tl.max(b_s, 1, return_indices=True)
-        # Strict >: on a tie the earlier key keeps the max.
-        a_i = tl.where(b_max > m_i, n0 + b_arg, a_i)
-        m_new = tl.maximum(m_i, b_max)
-        b_p = tl.exp2(b_s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-        m_i = m_new
+    # Whole key blocks without a key mask, then the partial last one with it (the select on every block
+    # cost 5–9% of the forward on an H100).
+    whole = SK // BLOCK_N * BLOCK_N
+    for n0 in range(0, whole, BLOCK_N):
+        m_i, l_i, a_i, acc = _softmax_step(b_q, k_base, v_base, n0, SK, stride_ks, stride_vs, offs_d, qk_scale,
+                                           m_i, l_i, a_i, acc, BLOCK_N, PRECISION, STATS, False)
+    if whole < SK:
+        m_i, l_i, a_i, acc = _softmax_step(b_q, k_base, v_base, whole, SK, stride_ks, stride_vs, offs_d, qk_scale,
+                                           m_i, l_i, a_i, acc, BLOCK_N, PRECISION, STATS, True)
 
     if HAS_LINEAR:
         # m_i is now c_i: the linear terms join acc and l without rescaling.
@@ -144,10 +171,11 @@ def hybrid_fwd_kernel(
 
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              (acc / l_i[:, None]).to(o.dtype.element_ty), mask=m_ok[:, None])
-    row = i_bh.to(tl.int64) * S + offs_m
-    tl.store(lse + row, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
-    tl.store(den + row, l_i, mask=m_ok)
-    tl.store(amax + row, a_i, mask=m_ok)
+    if STATS:
+        row = i_bh.to(tl.int64) * S + offs_m
+        tl.store(lse + row, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
+        tl.store(den + row, l_i, mask=m_ok)
+        tl.store(amax + row, a_i, mask=m_ok)
 
 
 @triton.jit
@@ -311,26 +339,29 @@ def _split_summary(kv_summary: torch.Tensor | None, like: torch.Tensor):
     return kv_summary[..., :-1].contiguous(), kv_summary[..., -1].contiguous()
 
 
-def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale):
+def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=True):
+    """o, and with `stats` what the backward needs: lse, den [B, H, S] fp32 and the argmax [B, H, S] int32
+    (else None each)."""
     B, S, H, D = q.shape
     SK = k_s.shape[1]
     has_linear = phi_q is not None
     F2 = phi_q.shape[-1] if has_linear else 0
     phi = phi_q if has_linear else q
-    config = CONFIGS["fwd"]
+    config = CONFIGS["fwd" if stats else "fwd_inference"]
     o = torch.empty_like(q)
-    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    den = torch.empty_like(lse)
-    amax = torch.empty(B, H, S, device=q.device, dtype=torch.int32)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32) if stats else o
+    den = torch.empty_like(lse) if stats else o
+    amax = torch.empty(B, H, S, device=q.device, dtype=torch.int32) if stats else o
     hybrid_fwd_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
         q, k_s, v_s, phi, kv_num, kv_den, o, lse, den, amax, scale,
         q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
         v_s.stride(0), v_s.stride(1), v_s.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, SK, F2,
-        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(q.dtype), **config,
+        D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(q.dtype), STATS=stats,
+        **config,
     )
-    return o, lse, den, amax
+    return (o, lse, den, amax) if stats else (o, None, None, None)
 
 
 def cudnn_softmax_backward(do, q, k, v, o, lse, scale):
@@ -443,10 +474,11 @@ def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
 
 class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_s, v_s, phi_q, kv_summary, scale):
+    def forward(ctx, q, k_s, v_s, phi_q, kv_summary, scale, training):
         kv_num, kv_den = _split_summary(kv_summary, phi_q if phi_q is not None else q)
-        o, lse, den, amax = hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale)
-        ctx.save_for_backward(q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax)
+        o, lse, den, amax = hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=training)
+        if training:
+            ctx.save_for_backward(q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax)
         ctx.scale = scale
         ctx.kv_dtype = None if kv_summary is None else kv_summary.dtype
         return o
@@ -458,7 +490,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             do = do.contiguous()
         dq, dk, dv, dphi, dkv = hybrid_bwd(do, q, k_s, v_s, phi_q, kv_num, kv_den, o, lse, den, amax,
                                            ctx.scale, softmax_backward_for(q))
-        return dq, dk, dv, dphi, None if dkv is None else dkv.to(ctx.kv_dtype), None
+        return dq, dk, dv, dphi, None if dkv is None else dkv.to(ctx.kv_dtype), None, None
 
 
 def _check(q, k, v, phi_q, kv_summary, rate):
@@ -496,15 +528,17 @@ def hybrid_attention(
         scale: softmax scale, default D ** -0.5.
 
     Returns:
-        out [B, S, H, D] in q's dtype and strides. Differentiable in q, k, v, phi_q and kv_summary.
+        out [B, S, H, D] in q's dtype and strides. Differentiable in q, k, v, phi_q and kv_summary. Where none of
+        them needs a gradient the forward skips what only the backward reads.
     """
     _check(q, k, v, phi_q, kv_summary, rate)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if phi_q is not None and phi_q.stride(-1) != 1:
         phi_q = phi_q.contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, phi_q, kv_summary))
     # Strided views, not copies: the kernels step through k and v R rows at a time.
-    return HybridAttentionFunction.apply(q, k[:, ::rate], v[:, ::rate], phi_q, kv_summary, scale)
+    return HybridAttentionFunction.apply(q, k[:, ::rate], v[:, ::rate], phi_q, kv_summary, scale, training)
 
 
 def hybrid_attention_reference(

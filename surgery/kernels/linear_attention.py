@@ -57,15 +57,24 @@ CONFIGS = {
 
 
 @triton.jit
+def _kept(offs_s, end, SKIP, HAS_SKIP: tl.constexpr):
+    """Which of the tokens offs_s count: those below end, and with HAS_SKIP not at a multiple of SKIP."""
+    if HAS_SKIP:
+        return (offs_s < end) & (offs_s % SKIP != 0)
+    return offs_s < end
+
+
+@triton.jit
 def linear_attention_summary_kernel(
     x, weight, bias, values, den, dden, partial_kv, partial_sum,
     stride_xb, stride_xs, stride_xh, stride_vb, stride_vs, stride_vh,
-    H, S, CHUNK_S,
+    H, S, SKIP, CHUNK_S,
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-    WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTED: tl.constexpr, HAS_SKIP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (chunk × column slice, batch·head): Σ_j φ(x_j)ᵀ values_j [2F, BLOCK_D] and Σ_j φ(x_j) [2F] over the
-    chunk's tokens, fp32. WEIGHTED (the backward's dKV, dκ): values_j / den_j and Σ_j φ(x_j)·dden_j."""
+    chunk's tokens, fp32. WEIGHTED (the backward's dKV, dκ): values_j / den_j and Σ_j φ(x_j)·dden_j.
+    HAS_SKIP: tokens j at multiples of SKIP are left out (the hybrid's softmax keys)."""
     i_cd, i_bh = tl.program_id(0), tl.program_id(1)
     i_c, i_d = i_cd // (D // BLOCK_D), i_cd % (D // BLOCK_D)
     i_b, i_h = i_bh // H, i_bh % H
@@ -79,7 +88,7 @@ def linear_attention_summary_kernel(
     sum_neg = tl.zeros([F], tl.float32)
     for s0 in range(chunk_start, chunk_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_ok = offs_s < chunk_end
+        s_ok = _kept(offs_s, chunk_end, SKIP, HAS_SKIP)
         _, b_pos, b_neg = phi_tile(x, weight, bias, i_b, i_h, offs_s, s_ok, stride_xb, stride_xs, stride_xh,
                                    D, F, PRECISION)
         # Rows past the chunk load v = 0 and get weight 0 (their φ is softmax(±b), not 0).
@@ -182,19 +191,21 @@ def linear_attention_bwd_key_kernel(
     k, weight, bias, v, dkv, dksum, dk, dv, dpsi, inv_keys,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh, stride_pb, stride_ps, stride_ph,
-    H, L,
-    D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
+    H, L, SKIP,
+    D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SKIP: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # HAS_SKIP: the keys at multiples of SKIP were left out of the summary; their rows get zeros.
     i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg = block_phi(k, weight, bias, stride_kb, stride_ks, stride_kh, H, L,
                                                           D, F, BLOCK_S, PRECISION)
+    b_kept = _kept(offs_s, L, SKIP, HAS_SKIP).to(tl.float32)[:, None]
     b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg = _load_summary(dkv, dksum, tl.program_id(1), D, F)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
                   mask=s_ok[:, None], other=0.)  # [BS, D]
     # dKV and dκ come as sums over the queries, not means: the 1/L of KV = (1/L)Σ… is applied here, in fp32.
-    b_dv = _times_summary(b_pos, b_neg, b_dkv_pos, b_dkv_neg, PRECISION)  # [BS, D]
-    b_dpos = (tl.dot(b_v, tl.trans(b_dkv_pos), input_precision=PRECISION) + b_dks_pos[None, :]) * inv_keys  # [BS, F]
-    b_dneg = (tl.dot(b_v, tl.trans(b_dkv_neg), input_precision=PRECISION) + b_dks_neg[None, :]) * inv_keys
+    b_dv = _times_summary(b_pos, b_neg, b_dkv_pos, b_dkv_neg, PRECISION) * b_kept  # [BS, D]
+    b_dpos = (tl.dot(b_v, tl.trans(b_dkv_pos), input_precision=PRECISION) + b_dks_pos[None, :]) * (inv_keys * b_kept)
+    b_dneg = (tl.dot(b_v, tl.trans(b_dkv_neg), input_precision=PRECISION) + b_dks_neg[None, :]) * (inv_keys * b_kept)
     b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
     b_dk = tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)  # [BS, D]
     tl.store(dk + i_b.to(tl.int64) * stride_dkb + i_h * stride_dkh + offs_s[:, None] * stride_dks + offs_d[None, :],
@@ -205,10 +216,11 @@ def linear_attention_bwd_key_kernel(
              b_dpsi, mask=s_ok[:, None])
 
 
-def summary_sums(x, weight, bias, values, den=None, dden=None):
+def summary_sums(x, weight, bias, values, den=None, dden=None, skip_every=0):
     """Σ_j φ(x_j)ᵀ values_j [B, H, 2F, D] and Σ_j φ(x_j) [B, H, 2F] over the tokens of x, fp32, through the
     summary kernel and a torch sum of its per-chunk partials; with den and dden ([B, H, S], fp32), values_j is
-    divided by den_j and φ(x_j) weighted by dden_j in the second sum."""
+    divided by den_j and φ(x_j) weighted by dden_j in the second sum. skip_every > 0 leaves out the tokens at
+    its multiples."""
     B, S, H, D = x.shape
     F = weight.shape[-1]
     config = CONFIGS["summary"]
@@ -220,8 +232,8 @@ def summary_sums(x, weight, bias, values, den=None, dden=None):
     linear_attention_summary_kernel[(chunks * (D // config["BLOCK_D"]), B * H)](
         x, weight, bias, values, den if weighted else x, dden if weighted else x, partial_kv, partial_sum,
         x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        H, S,
-        D=D, F=F, WEIGHTED=weighted, PRECISION=input_precision(x.dtype), **config,
+        H, S, max(skip_every, 1),
+        D=D, F=F, WEIGHTED=weighted, HAS_SKIP=skip_every > 0, PRECISION=input_precision(x.dtype), **config,
     )
     return partial_kv.sum(0), partial_sum.sum(0)
 
@@ -263,9 +275,10 @@ def linear_attention_bwd(do, q, k, v, weight_q, bias_q, weight_k, bias_k, kv, ks
     return dq, dk, dv, dpsi_q, dpsi_k
 
 
-def summary_bwd(k, v, weight, bias, dkv, dksum, inv_keys: float):
+def summary_bwd(k, v, weight, bias, dkv, dksum, inv_keys: float, skip_every=0):
     """The key pass: dk, dv and dψ_k [B, L, H, F] from dKV [B, H, 2F, D] (k's dtype) and dκ [B, H, 2F] (fp32),
-    for a summary of sums over the L keys scaled by inv_keys (1/L for means, 1 for sums)."""
+    for a summary of sums over the L keys scaled by inv_keys (1/L for means, 1 for sums), without the keys at
+    multiples of skip_every when it is > 0 (zeros there)."""
     B, L, H, D = k.shape
     F = weight.shape[-1]
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -276,8 +289,8 @@ def summary_bwd(k, v, weight, bias, dkv, dksum, inv_keys: float):
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         dpsi.stride(0), dpsi.stride(1), dpsi.stride(2),
-        H, L,
-        D=D, F=F, PRECISION=input_precision(k.dtype), **config,
+        H, L, max(skip_every, 1),
+        D=D, F=F, HAS_SKIP=skip_every > 0, PRECISION=input_precision(k.dtype), **config,
     )
     return dk, dv, dpsi
 
@@ -305,24 +318,28 @@ class LinearAttentionFunction(torch.autograd.Function):
 
 class LinearSummaryFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, k, v, weight, bias):
-        kv_sum, key_sum = summary_sums(k, weight, bias, v)
+    def forward(ctx, k, v, weight, bias, skip_every):
+        kv_sum, key_sum = summary_sums(k, weight, bias, v, skip_every=skip_every)
         ctx.save_for_backward(k, v, weight, bias)
+        ctx.skip_every = skip_every
         return torch.cat([kv_sum, key_sum.unsqueeze(-1)], dim=-1).to(k.dtype)
 
     @staticmethod
     def backward(ctx, dsummary):
         k, v, weight, bias = ctx.saved_tensors
         dkv, dksum = dsummary[..., :-1].contiguous(), dsummary[..., -1].float().contiguous()
-        dk, dv, dpsi = summary_bwd(k, v, weight, bias, dkv, dksum, 1.0)
+        dk, dv, dpsi = summary_bwd(k, v, weight, bias, dkv, dksum, 1.0, ctx.skip_every)
         dweight, dbias = parameter_grads(k, dpsi, bias, *ctx.needs_input_grad[2:4])
-        return dk, dv, dweight, dbias
+        return dk, dv, dweight, dbias, None
 
 
-def linear_summary(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def linear_summary(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   skip_every: int = 0) -> torch.Tensor:
     """Σ_j φ(k_j)ᵀ[v_j, 1] = [B, H, 2F, D+1] in k's dtype (fp32 sums inside), with φ computed inside the kernels
     and never stored: the `hybrid` variant's linear-key summary. k, v: [B, L, H, D]; weight [H, D, F] and bias
-    [H, F] in k's dtype (`FeatureMap` with hidden_dim = 0). Differentiable in every argument."""
+    [H, F] in k's dtype (`FeatureMap` with hidden_dim = 0). skip_every = R > 0 sums over the keys j with
+    j mod R ≠ 0 only (the hybrid's linear keys, read in place: no gathered copy). Differentiable in every tensor
+    argument."""
     B, L, H, D = k.shape
     if v.shape != k.shape:
         raise ValueError(f"v must be [B, L, H, D] = {tuple(k.shape)}, got {tuple(v.shape)}")
@@ -335,8 +352,10 @@ def linear_summary(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, bias:
     reason = unsupported_reason(k, weight)
     if reason:
         raise ValueError(f"linear_summary kernel: {reason}")
+    if isinstance(skip_every, bool) or not isinstance(skip_every, int) or skip_every < 0:
+        raise ValueError(f"skip_every must be an int ≥ 0, got {skip_every!r}")
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-    return LinearSummaryFunction.apply(k, v, weight.contiguous(), bias.contiguous())
+    return LinearSummaryFunction.apply(k, v, weight.contiguous(), bias.contiguous(), skip_every)
 
 
 def unsupported_reason(q: torch.Tensor, weight_q: torch.Tensor) -> str | None:

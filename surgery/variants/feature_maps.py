@@ -140,16 +140,20 @@ class FeatureMapAttention(AttentionVariant):
         sums = torch.einsum("bshf,bhfe->bshe", phi_q, self.linear_summary(k, v, kernel))  # [B, S, H, D+1]
         return sums[..., :-1], sums[..., -1:]
 
-    def linear_summary(self, k, v, kernel: bool = False) -> torch.Tensor:
-        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, 2F, D+1] for linear keys and values k, v [B, L, H, D]. The column of
-        ones makes Σφ(k) ride along in the matmul of Σφ(k)ᵀv. kernel: the fused op (`kernels/linear_attention.py`
-        `linear_summary`, φ_k never stored) where it applies, else φ_k through `FeatureMap.forward_kernel`."""
+    def linear_summary(self, k, v, kernel: bool = False, skip_every: int = 0) -> torch.Tensor:
+        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, 2F, D+1] for linear keys and values k, v [B, L, H, D]; skip_every = R > 0
+        leaves out the keys at multiples of R. The column of ones makes Σφ(k) ride along in the matmul of
+        Σφ(k)ᵀv. kernel: the fused op (`kernels/linear_attention.py` `linear_summary`, φ_k never stored) where it
+        applies, else φ_k through `FeatureMap.forward_kernel`."""
         feature_map = self.feature_map_k
         if kernel:
             from ..kernels.linear_attention import linear_summary, unsupported_reason
 
             if not feature_map.hidden_dim and not unsupported_reason(k, feature_map.weight):
-                return linear_summary(k, v, feature_map.weight.to(k.dtype), feature_map.bias.to(k.dtype))
+                return linear_summary(k, v, feature_map.weight.to(k.dtype), feature_map.bias.to(k.dtype), skip_every)
+        if skip_every:
+            kept = torch.arange(k.shape[1], device=k.device) % skip_every != 0
+            k, v = k[:, kept], v[:, kept]
         phi_k = feature_map.forward_kernel(k) if kernel else feature_map(k)  # [B, L, H, 2F]
         return torch.einsum("blhf,blhe->bhfe", phi_k, F.pad(v, (0, 1), value=1.0))
 

@@ -152,12 +152,18 @@ class HybridAttention(FeatureMapAttention):
         stored; fp32 sums), where they apply, else φ_k through the feature-map op and a torch matmul."""
         from ..kernels.hybrid import hybrid_attention  # Triton is imported only where the kernel runs
 
-        rate, tokens = self.config.rate, q.shape[1]
+        rate, tokens, scale = self.config.rate, q.shape[1], softmax_scale(q.shape[-1])
         with torch.autocast(q.device.type, enabled=False):
             if softmax_token_count(tokens, rate) == tokens:
-                return hybrid_attention(q, k, v, None, None, rate, softmax_scale(q.shape[-1]))
-            (k_soft, k_lin), (v_soft, v_lin) = split_tokens(k, rate), split_tokens(v, rate)
-            summary = self.linear_summary(k_lin, v_lin, kernel=True)
+                return hybrid_attention(q, k, v, None, None, rate, scale)
             phi_q = self.feature_map_q.forward_kernel(q)  # [B, S, H, 2F]
-            # k_soft, v_soft already hold only T_S: the op takes all of them as softmax keys (rate 1).
-            return hybrid_attention(q, k_soft, v_soft, phi_q, summary, 1, softmax_scale(q.shape[-1]))
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.parameters())):
+                # Split copies, so that the backward writes each of dk, dv once (`_SplitTokens`): reading the
+                # linear keys in place would leave two full-size gradients for autograd to add.
+                (k_soft, k_lin), (v_soft, v_lin) = split_tokens(k, rate), split_tokens(v, rate)
+                summary = self.linear_summary(k_lin, v_lin, kernel=True)
+                # k_soft, v_soft already hold only T_S: the op takes all of them as softmax keys (rate 1).
+                return hybrid_attention(q, k_soft, v_soft, phi_q, summary, 1, scale)
+            # Inference: both branches read k and v in place (no copies).
+            summary = self.linear_summary(k, v, kernel=True, skip_every=rate)
+            return hybrid_attention(q, k, v, phi_q, summary, rate, scale)

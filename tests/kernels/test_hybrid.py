@@ -79,6 +79,17 @@ def test_matches_reference(small_blocks, tokens, rate, batch, heads, head_dim, f
     check_against_reference(random_inputs(batch, tokens, heads, head_dim, features, rate, g), rate, 1e-3)
 
 
+@pytest.mark.parametrize("tokens,rate,features", [(70, 2, 8), (53, 4, 12), (45, 1, 8)], ids=["S70-R2", "S53-R4", "S45-R1-full"])
+def test_inference_forward(small_blocks, tokens, rate, features):
+    """Under no_grad the forward skips the backward's statistics (lse, den, argmax): same output."""
+    g = torch.Generator().manual_seed(tokens + 7 * rate)
+    inputs = random_inputs(2, tokens, 3, 16, features, rate, g)
+    with torch.no_grad():
+        out = hybrid_attention(*inputs, rate)
+    ref = hybrid_attention_reference(*[None if t is None else t.double() for t in inputs], rate)
+    assert rel_err(out, ref) <= 1e-3
+
+
 @pytest.mark.parametrize("min_programs", [1, 24, 10**6], ids=["one-query-chunk", "some-chunks", "chunk-per-block"])
 def test_dkv_query_chunks(small_blocks, monkeypatch, min_programs):
     """dk, dv from one pass over all queries, or summed over query chunks (few softmax keys): same result."""
@@ -185,6 +196,22 @@ def test_variant_attend_kernel_matches_reference(small_blocks, cls, config, grid
     assert all(e <= 1e-3 for e in errors.values()), errors
 
 
+@pytest.mark.parametrize(
+    "config,grid",
+    [(HybridConfig(rate=3, feature_dim=16), VideoGrid(2, 5, 7)), (HybridConfig(rate=4, feature_dim=12, hidden_dim=4),
+                                                                  VideoGrid(3, 4, 5))],
+    ids=["R3-fused", "R4-hidden"],
+)
+def test_variant_inference_matches_reference(small_blocks, config, grid):
+    """`attend_kernel` under no_grad (linear keys read in place, the forward without the backward's statistics)
+    against `attend_reference`."""
+    processor = random_processor(HybridAttention, config, 2, 16).to(DEVICE)
+    q, k, v = (torch.randn(2, grid.tokens, 2, 16, device=DEVICE) for _ in range(3))
+    with torch.no_grad():
+        out = processor.attend_kernel(q, k, v, grid)
+    assert rel_err(out, processor.attend_reference(q, k, v, grid)) <= 1e-3
+
+
 def test_rejects_bad_arguments():
     q = torch.randn(1, 32, 2, 16)
     with pytest.raises(ValueError, match="head_dim"):
@@ -233,6 +260,8 @@ def test_gpu_wan_shape_bf16(poisoned_empty, rate, deterministic):
     g = torch.Generator().manual_seed(rate)
     inputs = random_inputs(1, VideoGrid(21, 30, 52).tokens, 12, 128, 128, rate, g, torch.bfloat16, "cuda")
     ours = [t.detach().requires_grad_() for t in inputs]
+    with torch.no_grad():
+        inference = hybrid_attention(*inputs, rate)  # the forward without the backward's statistics
     out = hybrid_attention(*ours, rate)
     grad = torch.randn_like(out)
     with deterministic_algorithms(deterministic):
@@ -248,7 +277,7 @@ def test_gpu_wan_shape_bf16(poisoned_empty, rate, deterministic):
         for acc, t in zip(ref_grads, part):
             acc.append(t.grad)
     ref = torch.cat(refs, 2)
-    errors = {"out": rel_err(out, ref)}
+    errors = {"out": rel_err(out, ref), "inference out": rel_err(inference, ref)}
     for name, t, parts, d in zip(["dq", "dk", "dv", "dphi_q", "dkv"], ours, ref_grads, split):
         assert torch.isfinite(t.grad).all(), name
         errors[name] = rel_err(t.grad, torch.cat(parts, d))

@@ -20,6 +20,7 @@ from triton.runtime.jit import JITFunction
 from surgery.grid import VideoGrid
 from surgery.kernels import linear_attention as la
 from surgery.kernels.linear_attention import linear_attention
+from surgery.variants.hybrid import linear_token_index
 from surgery.variants.linear import LinearAttention, LinearConfig
 
 from .test_hybrid import DEVICE, attend_kernel_errors, gpu, needs_cuda, random_processor, rel_err
@@ -95,17 +96,21 @@ def test_matches_reference(
     assert all(e <= tol for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("keys,dtype", [(37, torch.float32), (50, torch.float16)])
-def test_linear_summary_matches_the_torch_summary(small_blocks, poisoned_empty, keys, dtype):
+@pytest.mark.parametrize("keys,dtype,skip_every", [(37, torch.float32, 0), (50, torch.float16, 0), (37, torch.float32, 3),
+                                                   (50, torch.float32, 16)])
+def test_linear_summary_matches_the_torch_summary(small_blocks, poisoned_empty, keys, dtype, skip_every):
     """The fused summary Σφ_k(k)ᵀ[v, 1] (`hybrid`'s linear keys) against the variant's torch path in fp64 (fp32
-    for fp16 inputs): the summary and the gradients of k, v, W and b under a random upstream gradient."""
+    for fp16 inputs): the summary and the gradients of k, v, W and b under a random upstream gradient. With
+    skip_every = R the kernel reads all keys and leaves out those at multiples of R; the torch path gets only
+    the others (and k, v get zero gradient at the left-out keys)."""
     processor = random_processor(LinearAttention, LinearConfig(feature_dim=16), 3, 32).to(DEVICE, dtype)
     reference = copy.deepcopy(processor).to(torch.float64 if dtype == torch.float32 else torch.float32)
     k, v = (torch.randn(2, keys, 3, 32, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     rk, rv = (t.detach().to(reference.feature_map_k.weight.dtype).requires_grad_() for t in (k, v))
     maps, ref_maps = processor.feature_map_k, reference.feature_map_k
-    summary = la.linear_summary(k, v, maps.weight, maps.bias)
-    expected = reference.linear_summary(rk, rv)
+    summary = la.linear_summary(k, v, maps.weight, maps.bias, skip_every)
+    kept = linear_token_index(keys, skip_every, k.device) if skip_every else slice(None)
+    expected = reference.linear_summary(rk[:, kept], rv[:, kept])
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad(summary, (k, v, maps.weight, maps.bias), upstream.to(dtype))
     ref_grads = torch.autograd.grad(expected, (rk, rv, ref_maps.weight, ref_maps.bias), upstream)
@@ -116,16 +121,18 @@ def test_linear_summary_matches_the_torch_summary(small_blocks, poisoned_empty, 
 @gpu
 @needs_cuda
 def test_gpu_linear_summary_bf16(poisoned_empty):
-    """`hybrid`'s linear keys at Wan-1.3B, R = 4 (24,570 keys, 12 heads × 128, F = 128), bf16, against the torch
-    summary in fp32 on the same bf16 values: summary and gradients ≤ 2e-2 relative."""
+    """`hybrid`'s linear keys at Wan-1.3B, R = 4 (24,570 of 32,760 keys, 12 heads × 128, F = 128), bf16, read in
+    place (skip_every = 4), against the torch summary in fp32 over the same bf16 keys: summary and gradients
+    ≤ 2e-2 relative."""
     processor = random_processor(LinearAttention, LinearConfig(feature_dim=128), 12, 128).to("cuda", torch.bfloat16)
     reference = copy.deepcopy(processor).float()
     g = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(1, 24570, 12, 128, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
+    k, v = (torch.randn(1, 32760, 12, 128, generator=g).cuda().bfloat16().requires_grad_() for _ in range(2))
     rk, rv = (t.detach().float().requires_grad_() for t in (k, v))
     maps, ref_maps = processor.feature_map_k, reference.feature_map_k
-    summary = la.linear_summary(k, v, maps.weight, maps.bias)
-    expected = reference.linear_summary(rk, rv)
+    summary = la.linear_summary(k, v, maps.weight, maps.bias, 4)
+    kept = linear_token_index(32760, 4, k.device)
+    expected = reference.linear_summary(rk[:, kept], rv[:, kept])
     upstream = torch.randn_like(expected)
     grads = torch.autograd.grad(summary, (k, v, maps.weight, maps.bias), upstream.bfloat16())
     ref_grads = torch.autograd.grad(expected, (rk, rv, ref_maps.weight, ref_maps.bias), upstream)
