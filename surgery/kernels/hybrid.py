@@ -11,7 +11,8 @@ Forward: one program per (query block, batch·head) runs an online softmax over 
 v[:, j·R] through a strided pointer (the op takes the views k[:, ::R], v[:, ::R]: no gather copy), and
 tracks the running max m, sum l and the argmax key. At the end m = c, so acc and l are already in units
 of exp(s − c) and the linear terms φ_q·KV are added unscaled: out = (acc + N) / (l + E). It stores the
-denominator den = l + E, lse = c + ln den and the argmax.
+denominator den = l + E, lse = c + ln den and the argmax. Where no input needs a gradient (inference) it
+tracks and stores none of the three, with its own launch settings (`CONFIGS["fwd_inference"]`).
 
 Backward. With Δ_i = do_i·o_i and P_ij = exp(s_ij − c_i)/den_i = exp(s_ij − lse_i):
 
