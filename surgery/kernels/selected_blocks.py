@@ -28,7 +28,6 @@ long key blocks (MIN_PADDED_KEYS) while the pairs fill at least MIN_PADDED_FILL 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import triton
@@ -198,14 +197,14 @@ class PaddedProblems:
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, S, H, D] (or [B, H, S]) at the padded rows: [padded_rows, D] (or [padded_rows]), zero rows for
         padding."""
-        if x.dim() == 3:
-            return torch.cat([x.flatten(), x.new_zeros(1)]).index_select(0, self.value_row)
-        rows = x.reshape(-1, x.shape[-1])  # a view where x's strides allow: its row stride need not be D
+        per_value = x.dim() == 3
+        # A view where x's strides allow: its row stride need not be D.
+        rows = x.reshape(-1, 1) if per_value else x.reshape(-1, x.shape[-1])
         out = torch.empty(self.padded_rows, rows.shape[1], device=x.device, dtype=x.dtype)
         gather_rows_kernel[(triton.cdiv(self.padded_rows, GATHER_ROWS),)](
-            rows, self.query_row, out, rows.stride(0), rows.shape[0], self.padded_rows, D=rows.shape[1],
-            BLOCK_M=GATHER_ROWS)
-        return out
+            rows, self.value_row if per_value else self.query_row, out, rows.stride(0), rows.shape[0],
+            self.padded_rows, D=rows.shape[1], BLOCK_M=GATHER_ROWS)
+        return out.squeeze(1) if per_value else out
 
 
 def padded_problems(pairs: PairLists, kv_offsets: torch.Tensor, batch: int, heads: int,
@@ -491,7 +490,7 @@ def padded_fwd(attention_forward, q, k, v, pairs: PairLists, problems: PaddedPro
     q_padded = problems.padded(q)
     results = [attention_forward(p.queries(q_padded, B, H), p.keys(k), p.keys(v), scale) for p in problems.sizes]
     o_part = _stacked_rows([o for o, _ in results], D)
-    lse_part = _stacked_rows([lse for _, lse in results], 1).squeeze(1).float() * math.log2(math.e)
+    lse_part = _stacked_rows([lse for _, lse in results], 1).squeeze(1).float() * LOG2E.value
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     _merge(o_part, lse_part, pairs.query_offsets, o, lse, weighted=True, part_row=problems.part_row)
     return lse

@@ -31,7 +31,7 @@ import torch
 
 from ..grid import VideoGrid
 from .base import softmax_scale
-from .feature_maps import FeatureMapAttention, FeatureMapConfig, promoted
+from .feature_maps import FeatureMapAttention, FeatureMapConfig, linear_tokens, promoted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,17 +59,6 @@ def linear_token_index(tokens: int, rate: int, device: torch.device) -> torch.Te
     rows = torch.arange(softmax_keys, device=device).unsqueeze(1) * rate
     index = rows + torch.arange(1, rate, device=device)  # [S', R − 1]
     return index.flatten()[: tokens - softmax_keys]
-
-
-def linear_tokens(x: torch.Tensor, rate: int) -> torch.Tensor:
-    """x[:, linear_token_index(S, rate)] for x [B, S, ...], through views and one copy: its backward is a
-    strided copy into zeros, where index_select's is an index_add with atomics (0.38 ms for k alone at the
-    1.3B shape on an H200)."""
-    tokens = x.shape[1]
-    whole = tokens // rate * rate  # the rows of R that fit: each drops its first token
-    body = x[:, :whole].unflatten(1, (tokens // rate, rate))[:, :, 1:].flatten(1, 2)
-    # Past them: the softmax key at `whole` (if any), then the linear tail.
-    return torch.cat([body, x[:, whole + 1:]], dim=1) if whole + 1 < tokens else body
 
 
 class _SplitTokens(torch.autograd.Function):
