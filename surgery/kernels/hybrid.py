@@ -8,11 +8,12 @@ and the linear summary KV = Σ_{j∈T_L} φ_k(k_j)ᵀ[v_j, 1] ([2F, D+1], made b
                                          [N_i, E_i] = φ_q(q_i)·KV.
 
 Forward: one program per (query block, batch·head) runs an online softmax over T_S, loading k[:, j·R] and
-v[:, j·R] through a strided pointer (the op takes the views k[:, ::R], v[:, ::R]: no gather copy), and
-tracks the running max m, sum l and the argmax key. At the end m = c, so acc and l are already in units
-of exp(s − c) and the linear terms φ_q·KV are added unscaled: out = (acc + N) / (l + E). It stores the
-denominator den = l + E, lse = c + ln den and the argmax. Where no input needs a gradient (inference) it
-tracks and stores none of the three, with its own launch settings (`CONFIGS["fwd_inference"]`).
+v[:, j·R] with TMA through descriptors over the strided views k[:, ::R], v[:, ::R] (no gather copy; against
+pointer loads, −10% at R = 8 and −13% at R = 4 on an H100, bench/NOTES-hybrid.md), and tracks the running
+max m, sum l and the argmax key. At the end m = c, so acc and l are already in units of exp(s − c) and the
+linear terms φ_q·KV are added unscaled: out = (acc + N) / (l + E). It stores the denominator den = l + E,
+lse = c + ln den and the argmax. Where no input needs a gradient (inference) it tracks and stores none of
+the three, with its own launch settings (`CONFIGS["fwd_inference"]`).
 
 Backward. With Δ_i = do_i·o_i and P_ij = exp(s_ij − c_i)/den_i = exp(s_ij − lse_i):
 
@@ -47,17 +48,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
 from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, check_qkv, input_precision
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
-# (bench/NOTES-hybrid.md; fwd and fwd_inference from session 9, with the key mask on the last block only);
-# the tests shrink the blocks.
+# (bench/NOTES-hybrid.md; fwd and fwd_inference from session 10, with TMA key loads); the tests shrink the
+# blocks.
 CONFIGS = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-    "fwd_inference": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
+    "fwd_inference": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
     "preprocess": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
@@ -86,21 +88,17 @@ def _backward_row_stats(lse, delta, dc, amax, row, ok):
 
 
 @triton.jit
-def _softmax_step(b_q, k_base, v_base, n0, SK, stride_ks, stride_vs, offs_d, qk_scale, m_i, l_i, a_i, acc,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr, MASKED: tl.constexpr):
+def _softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i, acc,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
+                  MASKED: tl.constexpr):
     """One block of softmax keys n0 … n0 + BLOCK_N of the forward's online softmax: the running max m, sum l,
-    argmax a (with STATS) and acc, updated. MASKED: the block may run past SK."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        n_ok = offs_n < SK
-        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-    else:
-        b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
-        b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+    argmax a (with STATS) and acc, updated. k_rows, v_rows: tensor descriptors (TMA loads; rows past SK come
+    as zeros). MASKED: the block may run past SK."""
+    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
     if MASKED:
-        b_s = tl.where(n_ok[None, :], b_s, float("-inf"))
+        b_s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < SK, b_s, float("-inf"))
     if STATS:
         # Every block holds a valid key (n0 < SK), so b_max is finite and the first block sets the argmax.
         b_max, b_arg = tl.max(b_s, 1, return_indices=True)
@@ -118,9 +116,8 @@ def _softmax_step(b_q, k_base, v_base, n0, SK, stride_ks, stride_vs, offs_d, qk_
 
 @triton.jit
 def hybrid_fwd_kernel(
-    q, k, v, phi, kv_num, kv_den, o, lse, den, amax, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_pb, stride_ps, stride_ph, stride_ob, stride_os, stride_oh,
+    q, k_rows, v_rows, phi, kv_num, kv_den, o, lse, den, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph, stride_ob, stride_os, stride_oh,
     H, S, SK, F2,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr,
     HAS_LINEAR: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
@@ -133,9 +130,6 @@ def hybrid_fwd_kernel(
     m_ok = offs_m < S
     offs_d = tl.arange(0, D)
     b_q = _head_rows(q, i_b, i_h, offs_m, m_ok, stride_qb, stride_qs, stride_qh, offs_d)  # [BM, D]
-    # k, v are the strided views k[:, ::R], v[:, ::R]: softmax key j sits at raster row j·R.
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -146,11 +140,11 @@ def hybrid_fwd_kernel(
     # cost 5–9% of the forward on an H100).
     whole = SK // BLOCK_N * BLOCK_N
     for n0 in range(0, whole, BLOCK_N):
-        m_i, l_i, a_i, acc = _softmax_step(b_q, k_base, v_base, n0, SK, stride_ks, stride_vs, offs_d, qk_scale,
-                                           m_i, l_i, a_i, acc, BLOCK_N, PRECISION, STATS, False)
+        m_i, l_i, a_i, acc = _softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i, acc,
+                                           BLOCK_N, D, PRECISION, STATS, False)
     if whole < SK:
-        m_i, l_i, a_i, acc = _softmax_step(b_q, k_base, v_base, whole, SK, stride_ks, stride_vs, offs_d, qk_scale,
-                                           m_i, l_i, a_i, acc, BLOCK_N, PRECISION, STATS, True)
+        m_i, l_i, a_i, acc = _softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, SK, qk_scale, m_i, l_i, a_i, acc,
+                                           BLOCK_N, D, PRECISION, STATS, True)
 
     if HAS_LINEAR:
         # m_i is now c_i: the linear terms join acc and l without rescaling.
@@ -340,6 +334,25 @@ def _split_summary(kv_summary: torch.Tensor | None, like: torch.Tensor):
     return kv_summary[..., :-1].contiguous(), kv_summary[..., -1].contiguous()
 
 
+def launch_config(name: str, dtype: torch.dtype) -> dict:
+    """CONFIGS[name]; for 4-byte inputs with the tiles halved each way (not below 16) and at most 2 stages:
+    fp32 tiles take twice the shared memory of half-precision ones, and the settings swept in bf16 would ask
+    an H100 for about twice what it has at head_dim 128."""
+    config = CONFIGS[name]
+    if torch.finfo(dtype).bits < 32:
+        return config
+    halved = {b: max(16, config[b] // 2) for b in ("BLOCK_M", "BLOCK_N") if b in config}
+    return {**config, **halved, "num_stages": min(2, config["num_stages"])}
+
+
+def row_blocks(x: torch.Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor over x [B, S, H, D] loading [1, rows, 1, D] blocks (one head's rows), on a compact copy
+    where x's layout breaks TMA's 16-byte rules (strided views such as k[:, ::R] of a contiguous k pass)."""
+    aligned = x.data_ptr() % 16 == 0 and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+    x = x if aligned else x.contiguous()
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, x.shape[-1]])
+
+
 def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=True):
     """o, and with `stats` what the backward needs: lse, den [B, H, S] fp32 and the argmax [B, H, S] int32
     (else None each)."""
@@ -348,15 +361,15 @@ def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=True):
     has_linear = phi_q is not None
     F2 = phi_q.shape[-1] if has_linear else 0
     phi = phi_q if has_linear else q
-    config = CONFIGS["fwd" if stats else "fwd_inference"]
+    config = launch_config("fwd" if stats else "fwd_inference", q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32) if stats else o
     den = torch.empty_like(lse) if stats else o
     amax = torch.empty(B, H, S, device=q.device, dtype=torch.int32) if stats else o
+    k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k_s, v_s))
     hybrid_fwd_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
-        q, k_s, v_s, phi, kv_num, kv_den, o, lse, den, amax, scale,
-        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
-        v_s.stride(0), v_s.stride(1), v_s.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
+        q, k_rows, v_rows, phi, kv_num, kv_den, o, lse, den, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), phi.stride(0), phi.stride(1), phi.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
         H, S, SK, F2,
         D=D, BLOCK_F=_block_f(F2), HAS_LINEAR=has_linear, PRECISION=input_precision(q.dtype), STATS=stats,
@@ -442,7 +455,7 @@ def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
     SK = k_s.shape[1]
     precision = input_precision(q.dtype)
     dq = torch.empty_like(q)
-    config = CONFIGS["dq"]
+    config = launch_config("dq", q.dtype)
     hybrid_bwd_dq_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
         q, k_s, v_s, do, dq, lse, delta, dc, amax, scale,
         q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
@@ -451,7 +464,7 @@ def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
         H, S, SK,
         D=D, PRECISION=precision, **config,
     )
-    config = CONFIGS["dkv"]
+    config = launch_config("dkv", q.dtype)
     key_programs = triton.cdiv(SK, config["BLOCK_N"]) * B * H
     # Few softmax keys (large R) give few key-major programs, each walking every query: split the queries
     # into chunks with fp32 partial dk, dv per chunk, summed after in a fixed order (still deterministic).

@@ -124,6 +124,18 @@ def test_heads_first_layout_and_scale(small_blocks):
     assert hybrid_attention(q, k, v, phi_q, kv, 3).stride() == q.stride()
 
 
+def test_keys_in_a_layout_tma_cannot_read(small_blocks):
+    """Keys whose rows break TMA's 16-byte rules (a [.., D+1] buffer cut to D) load from a compact copy: same
+    results. Strided views k[:, ::R] of a contiguous k are read in place."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, phi_q, kv = random_inputs(2, 50, 3, 16, 8, 3, g)
+    k_odd, v_odd = (torch.cat([t, torch.zeros_like(t[..., :1])], -1)[..., :-1] for t in (k, v))
+    assert k_odd.stride(2) * k_odd.element_size() % 16 != 0
+    check_against_reference([q, k_odd, v_odd, phi_q, kv], 3, 1e-3)
+    assert hy.row_blocks(k_odd[:, ::3], 16).base.data_ptr() != k_odd.data_ptr()
+    assert hy.row_blocks(k[:, ::3], 16).base.data_ptr() == k.data_ptr()
+
+
 @pytest.mark.parametrize(
     "tokens,rate,batch,heads,head_dim,features",
     [(70, 2, 2, 2, 16, 8), (53, 4, 2, 3, 32, 12), (45, 1, 2, 2, 16, 8), (33, 40, 1, 2, 16, 8)],
@@ -246,6 +258,17 @@ def test_gpu_cudnn_backward_shapes(poisoned_empty, tokens, rate, batch, heads, h
     assert hy.softmax_backward_for(q) is hy.cudnn_softmax_backward
     check_against_reference([q, k, v, phi_q, kv], rate, 2e-2)
 
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp32_head_dim_128(poisoned_empty):
+    """fp32 rows of 128 (512 bytes, wider than one TMA swizzle span): forward and the Triton backward passes
+    (cuDNN's takes no fp32), against the reference in fp64, ≤ 1e-3 (tf32 is off for fp32 inputs)."""
+    g = torch.Generator().manual_seed(17)
+    inputs = random_inputs(1, 333, 2, 128, 16, 3, g, torch.float32, "cuda")
+    assert hy.softmax_backward_for(inputs[0]) is None
+    check_against_reference(inputs, 3, 1e-3)
 
 # ---- GPU: Wan-1.3B's shape in bf16 ----------------------------------------------------------------
 
