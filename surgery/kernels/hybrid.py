@@ -48,10 +48,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import LN2, LOG2E, _dkv_ds, _dq_ds, check_qkv, input_precision
+from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds, _online_softmax_step, check_qkv, input_precision,
+                           row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
@@ -88,33 +88,6 @@ def _backward_row_stats(lse, delta, dc, amax, row, ok):
 
 
 @triton.jit
-def _softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i, acc,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """One block of softmax keys n0 … n0 + BLOCK_N of the forward's online softmax: the running max m, sum l,
-    argmax a (with STATS) and acc, updated. k_rows, v_rows: tensor descriptors (TMA loads; rows past SK come
-    as zeros). MASKED: the block may run past SK."""
-    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-    if MASKED:
-        b_s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < SK, b_s, float("-inf"))
-    if STATS:
-        # Every block holds a valid key (n0 < SK), so b_max is finite and the first block sets the argmax.
-        b_max, b_arg = tl.max(b_s, 1, return_indices=True)
-        # Strict >: on a tie the earlier key keeps the max.
-        a_i = tl.where(b_max > m_i, n0 + b_arg, a_i)
-    else:
-        b_max = tl.max(b_s, 1)
-    m_new = tl.maximum(m_i, b_max)
-    b_p = tl.exp2(b_s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return m_new, l_i, a_i, acc
-
-
-@triton.jit
 def hybrid_fwd_kernel(
     q, k_rows, v_rows, phi, kv_num, kv_den, o, lse, den, amax, scale,
     stride_qb, stride_qs, stride_qh, stride_pb, stride_ps, stride_ph, stride_ob, stride_os, stride_oh,
@@ -140,11 +113,11 @@ def hybrid_fwd_kernel(
     # cost 5–9% of the forward on an H100).
     whole = SK // BLOCK_N * BLOCK_N
     for n0 in range(0, whole, BLOCK_N):
-        m_i, l_i, a_i, acc = _softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i, acc,
-                                           BLOCK_N, D, PRECISION, STATS, False)
+        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i,
+                                                  acc, BLOCK_N, D, PRECISION, STATS, False)
     if whole < SK:
-        m_i, l_i, a_i, acc = _softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, SK, qk_scale, m_i, l_i, a_i, acc,
-                                           BLOCK_N, D, PRECISION, STATS, True)
+        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, SK, qk_scale, m_i, l_i,
+                                                  a_i, acc, BLOCK_N, D, PRECISION, STATS, True)
 
     if HAS_LINEAR:
         # m_i is now c_i: the linear terms join acc and l without rescaling.
@@ -343,14 +316,6 @@ def launch_config(name: str, dtype: torch.dtype) -> dict:
         return config
     halved = {b: max(16, config[b] // 2) for b in ("BLOCK_M", "BLOCK_N") if b in config}
     return {**config, **halved, "num_stages": min(2, config["num_stages"])}
-
-
-def row_blocks(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor over x [B, S, H, D] loading [1, rows, 1, D] blocks (one head's rows), on a compact copy
-    where x's layout breaks TMA's 16-byte rules (strided views such as k[:, ::R] of a contiguous k pass)."""
-    aligned = x.data_ptr() % 16 == 0 and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
-    x = x if aligned else x.contiguous()
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, x.shape[-1]])
 
 
 def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=True):

@@ -14,7 +14,9 @@ also stores each pair's gathered q, dO, lse and delta rows in key-major pair ord
 over the queries that chose each block (one program per 64-key chunk, no atomics), load contiguous rows rather
 than gathering them every step (2–5% off a layer's forward+backward on an H100). Deterministic.
 The per-pair buffers take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run
-in groups (`head_groups`), each group's buffers freed before the next.
+in groups (`head_groups`), each group's buffers freed before the next. The forward and dq load keys and values,
+and dk/dv the stored pair rows, through TMA descriptors, and only a block's last step is masked (against pointer
+loads with a mask on every step: 7–10% off the op's forward+backward on an H100, bench/NOTES.md "Session 10").
 
 On GPUs where cuDNN's attention applies, the attention itself goes to cuDNN instead (`PaddedProblems`): every
 (batch, key block, head) is one dense problem, the queries that chose the block against the block's keys, its
@@ -32,9 +34,10 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_step, _fwd_step, _key_chunk, input_precision,
-                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference)
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_ds_rows, _key_chunk, _online_softmax_step, input_precision,
+                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
@@ -262,6 +265,50 @@ def padded_fill(pairs: PairLists, batch: int, heads: int) -> float:
 
 
 @triton.jit
+def _block_steps(kv_offsets, kb, BLOCK_N: tl.constexpr):
+    """Key block kb's token range [start, end) and where its whole BLOCK_N-key steps end: the steps before
+    `whole` need no key mask, one masked step covers the rest (int32, as TMA coordinates must be)."""
+    kv_start = tl.load(kv_offsets + kb).to(tl.int32)
+    kv_end = tl.load(kv_offsets + kb + 1).to(tl.int32)
+    return kv_start, kv_end, kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
+
+
+@triton.jit
+def _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """dq's share from keys n0 … n0 + BLOCK_N (TMA loads through `row_blocks` descriptors); MASKED: the step
+    may run past the block's `end`."""
+    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    if MASKED:
+        ok = (n0 + tl.arange(0, BLOCK_N))[None, :] < end
+    else:
+        ok = tl.full([1, BLOCK_N], 1, tl.int1)
+    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, r0, end, b_dk, b_dv, qk_scale,
+                   BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dk, dv's shares from pair rows r0 … r0 + BLOCK_M (q, dO through TMA); MASKED: the step may run past the
+    key block's last pair row `end`."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    b_q = q_rows.load([r0, 0])
+    b_do = do_rows.load([r0, 0])
+    if MASKED:
+        r_ok = rows < end
+        b_lse = tl.load(lse_rows + rows, mask=r_ok, other=0.)
+        b_delta = tl.load(delta_rows + rows, mask=r_ok, other=0.)
+    else:
+        r_ok = tl.full([BLOCK_M], 1, tl.int1)
+        b_lse = tl.load(lse_rows + rows)
+        b_delta = tl.load(delta_rows + rows)
+    return _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
+
+
+@triton.jit
 def _gathered_chunk(q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """This program's chunk of gathered queries: its pair rows and their validity, batch, head, key block,
@@ -282,26 +329,25 @@ def _gathered_chunk(q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, N
 
 @triton.jit
 def selected_blocks_fwd_kernel(
-    q, k, v, o_part, lse_part, chunks, pair_query, pair_slot, kv_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, NK,
+    q, k_rows, v_rows, o_part, lse_part, chunks, pair_query, pair_slot, kv_offsets, scale,
+    stride_qb, stride_qs, stride_qh, H, NK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per chunk: its queries against every key of its block, one partial row per pair.
     rows, r_ok, i_bh, i_b, i_h, kb, tokens, offs_d, b_q = _gathered_chunk(
         q, chunks, pair_query, stride_qb, stride_qs, stride_qh, H, NK, D, BLOCK_M)
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    no_argmax = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    kv_end = tl.load(kv_offsets + kb + 1)
-    for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks, stride_vs, offs_d,
-                                  m_i, l_i, acc, qk_scale, PRECISION)
+    kv_start, kv_end, whole = _block_steps(kv_offsets, kb, BLOCK_N)
+    for n0 in range(kv_start, whole, BLOCK_N):
+        m_i, l_i, no_argmax, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, kv_end, qk_scale, m_i,
+                                                        l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, False)
+    if whole < kv_end:
+        m_i, l_i, no_argmax, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, kv_end, qk_scale, m_i,
+                                                        l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, True)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(o_part + slots[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(o_part.dtype.element_ty),
              mask=r_ok[:, None])
@@ -349,10 +395,9 @@ def merge_partials_kernel(
 
 @triton.jit
 def selected_blocks_bwd_dq_kernel(
-    q, k, v, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, chunks, pair_query, pair_slot,
+    q, k_rows, v_rows, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, chunks, pair_query, pair_slot,
     kv_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, H, S, NK,
+    stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, H, S, NK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per chunk, as the forward: each pair's share of its query's dq, into its partial row. The
@@ -368,16 +413,15 @@ def selected_blocks_bwd_dq_kernel(
     tl.store(do_rows + pair_rows, b_do, mask=r_ok[:, None])
     tl.store(lse_rows + rows, b_lse, mask=r_ok)
     tl.store(delta_rows + rows, b_delta, mask=r_ok)
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    kv_end = tl.load(kv_offsets + kb + 1)
-    for n0 in range(tl.load(kv_offsets + kb), kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_end
-        b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks, stride_vs,
-                        offs_d, b_dq, qk_scale, PRECISION)
+    kv_start, kv_end, whole = _block_steps(kv_offsets, kb, BLOCK_N)
+    for n0 in range(kv_start, whole, BLOCK_N):
+        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, kv_end, b_dq, qk_scale,
+                             BLOCK_M, BLOCK_N, D, PRECISION, False)
+    if whole < kv_end:
+        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, whole, kv_end, b_dq, qk_scale,
+                             BLOCK_M, BLOCK_N, D, PRECISION, True)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(dq_part + slots[:, None] * D + offs_d[None, :], b_dq * scale, mask=r_ok[:, None])
 
@@ -399,15 +443,13 @@ def selected_blocks_bwd_dkv_kernel(
     qk_scale = scale * LOG2E
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    for r0 in range(lo, hi, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        r_ok = rows < hi
-        pair_rows = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
-        b_q = tl.load(q_rows + pair_rows, mask=r_ok[:, None], other=0.)  # [BM, D]
-        b_do = tl.load(do_rows + pair_rows, mask=r_ok[:, None], other=0.)
-        b_lse = tl.load(lse_rows + rows, mask=r_ok, other=0.)
-        b_delta = tl.load(delta_rows + rows, mask=r_ok, other=0.)
-        b_dk, b_dv = _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
+    whole = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    for r0 in range(lo, whole, BLOCK_M):
+        b_dk, b_dv = _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, r0, hi, b_dk, b_dv, qk_scale,
+                                    BLOCK_M, PRECISION, False)
+    if whole < hi:
+        b_dk, b_dv = _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, whole, hi, b_dk, b_dv, qk_scale,
+                                    BLOCK_M, PRECISION, True)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -431,10 +473,10 @@ def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale, o):
     o_part = torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype)
     lse_part = torch.empty(pairs.pairs, device=q.device, dtype=torch.float32)
     if pairs.pairs:
+        k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
         selected_blocks_fwd_kernel[(pairs.chunks.shape[0],)](
-            q, k, v, o_part, lse_part, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            q, k_rows, v_rows, o_part, lse_part, pairs.chunks, pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
+            q.stride(0), q.stride(1), q.stride(2),
             H, NK, D=D, BLOCK_M=CHUNK, PRECISION=input_precision(q.dtype), **config,
         )
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
@@ -447,28 +489,33 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
     B, S, H, D = q.shape
     NK = kv_offsets.numel() - 1
     precision = input_precision(q.dtype)
+    if not pairs.pairs:  # nothing attended: no gradient (and no rows for the descriptors below)
+        for grad in (dq, dk, dv):
+            grad.zero_()
+        return
     delta = torch.empty_like(lse)
     block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
         D=D, BLOCK_M=64,
     )
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     dq_part = torch.empty(pairs.pairs, D, device=q.device, dtype=torch.float32)
     # Each pair's q, dO (q's dtype) and base-2 lse, delta (fp32), key-major like the pair lists.
     q_rows, do_rows = (torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype) for _ in range(2))
     lse_rows, delta_rows = (torch.empty(pairs.pairs, device=q.device, dtype=torch.float32) for _ in range(2))
-    if pairs.pairs:
-        selected_blocks_bwd_dq_kernel[(pairs.chunks.shape[0],)](
-            q, k, v, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, pairs.chunks, pairs.pair_query,
-            pairs.pair_slot, kv_offsets, scale,
-            *strides, H, S, NK, D=D, BLOCK_M=CHUNK, PRECISION=precision, **CONFIGS["dq"],
-        )
+    config = CONFIGS["dq"]
+    k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
+    selected_blocks_bwd_dq_kernel[(pairs.chunks.shape[0],)](
+        q, k_rows, v_rows, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, pairs.chunks,
+        pairs.pair_query, pairs.pair_slot, kv_offsets, scale,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S, NK,
+        D=D, BLOCK_M=CHUNK, PRECISION=precision, **config,
+    )
     _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
     config = CONFIGS["dkv"]
     chunks = triton.cdiv(max_kv_block, config["BLOCK_N"])
+    q_pairs, do_pairs = (TensorDescriptor.from_tensor(t, [config["BLOCK_M"], D]) for t in (q_rows, do_rows))
     selected_blocks_bwd_dkv_kernel[(NK * chunks, B * H)](
-        k, v, dk, dv, q_rows, do_rows, lse_rows, delta_rows, pairs.group_offsets, kv_offsets, scale,
+        k, v, dk, dv, q_pairs, do_pairs, lse_rows, delta_rows, pairs.group_offsets, kv_offsets, scale,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), H, NK,
         D=D, CHUNKS=chunks, PRECISION=precision, **config,
     )

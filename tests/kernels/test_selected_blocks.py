@@ -52,6 +52,8 @@ def check_against_reference(q, k, v, block_mask, offsets, max_block, tol):
     (2, 2, 37, (20, 7, 33, 1), 0.4),  # partial chunks, a one-token block, blocks longer than one key step
     (1, 3, 70, (16, 16, 16), 0.7),  # more than one 64-query chunk per block
     (2, 1, 9, (5, 70), 0.2),  # some queries choose nothing; a block longer than one 64-key program
+    (1, 2, 128, (64, 128), 1.0),  # whole 64-key steps and 64-pair steps only: no masked step anywhere
+    (1, 1, 150, (20, 70), 0.9),  # over 64 pairs a block: whole pair steps, then a masked one
 ])
 def test_matches_reference(batch, heads, queries, sizes, density):
     generator = torch.Generator().manual_seed(sum(sizes) + queries)
