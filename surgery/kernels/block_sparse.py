@@ -50,12 +50,11 @@ CONFIGS = {
 
 
 @triton.jit
-def _query_tile(q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
-                stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK,
+def _query_tile(q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK,
                 D: tl.constexpr, BLOCK_M: tl.constexpr):
     """What the forward and dq kernels share for their program's query tile and batch·head: the ids, the
-    tile's token offsets and mask, its queries [BM, D], the K/V bases and the tile's key-block list
-    (token-range base, slot count, how many leading slots take full-width steps)."""
+    tile's token offsets and mask, its queries [BM, D] and the tile's key-block list (token-range base, slot
+    count, how many leading slots take full-width steps)."""
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     q_end = tl.load(q_offsets + i_q + 1)
@@ -64,12 +63,10 @@ def _query_tile(q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, str
     offs_d = tl.arange(0, D)
     b_q = tl.load(q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                   mask=m_ok[:, None], other=0.)  # [BM, D]
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     rng_base = kv_ranges + (i_bh * NQ + i_q).to(tl.int64) * (2 * MAXK)
     n_slots = tl.load(kv_count + i_bh * NQ + i_q)
     n_long = tl.load(kv_long + i_bh * NQ + i_q)
-    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long
+    return i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long
 
 
 @triton.jit
@@ -80,20 +77,6 @@ def _fitted_slot(rng_base, s, offs_c):
     n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
     ok = n_ok[None, :]
     return offs_n, n_ok, ok
-
-
-@triton.jit
-def _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, m_i, l_i, acc, qk_scale,
-              PRECISION: tl.constexpr):
-    b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_s = tl.where(ok, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), float("-inf"))  # [BM, BN]
-    m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
-    b_p = tl.exp2(b_s * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PRECISION)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -125,46 +108,58 @@ def _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, 
 
 
 @triton.jit
+def _slot_steps(b_q, k_rows, v_rows, i_b, i_h, start, end, qk_scale, m_i, l_i, a_i, acc,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward over one listed key block of any length [start, end): whole BLOCK_N steps without the key
+    mask, then one masked step for the rest."""
+    whole = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, whole, BLOCK_N):
+        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, l_i, a_i,
+                                                  acc, BLOCK_N, D, PRECISION, False, False)
+    if whole < end:
+        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, end, qk_scale, m_i, l_i,
+                                                  a_i, acc, BLOCK_N, D, PRECISION, False, True)
+    return m_i, l_i, a_i, acc
+
+
+@triton.jit
 def block_sparse_attn_fwd_kernel(
-    q, k, v, o, lse, kv_ranges, kv_count, kv_long, q_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
+    q, k_rows, v_rows, k_half, v_half, o, lse, kv_ranges, kv_count, kv_long, q_offsets, scale,
+    stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
     H, S, NQ, MAXK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long = _query_tile(
-        q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
+    # K/V load through TMA descriptors (`row_blocks`): k_rows, v_rows in BLOCK_N-row steps, k_half, v_half in
+    # HALF_N-row ones. Against pointer loads, −8% at 87.5% of tiles skipped and −4% at 75% on an H100
+    # (bench/NOTES.md "Session 10"); the backward kernels still use pointers (session 5's TMA probe: mixed).
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
+        q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
 
-    # A finite start: a row whose keys are all masked so far gets exp2(-inf) = 0 and alpha 1, never NaN.
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    # A row whose list is empty keeps m = -inf and l = 0: its output is 0 and its lse -inf.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    no_argmax = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
-        # Each listed block is one tile of ≤ BLOCK_N keys: flat loops, which Triton pipelines. Its token
-        # range comes straight from kv_ranges: the K/V addresses then hang on a single load, not a chain.
+        # Each listed block is one tile of ≤ BLOCK_N keys: flat loops, which Triton pipelines, each step masked
+        # to its block's end. Its token range comes straight from kv_ranges: the K/V loads then hang on a
+        # single load, not a chain.
         for s in range(0, n_long):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
-            m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
-                                      m_i, l_i, acc, qk_scale, PRECISION)
+            m_i, l_i, no_argmax, acc = _online_softmax_step(
+                b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1), qk_scale,
+                m_i, l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, True)
         if HALF_N > 0:
-            offs_h = tl.arange(0, HALF_N)
             for s in range(n_long, n_slots):
-                offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_h)
-                m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
-                                          m_i, l_i, acc, qk_scale, PRECISION)
+                m_i, l_i, no_argmax, acc = _online_softmax_step(
+                    b_q, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1),
+                    qk_scale, m_i, l_i, no_argmax, acc, HALF_N, D, PRECISION, False, True)
     else:
         for s in range(0, n_slots):
-            kv_end = tl.load(rng_base + 2 * s + 1)
-            for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
-                offs_n = n0 + offs_c
-                n_ok = offs_n < kv_end
-                ok = n_ok[None, :]
-                m_i, l_i, acc = _fwd_step(b_q, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
-                                          m_i, l_i, acc, qk_scale, PRECISION)
+            m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+                                                   tl.load(rng_base + 2 * s + 1), qk_scale, m_i, l_i, no_argmax,
+                                                   acc, BLOCK_N, D, PRECISION)
 
     acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
@@ -227,9 +222,10 @@ def block_sparse_attn_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, k_base, v_base, rng_base, n_slots, n_long = _query_tile(
-        q, k, v, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_kh, stride_vb, stride_vh, H, NQ, MAXK, D, BLOCK_M)
+    i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
+        q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
+    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
+    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
@@ -442,10 +438,11 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
     config = _fitted_configs("fwd", max_kv_block)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
+    k_half, v_half = (row_blocks(t, half_n) for t in (k, v)) if half_n else (k_rows, v_rows)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
-        q, k, v, o, lse, ranges, kv_block_count, n_long, q_offsets, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
+        q, k_rows, v_rows, k_half, v_half, o, lse, ranges, kv_block_count, n_long, q_offsets, scale,
+        q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         H, S, NQ, MAXK,
         D=D, BLOCK_M=_tile(max_q_tile), HALF_N=half_n, FITTED=fitted, PRECISION=input_precision(q.dtype), **config,
     )

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_ds_rows, _key_chunk, _online_softmax_step, input_precision,
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_ds_rows, _key_chunk, _slot_steps, input_precision,
                            block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
@@ -56,12 +56,13 @@ MIN_PADDED_KEYS = 2048
 MIN_PADDED_FILL = 0.7
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
-# Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape):
+# Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape;
+# dkv's stages from an A/B over the 1D, 2D and 3D layers with TMA loads, bench/NOTES.md "Session 10"):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
     "fwd": dict(BLOCK_N=64, num_warps=4, num_stages=3),
     "dq": dict(BLOCK_N=64, num_warps=4, num_stages=2),
-    "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    "dkv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
     "merge": dict(BLOCK_M=64, num_warps=8),
 }
 
@@ -341,13 +342,9 @@ def selected_blocks_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     no_argmax = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    kv_start, kv_end, whole = _block_steps(kv_offsets, kb, BLOCK_N)
-    for n0 in range(kv_start, whole, BLOCK_N):
-        m_i, l_i, no_argmax, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, kv_end, qk_scale, m_i,
-                                                        l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, False)
-    if whole < kv_end:
-        m_i, l_i, no_argmax, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, kv_end, qk_scale, m_i,
-                                                        l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, True)
+    m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
+                                           tl.load(kv_offsets + kb + 1).to(tl.int32), qk_scale, m_i, l_i, no_argmax,
+                                           acc, BLOCK_N, D, PRECISION)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(o_part + slots[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(o_part.dtype.element_ty),
              mask=r_ok[:, None])
