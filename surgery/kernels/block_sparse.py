@@ -70,16 +70,6 @@ def _query_tile(q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs
 
 
 @triton.jit
-def _fitted_slot(rng_base, s, offs_c):
-    """Slot s of a query tile's list when every block fits one BLOCK_N step: its key offsets, which of them are
-    real keys, and the [1, BN] mask of the pairs to count."""
-    offs_n = tl.load(rng_base + 2 * s) + offs_c
-    n_ok = offs_n < tl.load(rng_base + 2 * s + 1)
-    ok = n_ok[None, :]
-    return offs_n, n_ok, ok
-
-
-@triton.jit
 def _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, l_i, a_i, acc,
                          BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
                          MASKED: tl.constexpr):
@@ -131,8 +121,8 @@ def block_sparse_attn_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     # K/V load through TMA descriptors (`row_blocks`): k_rows, v_rows in BLOCK_N-row steps, k_half, v_half in
-    # HALF_N-row ones. Against pointer loads, −8% at 87.5% of tiles skipped and −4% at 75% on an H100
-    # (bench/NOTES.md "Session 10"); the backward kernels still use pointers (session 5's TMA probe: mixed).
+    # HALF_N-row ones. Against pointer loads on an H100, −9% at 87.5% and 75% of tiles skipped; the backward
+    # kernels, which load the same way, −5 to −7% (bench/NOTES.md "Session 10").
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
@@ -189,7 +179,7 @@ def _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_k
            PRECISION: tl.constexpr):
     """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
     against the keys at offs_n (rows not n_ok load as 0; pairs not ok count nothing). Returns the keys [BN, D]
-    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (`_dq_step`; hybrid adds a term to dS first)."""
+    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (as in `_dq_rows_step`; hybrid adds a term to dS first)."""
     b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     return b_k, _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
@@ -206,26 +196,45 @@ def _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION: tl
 
 
 @triton.jit
-def _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, b_dq,
-             qk_scale, PRECISION: tl.constexpr):
-    b_k, b_ds = _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
-                       qk_scale, PRECISION)
+def _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dq's share (unscaled) from keys n0 … n0 + BLOCK_N, loaded through `row_blocks` descriptors; MASKED: the
+    step may run past the block's `end`."""
+    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    if MASKED:
+        ok = (n0 + tl.arange(0, BLOCK_N))[None, :] < end
+    else:
+        ok = tl.full([1, BLOCK_N], 1, tl.int1)
+    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
 
 
 @triton.jit
+def _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, start, end, b_dq, qk_scale,
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """`_dq_rows_step` over one key block of any length [start, end), as `_slot_steps` walks it."""
+    whole = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, whole, BLOCK_N):
+        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
+                             BLOCK_N, D, PRECISION, False)
+    if whole < end:
+        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, whole, end, b_dq, qk_scale,
+                             BLOCK_N, D, PRECISION, True)
+    return b_dq
+
+
+@triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
+    q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale,
+    stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    # K/V through TMA descriptors, as in the forward.
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
@@ -233,27 +242,18 @@ def block_sparse_attn_bwd_dq_kernel(
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    offs_c = tl.arange(0, BLOCK_N)
     if FITTED:
         for s in range(0, n_long):
-            offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_c)
-            b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d,
-                            b_dq, qk_scale, PRECISION)
+            b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+                                 tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True)
         if HALF_N > 0:
-            offs_h = tl.arange(0, HALF_N)
             for s in range(n_long, n_slots):
-                offs_n, n_ok, ok = _fitted_slot(rng_base, s, offs_h)
-                b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs,
-                                offs_d, b_dq, qk_scale, PRECISION)
+                b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s),
+                                     tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True)
     else:
         for s in range(0, n_slots):
-            kv_end = tl.load(rng_base + 2 * s + 1)
-            for n0 in range(tl.load(rng_base + 2 * s), kv_end, BLOCK_N):
-                offs_n = n0 + offs_c
-                n_ok = offs_n < kv_end
-                ok = n_ok[None, :]
-                b_dq = _dq_step(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs,
-                                offs_d, b_dq, qk_scale, PRECISION)
+            b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
@@ -298,13 +298,15 @@ def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRE
 
 
 @triton.jit
-def _dkv_tile_step(rng_base, i, offs_r, q_base, do_base, lse_base, delta_base, offs_d, stride_qs, stride_gs,
-                   b_k, b_v, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
-    """`_dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in rows offs_r."""
-    offs_m = tl.load(rng_base + 2 * i) + offs_r
+def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk, b_dv, qk_scale,
+                   ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """`_dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in ROWS rows, its
+    q and dO through `row_blocks` descriptors (rows past the tile's end count nothing)."""
+    start = tl.load(rng_base + 2 * i)
+    offs_m = start + tl.arange(0, ROWS)
     m_ok = offs_m < tl.load(rng_base + 2 * i + 1)
-    b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
-    b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)
+    b_q = q_rows.load([i_b, start, i_h, 0]).reshape(ROWS, D)
+    b_do = do_rows.load([i_b, start, i_h, 0]).reshape(ROWS, D)
     b_lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.) * LOG2E
     b_delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.)
     return _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
@@ -312,9 +314,8 @@ def _dkv_tile_step(rng_base, i, offs_r, q_base, do_base, lse_base, delta_base, o
 
 @triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh,
+    q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     H, S, NK, L,
     D: tl.constexpr, BLOCK_M: tl.constexpr, HALF_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -322,8 +323,6 @@ def block_sparse_attn_bwd_dkv_kernel(
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
     i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
-    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
-    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     lse_base = lse + i_bh.to(tl.int64) * S
     delta_base = delta + i_bh.to(tl.int64) * S
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (2 * NK + 1) + 2 * kb
@@ -338,15 +337,14 @@ def block_sparse_attn_bwd_dkv_kernel(
 
     b_dk = tl.zeros([BLOCK_N, D], tl.float32)
     b_dv = tl.zeros([BLOCK_N, D], tl.float32)
-    offs_r = tl.arange(0, BLOCK_M)
+    # q and dO through TMA descriptors: q_rows, do_rows in BLOCK_M-row tiles, q_half, do_half in HALF_M-row ones.
     for i in range(lo, mid):
-        b_dk, b_dv = _dkv_tile_step(rng_base, i, offs_r, q_base, do_base, lse_base, delta_base, offs_d, stride_qs,
-                                    stride_gs, b_k, b_v, b_dk, b_dv, qk_scale, PRECISION)
+        b_dk, b_dv = _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
+                                    b_dv, qk_scale, BLOCK_M, D, PRECISION)
     if HALF_M > 0:
-        offs_h = tl.arange(0, HALF_M)
         for i in range(mid, hi):
-            b_dk, b_dv = _dkv_tile_step(rng_base, i, offs_h, q_base, do_base, lse_base, delta_base, offs_d,
-                                        stride_qs, stride_gs, b_k, b_v, b_dk, b_dv, qk_scale, PRECISION)
+            b_dk, b_dv = _dkv_tile_step(rng_base, i, q_half, do_half, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
+                                        b_dv, qk_scale, HALF_M, D, PRECISION)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -466,10 +464,12 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     dq = torch.empty_like(q)
     # Recomputed rather than saved from the forward: saving costs ~50 MB a layer at 720p.
     fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
+    k_rows, v_rows = (row_blocks(t, dq_config["BLOCK_N"]) for t in (k, v))
+    k_half, v_half = (row_blocks(t, half_n) for t in (k, v)) if half_n else (k_rows, v_rows)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k, v, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
         D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, **dq_config,
     )
@@ -477,10 +477,11 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK, half_m)
     chunks = triton.cdiv(max_kv_block, dkv_config["BLOCK_N"])
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    q_rows, do_rows = (row_blocks(t, BLOCK_M) for t in (q, do))
+    q_half, do_half = (row_blocks(t, half_m) for t in (q, do)) if half_m else (q_rows, do_rows)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
-        q, k, v, do, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, S, NK, q_tile_ranges.shape[1],
         D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, **dkv_config,
     )

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_ds_rows, _key_chunk, _slot_steps, input_precision,
+from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_slot_steps, _key_chunk, _slot_steps, input_precision,
                            block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
@@ -266,31 +266,6 @@ def padded_fill(pairs: PairLists, batch: int, heads: int) -> float:
 
 
 @triton.jit
-def _block_steps(kv_offsets, kb, BLOCK_N: tl.constexpr):
-    """Key block kb's token range [start, end) and where its whole BLOCK_N-key steps end: the steps before
-    `whole` need no key mask, one masked step covers the rest (int32, as TMA coordinates must be)."""
-    kv_start = tl.load(kv_offsets + kb).to(tl.int32)
-    kv_end = tl.load(kv_offsets + kb + 1).to(tl.int32)
-    return kv_start, kv_end, kv_start + (kv_end - kv_start) // BLOCK_N * BLOCK_N
-
-
-@triton.jit
-def _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr,
-                  MASKED: tl.constexpr):
-    """dq's share from keys n0 … n0 + BLOCK_N (TMA loads through `row_blocks` descriptors); MASKED: the step
-    may run past the block's `end`."""
-    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    if MASKED:
-        ok = (n0 + tl.arange(0, BLOCK_N))[None, :] < end
-    else:
-        ok = tl.full([1, BLOCK_N], 1, tl.int1)
-    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
-    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
-
-
-@triton.jit
 def _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, r0, end, b_dk, b_dv, qk_scale,
                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
     """dk, dv's shares from pair rows r0 … r0 + BLOCK_M (q, dO through TMA); MASKED: the step may run past the
@@ -412,13 +387,8 @@ def selected_blocks_bwd_dq_kernel(
     tl.store(delta_rows + rows, b_delta, mask=r_ok)
     qk_scale = scale * LOG2E
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    kv_start, kv_end, whole = _block_steps(kv_offsets, kb, BLOCK_N)
-    for n0 in range(kv_start, whole, BLOCK_N):
-        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, kv_end, b_dq, qk_scale,
-                             BLOCK_M, BLOCK_N, D, PRECISION, False)
-    if whole < kv_end:
-        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, whole, kv_end, b_dq, qk_scale,
-                             BLOCK_M, BLOCK_N, D, PRECISION, True)
+    b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
+                          tl.load(kv_offsets + kb + 1).to(tl.int32), b_dq, qk_scale, BLOCK_N, D, PRECISION)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(dq_part + slots[:, None] * D + offs_d[None, :], b_dq * scale, mask=r_ok[:, None])
 
