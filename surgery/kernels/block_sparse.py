@@ -179,7 +179,8 @@ def _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_k
            PRECISION: tl.constexpr):
     """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
     against the keys at offs_n (rows not n_ok load as 0; pairs not ok count nothing). Returns the keys [BN, D]
-    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (as in `_dq_rows_step`; hybrid adds a term to dS first)."""
+    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (as in `_dq_rows_step`; hybrid adds a term to dS
+    first)."""
     b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
     return b_k, _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
@@ -421,11 +422,11 @@ def _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block):
     return (fitted, half_n, *listed_ranges(kv_block_index, kv_block_count, kv_offsets, half_n))
 
 
-def _fitted_configs(kind: str, max_kv_block: int) -> dict:
-    """Launch settings of `kind` ("fwd", "dq", "dkv") and its key tile BLOCK_N."""
-    if max_kv_block <= MAX_FITTED_BLOCK:
-        return dict(CONFIGS[kind], BLOCK_N=_tile(max_kv_block))
-    return CONFIGS["chunked"]
+def _fitted_configs(kind: str, max_kv_block: int, dtype: torch.dtype) -> dict:
+    """Launch settings of `kind` ("fwd", "dq", "dkv") and its key tile BLOCK_N, for inputs of `dtype`."""
+    if max_kv_block <= MAX_FITTED_BLOCK:  # BLOCK_N is the key tile: it cannot shrink for fp32
+        return fitted_to_dtype(dict(CONFIGS[kind], BLOCK_N=_tile(max_kv_block)), dtype)
+    return fitted_to_dtype(CONFIGS["chunked"], dtype, halve=("BLOCK_N",))
 
 
 def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
@@ -433,7 +434,7 @@ def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
-    config = _fitted_configs("fwd", max_kv_block)
+    config = _fitted_configs("fwd", max_kv_block, q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
@@ -453,7 +454,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
     BLOCK_M = _tile(max_q_tile)
-    dq_config, dkv_config = _fitted_configs("dq", max_kv_block), _fitted_configs("dkv", max_kv_block)
+    dq_config, dkv_config = (_fitted_configs(kind, max_kv_block, q.dtype) for kind in ("dq", "dkv"))
     precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
@@ -506,6 +507,16 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
                                            kv_offsets, ctx.max_q_tile, ctx.max_kv_block, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def fitted_to_dtype(config: dict, dtype: torch.dtype, halve: tuple[str, ...] = (), max_stages: int = 1) -> dict:
+    """Launch settings swept for half-precision inputs, made to fit shared memory for 4-byte ones: the block sizes
+    named in `halve` halved (not below 16) and at most `max_stages` pipeline stages. fp32 tiles take twice the
+    shared memory, and at head_dim 128 the swept settings would ask an H100 for more than it has."""
+    if torch.finfo(dtype).bits < 32:
+        return config
+    halved = {b: max(16, config[b] // 2) for b in halve if b in config}
+    return {**config, **halved, "num_stages": min(max_stages, config["num_stages"])}
 
 
 def row_blocks(x: torch.Tensor, rows: int) -> TensorDescriptor:

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds, _online_softmax_step, check_qkv, input_precision,
-                           row_blocks)
+from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds, _online_softmax_step, check_qkv, fitted_to_dtype,
+                           input_precision, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
@@ -308,14 +308,8 @@ def _split_summary(kv_summary: torch.Tensor | None, like: torch.Tensor):
 
 
 def launch_config(name: str, dtype: torch.dtype) -> dict:
-    """CONFIGS[name]; for 4-byte inputs with the tiles halved each way (not below 16) and at most 2 stages:
-    fp32 tiles take twice the shared memory of half-precision ones, and the settings swept in bf16 would ask
-    an H100 for about twice what it has at head_dim 128."""
-    config = CONFIGS[name]
-    if torch.finfo(dtype).bits < 32:
-        return config
-    halved = {b: max(16, config[b] // 2) for b in ("BLOCK_M", "BLOCK_N") if b in config}
-    return {**config, **halved, "num_stages": min(2, config["num_stages"])}
+    """CONFIGS[name], for 4-byte inputs with the tiles halved each way and at most 2 stages (`fitted_to_dtype`)."""
+    return fitted_to_dtype(CONFIGS[name], dtype, halve=("BLOCK_M", "BLOCK_N"), max_stages=2)
 
 
 def hybrid_fwd(q, k_s, v_s, phi_q, kv_num, kv_den, scale, stats=True):

@@ -37,7 +37,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_slot_steps, _key_chunk, _slot_steps, input_precision,
-                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, masked_attention_reference, row_blocks)
+                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, fitted_to_dtype, masked_attention_reference,
+                           row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
@@ -435,7 +436,7 @@ def selected_blocks_fwd(q, k, v, pairs: PairLists, kv_offsets, scale, o):
     """Writes the output into o (q's shape, any strides); returns lse [B, H, S] fp32."""
     B, S, H, D = q.shape
     NK = kv_offsets.numel() - 1
-    config = CONFIGS["fwd"]
+    config = fitted_to_dtype(CONFIGS["fwd"], q.dtype, halve=("BLOCK_N",))
     # Partial outputs in q's dtype: each is normalised, so rounding it costs what rounding the output does.
     o_part = torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype)
     lse_part = torch.empty(pairs.pairs, device=q.device, dtype=torch.float32)
@@ -469,7 +470,7 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
     # Each pair's q, dO (q's dtype) and base-2 lse, delta (fp32), key-major like the pair lists.
     q_rows, do_rows = (torch.empty(pairs.pairs, D, device=q.device, dtype=q.dtype) for _ in range(2))
     lse_rows, delta_rows = (torch.empty(pairs.pairs, device=q.device, dtype=torch.float32) for _ in range(2))
-    config = CONFIGS["dq"]
+    config = fitted_to_dtype(CONFIGS["dq"], q.dtype, halve=("BLOCK_N",))
     k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
     selected_blocks_bwd_dq_kernel[(pairs.chunks.shape[0],)](
         q, k_rows, v_rows, do, dq_part, lse, delta, q_rows, do_rows, lse_rows, delta_rows, pairs.chunks,
@@ -478,7 +479,7 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
         D=D, BLOCK_M=CHUNK, PRECISION=precision, **config,
     )
     _merge(dq_part, lse, pairs.query_offsets, dq, lse, weighted=False)
-    config = CONFIGS["dkv"]
+    config = fitted_to_dtype(CONFIGS["dkv"], q.dtype, halve=("BLOCK_M", "BLOCK_N"))
     chunks = triton.cdiv(max_kv_block, config["BLOCK_N"])
     q_pairs, do_pairs = (TensorDescriptor.from_tensor(t, [config["BLOCK_M"], D]) for t in (q_rows, do_rows))
     selected_blocks_bwd_dkv_kernel[(NK * chunks, B * H)](

@@ -177,3 +177,19 @@ def test_gpu_chunked_frames_bf16(poisoned_empty):
     q, k, v = (torch.randn(1, S, H, 128, generator=g).cuda().bfloat16() for _ in range(3))
     kwargs = dict(max_q_tile=64, max_kv_block=int(layout.sizes.max()))
     print(check_against_reference(q, k, v, (index, count, q_offsets, layout.offsets), kwargs, 1e-2))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("chunked", [False, True], ids=["tiles", "chunked"])
+def test_gpu_fp32_head_dim_128(poisoned_empty, chunked):
+    """fp32 at head_dim 128 with 64-token tiles (some partial) or 256-key blocks walked in chunks: the launch
+    settings fit shared memory (`fitted_to_dtype`); ≤ 1e-3 against the reference in fp64 (fp32 products)."""
+    g = torch.Generator().manual_seed(6)
+    layout = block_layout(VideoGrid(5, 8, 16), (2, 8, 16) if chunked else (4, 4, 4), "cuda")
+    S, H, n = layout.order.numel(), 2, layout.num_blocks
+    q_offsets = torch.tensor([*range(0, S, 64), S], device="cuda") if chunked else layout.offsets
+    index, count = random_selection(1, H, q_offsets.numel() - 1, n, max_k=2, generator=g, device="cuda")
+    q, k, v = (torch.randn(1, S, H, 128, generator=g).cuda() for _ in range(3))
+    kwargs = dict(max_q_tile=64, max_kv_block=int(layout.sizes.max()))
+    print(check_against_reference(q, k, v, (index, count, q_offsets, layout.offsets), kwargs, 1e-3))

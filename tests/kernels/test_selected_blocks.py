@@ -52,7 +52,7 @@ def check_against_reference(q, k, v, block_mask, offsets, max_block, tol):
     (2, 2, 37, (20, 7, 33, 1), 0.4),  # partial chunks, a one-token block, blocks longer than one key step
     (1, 3, 70, (16, 16, 16), 0.7),  # more than one 64-query chunk per block
     (2, 1, 9, (5, 70), 0.2),  # some queries choose nothing; a block longer than one 64-key program
-    (1, 2, 128, (64, 128), 1.0),  # whole 64-key steps and 64-pair steps only: no masked step anywhere
+    (1, 2, 128, (64, 128), 1.0),  # whole key steps and pair steps only (64 or 32 wide): no masked step
     (1, 1, 150, (20, 70), 0.9),  # over 64 pairs a block: whole pair steps, then a masked one
 ])
 def test_matches_reference(batch, heads, queries, sizes, density):
@@ -130,6 +130,19 @@ def test_gpu_bf16_every_output_written(poisoned_empty, monkeypatch, block, min_f
     with deterministic_algorithms(deterministic):
         print(check_against_reference(q, k, v, block_mask, layout.offsets, int(layout.sizes.max()), 1e-2))
 
+
+
+@gpu
+@needs_cuda
+def test_gpu_fp32_head_dim_128(poisoned_empty):
+    """fp32 at head_dim 128 (the Triton kernels; cuDNN's attention takes no fp32): the launch settings fit shared
+    memory (`fitted_to_dtype`); ≤ 1e-3 against the reference in fp64."""
+    generator = torch.Generator().manual_seed(8)
+    layout = block_layout(VideoGrid(3, 10, 16), (1, 10, 16), "cuda")  # 160-key blocks: whole steps and a tail
+    tokens, heads = layout.order.numel(), 2
+    q, k, v = (torch.randn(1, tokens, heads, 128, generator=generator).cuda() for _ in range(3))
+    block_mask = torch.rand(1, heads, tokens, layout.num_blocks, generator=generator).cuda() < 0.5
+    print(check_against_reference(q, k, v, block_mask, layout.offsets, int(layout.sizes.max()), 1e-3))
 
 @pytest.fixture
 def padded_path(monkeypatch):
