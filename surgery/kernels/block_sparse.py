@@ -175,20 +175,10 @@ def block_sparse_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, ok, stride_ks, stride_vs, offs_d, qk_scale,
-           PRECISION: tl.constexpr):
-    """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
-    against the keys at offs_n (rows not n_ok load as 0; pairs not ok count nothing). Returns the keys [BN, D]
-    and the score gradient dS [BM, BN], unscaled; dq gains dS·K (as in `_dq_rows_step`; hybrid adds a term to dS
-    first)."""
-    b_k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=n_ok[:, None], other=0.)  # [BN, D]
-    return b_k, _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
-
-
-@triton.jit
 def _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION: tl.constexpr):
-    """`_dq_ds` on loaded keys and values b_k, b_v [BN, D]: dS [BM, BN], unscaled."""
+    """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
+    against keys and values b_k, b_v [BN, D]; pairs not ok count nothing. Returns the score gradient dS [BM, BN],
+    unscaled; dq gains dS·K (`_dq_rows_step`; the hybrid adds its normaliser's term to dS first)."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
     # Masking after exp2: a query with no visible key has lse -inf and would give inf - inf.
     b_p = tl.where(ok, tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.)

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds, _online_softmax_step, check_qkv, fitted_to_dtype,
+from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds_rows, _online_softmax_step, check_qkv, fitted_to_dtype,
                            input_precision, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
@@ -192,10 +192,27 @@ def hybrid_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, n0, SK, b_dq, qk_scale,
+                      BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """dq's share (unscaled) from softmax keys n0 … n0 + BLOCK_N (TMA loads), the normaliser's gradient dc
+    included; MASKED: the step may run past SK."""
+    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        ok = offs_n[None, :] < SK
+    else:
+        ok = tl.full([1, BLOCK_N], 1, tl.int1)
+    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
+    # The shared normaliser's gradient dc goes to the score that set the max (see the module docstring).
+    b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
+    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
+
+
+@triton.jit
 def hybrid_bwd_dq_kernel(
-    q, k, v, do, dq, lse, delta, dc, amax, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
+    q, k_rows, v_rows, do, dq, lse, delta, dc, amax, scale,
+    stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, SK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -207,33 +224,31 @@ def hybrid_bwd_dq_kernel(
     b_q = _head_rows(q, i_b, i_h, offs_m, m_ok, stride_qb, stride_qs, stride_qh, offs_d)  # [BM, D]
     b_do = _head_rows(do, i_b, i_h, offs_m, m_ok, stride_gb, stride_gs, stride_gh, offs_d)  # [BM, D]
     b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, i_bh.to(tl.int64) * S + offs_m, m_ok)
-    k_base = k + i_b.to(tl.int64) * stride_kb + i_h * stride_kh
-    v_base = v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(0, SK, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < SK
-        b_k, b_ds = _dq_ds(b_q, b_do, b_lse, b_delta, k_base, v_base, offs_n, n_ok, n_ok[None, :], stride_ks,
-                           stride_vs, offs_d, qk_scale, PRECISION)
-        # The shared normaliser's gradient dc goes to the score that set the max (see the module docstring).
-        b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
-        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
+    whole = SK // BLOCK_N * BLOCK_N
+    for n0 in range(0, whole, BLOCK_N):
+        b_dq = _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, n0, SK, b_dq,
+                                 qk_scale, BLOCK_N, D, PRECISION, False)
+    if whole < SK:
+        b_dq = _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, whole, SK, b_dq,
+                                 qk_scale, BLOCK_N, D, PRECISION, True)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
 def hybrid_bwd_dkv_kernel(
-    q, k, v, do, dk, dv, lse, delta, dc, amax, scale,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_gb, stride_gs, stride_gh, stride_eb, stride_es, stride_eh, stride_ep,
+    q_rows, do_rows, k, v, dk, dv, lse, delta, dc, amax, scale,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_eb, stride_es, stride_eh, stride_ep,
     H, S, SK, Q_CHUNK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One program per (block of softmax keys, chunk of Q_CHUNK queries, batch·head). dk, dv are [B, S', H, D]
-    # with strides stride_e*, one such slice per query chunk (stride_ep apart) when there are several.
+    # with strides stride_e*, one such slice per query chunk (stride_ep apart) when there are several. q and dO
+    # load through TMA descriptors (rows past the chunk count nothing).
     i_nc, i_bh = tl.program_id(0), tl.program_id(1)
     i_n, i_chunk = i_nc // tl.cdiv(S, Q_CHUNK), i_nc % tl.cdiv(S, Q_CHUNK)
     m_end = tl.minimum((i_chunk + 1) * Q_CHUNK, S)
@@ -243,8 +258,6 @@ def hybrid_bwd_dkv_kernel(
     offs_d = tl.arange(0, D)
     b_k = _head_rows(k, i_b, i_h, offs_n, n_ok, stride_kb, stride_ks, stride_kh, offs_d)  # [BN, D]
     b_v = _head_rows(v, i_b, i_h, offs_n, n_ok, stride_vb, stride_vs, stride_vh, offs_d)  # [BN, D]
-    q_base = q + i_b.to(tl.int64) * stride_qb + i_h * stride_qh
-    do_base = do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh
     row_base = i_bh.to(tl.int64) * S
     qk_scale = scale * LOG2E
 
@@ -253,8 +266,8 @@ def hybrid_bwd_dkv_kernel(
     for m0 in range(i_chunk * Q_CHUNK, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
-        b_q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
-        b_do = tl.load(do_base + offs_m[:, None] * stride_gs + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
+        b_q = q_rows.load([i_b, m0, i_h, 0]).reshape(BLOCK_M, D)
+        b_do = do_rows.load([i_b, m0, i_h, 0]).reshape(BLOCK_M, D)
         b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, row_base + offs_m, m_ok)
         # Transposed scores, keys × queries, so dk and dv accumulate without transposing them.
         b_dst, b_dv = _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dv, qk_scale, PRECISION)
@@ -415,10 +428,10 @@ def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
     precision = input_precision(q.dtype)
     dq = torch.empty_like(q)
     config = launch_config("dq", q.dtype)
+    k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k_s, v_s))
     hybrid_bwd_dq_kernel[(triton.cdiv(S, config["BLOCK_M"]), B * H)](
-        q, k_s, v_s, do, dq, lse, delta, dc, amax, scale,
-        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
-        v_s.stride(0), v_s.stride(1), v_s.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        q, k_rows, v_rows, do, dq, lse, delta, dc, amax, scale,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, SK,
         D=D, PRECISION=precision, **config,
@@ -433,10 +446,10 @@ def _softmax_branch_grads_triton(do, q, k_s, v_s, lse, delta, dc, amax, scale):
     part_dtype = k_s.dtype if chunks == 1 else torch.float32
     dk = torch.empty(chunks, B, SK, H, D, device=q.device, dtype=part_dtype)  # [chunks, B, S', H, D]
     dv = torch.empty_like(dk)
+    q_rows, do_rows = (row_blocks(t, config["BLOCK_M"]) for t in (q, do))
     hybrid_bwd_dkv_kernel[(triton.cdiv(SK, config["BLOCK_N"]) * chunks, B * H)](
-        q, k_s, v_s, do, dk, dv, lse, delta, dc, amax, scale,
-        q.stride(0), q.stride(1), q.stride(2), k_s.stride(0), k_s.stride(1), k_s.stride(2),
-        v_s.stride(0), v_s.stride(1), v_s.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        q_rows, do_rows, k_s, v_s, dk, dv, lse, delta, dc, amax, scale,
+        k_s.stride(0), k_s.stride(1), k_s.stride(2), v_s.stride(0), v_s.stride(1), v_s.stride(2),
         dk.stride(1), dk.stride(2), dk.stride(3), dk.stride(0),
         H, S, SK, q_chunk,
         D=D, PRECISION=precision, **config,
