@@ -75,8 +75,8 @@ def _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, 
                          MASKED: tl.constexpr):
     """One step of a forward's online softmax over keys n0 … n0 + BLOCK_N, which end at `end`: the running max
     m, sum l, argmax a (with STATS) and acc, updated. k_rows, v_rows: `row_blocks` descriptors (TMA loads; rows
-    past the tensor come as zeros). MASKED: the step may run past `end` (its scores there count nothing); whole
-    steps skip the select (5–9% of the hybrid's forward on an H100). Scores and m in log2 units."""
+    past the tensor come as zeros). MASKED: the step may run past `end` (its scores there count nothing).
+    Scores and m in log2 units."""
     b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
     b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
@@ -99,16 +99,17 @@ def _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, 
 
 @triton.jit
 def _slot_steps(b_q, k_rows, v_rows, i_b, i_h, start, end, qk_scale, m_i, l_i, a_i, acc,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """The forward over one listed key block of any length [start, end): whole BLOCK_N steps without the key
-    mask, then one masked step for the rest."""
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
+    """The forward over one run of keys of any length [start, end): whole BLOCK_N steps without the key mask,
+    then one masked step for the rest (the select on every step cost 5–9% of the hybrid's forward on an H100).
+    STATS: track the argmax as well (`_online_softmax_step`)."""
     whole = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, whole, BLOCK_N):
         m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, l_i, a_i,
-                                                  acc, BLOCK_N, D, PRECISION, False, False)
+                                                  acc, BLOCK_N, D, PRECISION, STATS, False)
     if whole < end:
         m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, end, qk_scale, m_i, l_i,
-                                                  a_i, acc, BLOCK_N, D, PRECISION, False, True)
+                                                  a_i, acc, BLOCK_N, D, PRECISION, STATS, True)
     return m_i, l_i, a_i, acc
 
 
@@ -149,7 +150,7 @@ def block_sparse_attn_fwd_kernel(
         for s in range(0, n_slots):
             m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
                                                    tl.load(rng_base + 2 * s + 1), qk_scale, m_i, l_i, no_argmax,
-                                                   acc, BLOCK_N, D, PRECISION)
+                                                   acc, BLOCK_N, D, PRECISION, False)
 
     acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],

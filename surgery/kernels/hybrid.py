@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 # The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds_rows, _online_softmax_step, check_qkv, fitted_to_dtype,
+from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds_rows, _slot_steps, check_qkv, fitted_to_dtype,
                            input_precision, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
@@ -109,15 +109,8 @@ def hybrid_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # Whole key blocks without a key mask, then the partial last one with it (the select on every block
-    # cost 5–9% of the forward on an H100).
-    whole = SK // BLOCK_N * BLOCK_N
-    for n0 in range(0, whole, BLOCK_N):
-        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, SK, qk_scale, m_i, l_i, a_i,
-                                                  acc, BLOCK_N, D, PRECISION, STATS, False)
-    if whole < SK:
-        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, SK, qk_scale, m_i, l_i,
-                                                  a_i, acc, BLOCK_N, D, PRECISION, STATS, True)
+    m_i, l_i, a_i, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, 0, SK, qk_scale, m_i, l_i, a_i, acc, BLOCK_N, D,
+                                     PRECISION, STATS)
 
     if HAS_LINEAR:
         # m_i is now c_i: the linear terms join acc and l without rescaling.

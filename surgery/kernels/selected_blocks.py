@@ -320,7 +320,7 @@ def selected_blocks_fwd_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
                                            tl.load(kv_offsets + kb + 1).to(tl.int32), qk_scale, m_i, l_i, no_argmax,
-                                           acc, BLOCK_N, D, PRECISION)
+                                           acc, BLOCK_N, D, PRECISION, False)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(o_part + slots[:, None] * D + offs_d[None, :], (acc / l_i[:, None]).to(o_part.dtype.element_ty),
              mask=r_ok[:, None])
