@@ -337,8 +337,7 @@ def run_shape(label: str, grid: VideoGrid, setup: Setup, peers: list[Peer], log,
                                              heads=H, head_dim=D, dim=dim, layer_index=layer_index)
         partition = vmoba.partition
         blocks = block_layout(grid, vmoba.config.block_shape(partition, grid)).num_blocks
-        fill, padded_density, chunked_density, longest = computed_densities(vmoba, q, k, grid)
-        default_padded = fill >= selected_blocks.MIN_PADDED_FILL and longest >= selected_blocks.MIN_PADDED_KEYS
+        fill, default_padded, padded_density, chunked_density = computed_densities(vmoba, q, k, grid)
         for padded in (True, False) if cuda else (False,):
             path = f"cuDNN, padded fill {fill:.2f}" if padded else "Triton kernels"
             path += " (default)" if cuda and padded == default_padded else ""
@@ -364,11 +363,11 @@ def forced_path(padded: bool):
         selected_blocks.MIN_PADDED_FILL, selected_blocks.MIN_PADDED_KEYS = before
 
 
-def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> tuple[float, float, float, int]:
-    """The cuDNN path's padded fill; the share of query-key pairs each path computes: padded problems (each
-    block's chooser list padded to the longest among blocks of its size) or the Triton kernels' chunks (each list
-    rounded up to whole chunks of `selected_blocks.CHUNK`); the longest key block. The target counts only the
-    pairs selected."""
+def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGrid) -> tuple[float, bool, float, float]:
+    """The cuDNN path's padded fill; whether `selected_blocks` takes that path by default on CUDA; the share of
+    query-key pairs each path computes: padded problems (each block's chooser list padded to the longest among
+    blocks of its size) or the Triton kernels' chunks (each list rounded up to whole chunks of
+    `selected_blocks.CHUNK`). The target counts only the pairs selected."""
     block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
     batch, heads, tokens, _ = block_mask.shape
     square = batch * heads * tokens * tokens
@@ -377,8 +376,9 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     padded = sum(batch * len(p.blocks) * heads * p.rows * p.key_size for p in problems.sizes)
     chunk = selected_blocks.CHUNK
     gathered = (block_mask.sum(dim=2) + chunk - 1) // chunk * chunk  # [B, H, n]
-    return (selected_blocks.padded_fill(pairs, batch, heads), padded / square,
-            float((gathered * layout.sizes).sum(dtype=torch.float64) / square), int(layout.sizes.max()))
+    return (selected_blocks.padded_fill(pairs, batch, heads),
+            selected_blocks.padded_path_pays(pairs, int(layout.sizes.max()), batch, heads), padded / square,
+            float((gathered * layout.sizes).sum(dtype=torch.float64) / square))
 
 
 def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:

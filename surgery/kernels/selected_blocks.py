@@ -266,6 +266,12 @@ def padded_fill(pairs: PairLists, batch: int, heads: int) -> float:
     return pairs.pairs / padded if padded else 1.0
 
 
+def padded_path_pays(pairs: PairLists, max_kv_block: int, batch: int, heads: int) -> bool:
+    """Whether these pairs go to cuDNN as padded problems, where cuDNN applies: key blocks of at least
+    MIN_PADDED_KEYS tokens whose real pairs fill at least MIN_PADDED_FILL of the padded rows."""
+    return max_kv_block >= MIN_PADDED_KEYS and padded_fill(pairs, batch, heads) >= MIN_PADDED_FILL
+
+
 @triton.jit
 def _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, r0, end, b_dk, b_dv, qk_scale,
                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
@@ -569,8 +575,7 @@ class SelectedBlockAttentionFunction(torch.autograd.Function):
             pairs = list_pairs(block_mask[:, h0:h1], kv_offsets, CHUNK)
             q_heads, k_heads, v_heads, o_heads = (t[:, :, h0:h1] for t in (q, k, v, o))
             problems = None
-            if (attention_forward is not None and max_kv_block >= MIN_PADDED_KEYS
-                    and padded_fill(pairs, q.shape[0], h1 - h0) >= MIN_PADDED_FILL):
+            if attention_forward is not None and padded_path_pays(pairs, max_kv_block, q.shape[0], h1 - h0):
                 problems = padded_problems(pairs, kv_offsets, q.shape[0], h1 - h0, q.shape[1])
             if problems is None:
                 lse[:, h0:h1] = selected_blocks_fwd(q_heads, k_heads, v_heads, pairs, kv_offsets, scale, o_heads)

@@ -259,7 +259,6 @@ def test_gpu_cudnn_backward_shapes(poisoned_empty, tokens, rate, batch, heads, h
     check_against_reference([q, k, v, phi_q, kv], rate, 2e-2)
 
 
-
 @gpu
 @needs_cuda
 def test_gpu_fp32_head_dim_128(poisoned_empty):

@@ -131,7 +131,6 @@ def test_gpu_bf16_every_output_written(poisoned_empty, monkeypatch, block, min_f
         print(check_against_reference(q, k, v, block_mask, layout.offsets, int(layout.sizes.max()), 1e-2))
 
 
-
 @gpu
 @needs_cuda
 def test_gpu_fp32_head_dim_128(poisoned_empty):
