@@ -363,23 +363,49 @@ def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     return pairs.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, 2)
 
 
+@triton.jit
+def listed_ranges_kernel(index, count, offsets, ranges, n_long, R, MAXK, n_blocks, SHORT,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows ROWS·pid … of the lists (index [R, MAXK], count [R]): each slot's token range written to ranges
+    [R, MAXK, 2], the used slots of blocks longer than SHORT first, then the other used ones, each part in list
+    order (every used slot counts as long when SHORT is 0); unused slots keep their place. n_long [R]."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (cols[None, :] < MAXK)
+    ids = tl.load(index + rows[:, None].to(tl.int64) * MAXK + cols[None, :], mask=ok, other=0)
+    ids = tl.minimum(tl.maximum(ids, 0), n_blocks - 1)  # unused slots may hold anything
+    start = tl.load(offsets + ids, mask=ok, other=0).to(tl.int32)
+    end = tl.load(offsets + ids + 1, mask=ok, other=0).to(tl.int32)
+    used = ok & (cols[None, :] < tl.load(count + rows, mask=row_ok, other=0)[:, None])
+    long = used & ((end - start > SHORT) | (SHORT == 0))
+    long_count = tl.sum(long.to(tl.int32), 1)
+    short = used & ~long
+    slot = tl.where(long, tl.cumsum(long.to(tl.int32), 1) - 1,
+                    tl.where(used, long_count[:, None] + tl.cumsum(short.to(tl.int32), 1) - 1, cols[None, :]))
+    out = ranges + rows[:, None].to(tl.int64) * (2 * MAXK) + 2 * slot
+    tl.store(out, start, mask=ok)
+    tl.store(out + 1, end, mask=ok)
+    tl.store(n_long + rows, long_count, mask=row_ok)
+
+
 def listed_ranges(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, kv_offsets: torch.Tensor,
                   short: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query tile's listed key blocks as token ranges [B, H, NQ, MAXK, 2] int32, the blocks longer than
     `short` tokens first (a stable partition: each part keeps the list's order), and how many of those there
-    are, [B, H, NQ] int32. With `short` 0 the lists keep their order and every slot counts as long."""
-    ranges = token_ranges(kv_block_index, kv_offsets)
-    count = kv_block_count.to(torch.int32)
-    if not short:
-        return ranges, count
-    slot = torch.arange(kv_block_index.shape[-1], device=ranges.device)
-    used = slot < count[..., None]
-    long = used & (ranges[..., 1] - ranges[..., 0] > short)
-    n_long = long.sum(-1, dtype=torch.int32)
-    # Long slots go to 0..n_long-1 and short ones to n_long..count-1, in order; unused slots stay put.
-    target = torch.where(long, long.cumsum(-1) - 1,
-                         torch.where(used, n_long[..., None] + (used & ~long).cumsum(-1) - 1, slot))
-    return torch.empty_like(ranges).scatter_(-2, target[..., None].expand_as(ranges), ranges), n_long
+    are, [B, H, NQ] int32. With `short` 0 the lists keep their order and every slot counts as long.
+    One Triton launch: the dozen small PyTorch kernels it replaces cost ~0.1 ms of an H100 forward's 2.5 ms."""
+    *lead, max_k = kv_block_index.shape
+    rows = kv_block_index.numel() // max(max_k, 1)
+    ranges = torch.empty(*lead, max_k, 2, dtype=torch.int32, device=kv_block_index.device)
+    n_long = torch.empty(lead, dtype=torch.int32, device=kv_block_index.device)
+    block = triton.next_power_of_2(max(max_k, 1))
+    per_program = max(1, 4096 // block)
+    if rows:
+        listed_ranges_kernel[(triton.cdiv(rows, per_program),)](
+            kv_block_index, kv_block_count, kv_offsets, ranges, n_long, rows, max_k, kv_offsets.numel() - 1, short,
+            ROWS=per_program, BLOCK=block)
+    return ranges, n_long
 
 
 def invert_block_index(kv_block_index: torch.Tensor, kv_block_count: torch.Tensor, q_offsets: torch.Tensor,

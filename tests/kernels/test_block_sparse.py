@@ -107,6 +107,11 @@ def test_listed_ranges_puts_long_blocks_first():
         long = [r for r in listed if r[1] - r[0] > 8]
         assert ranges[b, h, i, : count[b, h, i]].tolist() == long + [r for r in listed if r[1] - r[0] <= 8]
         assert n_long[b, h, i] == len(long)
+    # short 0: every used slot is long, in list order.
+    ranges, n_long = bs.listed_ranges(index, count, offsets, short=0)
+    used = torch.arange(4, device=DEVICE) < count[..., None]
+    assert torch.equal(ranges[used], bs.token_ranges(index, offsets)[used])
+    assert torch.equal(n_long, count)
 
 
 def test_invert_block_index():
