@@ -19,7 +19,7 @@ are served by `selected_blocks.py`. A query that sees no key gets output 0, log-
 gradients.
 
 Kernels: the forward runs one program per (query tile, batch·head) with an online softmax in fp32 and
-stores the log-sum-exp. Each visited block's token range is gathered on the host first (`listed_ranges`),
+stores the log-sum-exp. Each visited block's token range is gathered first (`listed_ranges`, one small launch),
 so the K/V addresses hang on one scalar load rather than a chain of two (16% faster forward).
 The backward recomputes the scores in two passes with no atomics, so it is deterministic: a query-major
 pass for dq (same walk as the forward) and a key-major pass for dk, dv that walks the transposed map
