@@ -368,7 +368,7 @@ def computed_densities(vmoba: VideoMixtureOfBlockAttention, q, k, grid: VideoGri
     query-key pairs each path computes: padded problems (each block's chooser list padded to the longest among
     blocks of its size) or the Triton kernels' chunks (each list rounded up to whole chunks of
     `selected_blocks.CHUNK`). The target counts only the pairs selected."""
-    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
+    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid, searched=True)
     batch, heads, tokens, _ = block_mask.shape
     square = batch * heads * tokens * tokens
     pairs = selected_blocks.list_pairs(block_mask, layout.offsets, selected_blocks.CHUNK)
@@ -388,7 +388,7 @@ def sweep_vmoba(grid: VideoGrid, setup: Setup, log) -> None:
     q, k, v, do = (torch.randn(1, S, H, D, device=setup.device, dtype=setup.dtype) for _ in range(4))
     vmoba = VideoMixtureOfBlockAttention(VMoBAConfig(select="threshold", threshold=VMOBA_THRESHOLD),
                                          heads=H, head_dim=D, dim=H * D, layer_index=0)
-    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid)
+    block_mask, layout = vmoba.choose_blocks(q.float(), k.float(), grid, searched=True)
     pairs = selected_blocks.list_pairs(block_mask, layout.offsets, selected_blocks.CHUNK)
     longest, scale = math.prod(layout.block), D ** -0.5
     o, dq, dk, dv = (torch.empty_like(t) for t in (q, q, k, v))
