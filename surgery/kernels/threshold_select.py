@@ -9,9 +9,10 @@ The kept non-own pairs are those above a cutoff weight plus the first few ties a
 searched for instead of sorted. With g(t) = own + Σ{w : key ≥ t} (key: the fp32 bits of w, which order like
 w since w ≥ 0), the cutoff is c = max{t : g(t) > τ·Σw}: every pair above c is kept, none below, and of the
 ties at c as many as fit (they share one weight). `select_threshold_blocks` finds c by a 16-way search over
-the 32-bit key range (8 passes over the weights, each a kernel that sums the weights above 16 candidate
-cutoffs per chunk, then a few [rows, 16] ops that narrow the range), counts the ties at c per chunk, and
-writes the mask in one last pass.
+the 32-bit key range: 8 passes over the weights, each a kernel that sums, per chunk, the weights above 16
+candidate cutoffs, and whose last program per row narrows the range. A ninth pass counts the ties at c per
+chunk, a tenth writes the mask. On an H100 at Wan-1.3B's 3D layer the passes take 0.21 ms each (1.7 of the
+search's 3.6 ms, block scores included; the sort's path took 5.5).
 
 Sums are in fp64, as the spec's, each chunk's by `tl.sum` and the chunks' by a torch sum: a fixed order, so
 the result is the same on every run (no float atomics). Only the order of addition differs from the spec's
