@@ -11,8 +11,8 @@ w since w ≥ 0), the cutoff is c = max{t : g(t) > τ·Σw}: every pair above c 
 ties at c as many as fit (they share one weight). `select_threshold_blocks` finds c by a 16-way search over
 the 32-bit key range: 8 passes over the weights, each a kernel that sums, per chunk, the weights above 16
 candidate cutoffs, and whose last program per row narrows the range. A ninth pass counts the ties at c per
-chunk, a tenth writes the mask. On an H100 at Wan-1.3B's 3D layer the passes take 0.21 ms each (1.7 of the
-search's 3.6 ms, block scores included; the sort's path took 5.5).
+chunk, a tenth writes the mask. On an H100 at Wan-1.3B's 3D layer the passes took 0.21 ms each at 4 warps
+(1.7 of `choose_blocks`' 3.6 ms, block scores included; the sort's path took 5.5), 0.19 at 8.
 
 Sums are in fp64, as the spec's, each chunk's by `tl.sum` and the chunks' by a torch sum: a fixed order, so
 the result is the same on every run (no float atomics). Only the order of addition differs from the spec's
@@ -30,6 +30,9 @@ KEY_RANGE = 2**32  # searched in 8 passes of 16 ways; the fp32 bits of any w in 
 ONE_BITS = tl.constexpr(0x3F800000)
 SEARCH_STEPS = [KEY_RANGE // WAYS ** (i + 1) for i in range(8)]  # 2^28 … 1
 CHUNK = 4096  # pairs per program
+# The search passes at Wan-1.3B's 3D layer on an H100 (8 passes, ms): 4096 pairs × 8 warps 1.50, × 4 warps 1.73;
+# 1024 × 2 1.65, × 4 2.00; fewer warps per pair spill (bench/NOTES.md "Session 11").
+SEARCH_WARPS = 8
 
 
 @triton.jit
@@ -148,7 +151,7 @@ def select_threshold_blocks(weights: torch.Tensor, own: torch.Tensor, threshold:
     steps = torch.tensor(SEARCH_STEPS, dtype=torch.int64, device=device)
     for n_pass in range(len(SEARCH_STEPS)):
         search_pass_kernel[grid](weights, lo, g_top, total, own, sums, arrived, steps, n_pass, N, n_chunks, threshold,
-                                 CHUNK=chunk, WAYS=WAYS, CHUNKS_BLOCK=64)
+                                 CHUNK=chunk, WAYS=WAYS, CHUNKS_BLOCK=64, num_warps=SEARCH_WARPS)
     # lo = c, g_top = g(c + 1): what the own pairs and the pairs above c hold.
     ties = torch.empty(rows, n_chunks, dtype=torch.int32, device=device)
     ties_kept = torch.empty(rows, dtype=torch.int64, device=device)
