@@ -26,9 +26,10 @@ import triton
 import triton.language as tl
 
 WAYS = 16  # candidate cutoffs per search pass
-KEY_RANGE = 2**32  # searched in 8 passes of 16 ways; the fp32 bits of any w in [0, 1] are at most ONE_BITS
+# The 2^32 keys in 8 passes of 16 ways: pass p steps by 2^(28 − 4p). The fp32 bits of any w in [0, 1] are at
+# most ONE_BITS.
+SEARCH_PASSES = 8
 ONE_BITS = tl.constexpr(0x3F800000)
-SEARCH_STEPS = [KEY_RANGE // WAYS ** (i + 1) for i in range(8)]  # 2^28 … 1
 CHUNK = 4096  # pairs per program
 # The search passes at Wan-1.3B's 3D layer on an H100 (8 passes, ms): 4096 pairs × 8 warps 1.50, × 4 warps 1.73;
 # 1024 × 2 1.65, × 4 2.00; fewer warps per pair spill (bench/NOTES.md "Session 11").
@@ -46,18 +47,17 @@ def _chunk(weights, row, chunk, N, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def search_pass_kernel(weights, lo, g_top, total, own, sums, arrived, steps, n_pass, N, n_chunks, threshold,
+def search_pass_kernel(weights, lo, g_top, total, own, sums, arrived, n_pass, N, n_chunks, threshold,
                        CHUNK: tl.constexpr, WAYS: tl.constexpr, CHUNKS_BLOCK: tl.constexpr):
     """One pass of the search. Each program: Σw of its chunk's non-own pairs with key ≥ lo + j·step, j < WAYS →
     sums [rows, chunks, WAYS] fp64. The row's last program to finish (`arrived` counts them) adds the chunks'
     sums in chunk order, so the result does not depend on which program came last, and narrows the row's range
-    to [lo, lo + step): lo and g_top (g at the range's top) updated, and on the first pass total = Σw stored.
-    steps: each pass's step (int64)."""
+    to [lo, lo + step): lo and g_top (g at the range's top) updated, and on the first pass total = Σw stored."""
     chunk, row = tl.program_id(0), tl.program_id(1)
     _, _, other, w, key = _chunk(weights, row, chunk, N, CHUNK)
     w = tl.where(other, w, 0.).to(tl.float64)
     lo_row = tl.load(lo + row)
-    step = tl.load(steps + n_pass)
+    step = tl.full([], 1, tl.int64) << (28 - 4 * n_pass)  # int64: 15 · 2^28 overflows int32
     ways = tl.arange(0, WAYS)
     above = tl.zeros([WAYS], tl.float64)
     for j in tl.static_range(WAYS):  # one [CHUNK] sum per candidate: a [WAYS, CHUNK] fp64 tile would spill
@@ -148,9 +148,8 @@ def select_threshold_blocks(weights: torch.Tensor, own: torch.Tensor, threshold:
     lo = torch.zeros(rows, dtype=torch.int64, device=device)
     g_top = own.clone()  # g at the top of the range, above every key
     total = torch.empty_like(own)
-    steps = torch.tensor(SEARCH_STEPS, dtype=torch.int64, device=device)
-    for n_pass in range(len(SEARCH_STEPS)):
-        search_pass_kernel[grid](weights, lo, g_top, total, own, sums, arrived, steps, n_pass, N, n_chunks, threshold,
+    for n_pass in range(SEARCH_PASSES):
+        search_pass_kernel[grid](weights, lo, g_top, total, own, sums, arrived, n_pass, N, n_chunks, threshold,
                                  CHUNK=chunk, WAYS=WAYS, CHUNKS_BLOCK=64, num_warps=SEARCH_WARPS)
     # lo = c, g_top = g(c + 1): what the own pairs and the pairs above c hold.
     ties = torch.empty(rows, n_chunks, dtype=torch.int32, device=device)

@@ -1,8 +1,8 @@
 """The sort-free threshold selection (Triton) against the spec, `variants.vmoba.select_blocks_threshold`.
 
 On CPU the kernels run in Triton's interpreter (tests/kernels/__init__.py). The two must keep the same pairs:
-the search sums weights in fixed point where the spec sums them in fp64, which can only move the boundary
-where τ·Σw lies within ~N·2⁻³¹ of a prefix sum (never on these inputs).
+both sum in fp64, in different orders, which could only move the boundary where τ·Σw lies within fp64
+rounding of a prefix sum (not on these inputs).
 """
 
 import pytest
