@@ -55,6 +55,8 @@ PARTIAL_BYTES = 8 * 2**30
 # even near a fill of 0.63 ("Session 7").
 MIN_PADDED_KEYS = 2048
 MIN_PADDED_FILL = 0.7
+# Mask entries (queries × blocks, padded to a power of two) per program of the pair-listing kernels.
+LIST_ENTRIES = 4096
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape;
@@ -99,36 +101,103 @@ def _exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+@triton.jit
+def _chosen(mask, t, bh, H, S, n, stride_b, stride_h, stride_s, ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Queries t·ROWS … of row bh = b·H + h of the block mask: their tokens [ROWS], the block ids [BLOCKS], and
+    which blocks each query chose, [ROWS, BLOCKS] int32 (0 past S or n)."""
+    s = t * ROWS + tl.arange(0, ROWS)
+    j = tl.arange(0, BLOCKS)
+    ok = (s < S)[:, None] & (j < n)[None, :]
+    base = (bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+    chosen = tl.load(mask + base + s[:, None].to(tl.int64) * stride_s + j[None, :], mask=ok, other=0)
+    return s, j, chosen.to(tl.int32)
+
+
+@triton.jit
+def count_pairs_kernel(mask, query_counts, tile_counts, H, S, n, n_tiles, stride_b, stride_h, stride_s,
+                       ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Per query, the blocks it chose (query_counts [B·H·S]); per (row bh, block j, query tile t), the tile's
+    queries that chose j (tile_counts [B·H, n, n_tiles]: in that order one flat scan gives each (group, tile)
+    its first key-major pair)."""
+    t, bh = tl.program_id(0), tl.program_id(1)
+    s, j, chosen = _chosen(mask, t, bh, H, S, n, stride_b, stride_h, stride_s, ROWS, BLOCKS)
+    tl.store(query_counts + bh.to(tl.int64) * S + s, tl.sum(chosen, 1), mask=s < S)
+    tl.store(tile_counts + (bh.to(tl.int64) * n + j) * n_tiles + t, tl.sum(chosen, 0), mask=j < n)
+
+
+@triton.jit
+def write_pairs_kernel(mask, query_offsets, tile_starts, pair_query, pair_slot, H, S, n, n_tiles, stride_b,
+                       stride_h, stride_s, ROWS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Each chosen (query, block) pair of the tile: its query token at its key-major row (the (group, tile)'s
+    first pair plus its rank among the tile's choosers of the block) and, there too, its query-major partial
+    row (the query's first row plus its rank among the query's blocks)."""
+    t, bh = tl.program_id(0), tl.program_id(1)
+    s, j, chosen = _chosen(mask, t, bh, H, S, n, stride_b, stride_h, stride_s, ROWS, BLOCKS)
+    first_row = tl.load(tile_starts + (bh.to(tl.int64) * n + j) * n_tiles + t, mask=j < n, other=0)
+    row = first_row[None, :] + tl.cumsum(chosen, 0) - chosen
+    first_slot = tl.load(query_offsets + bh.to(tl.int64) * S + s, mask=s < S, other=0)
+    slot = first_slot[:, None] + tl.cumsum(chosen, 1) - chosen
+    keep = chosen != 0
+    tl.store(pair_query + row, tl.broadcast_to(s[:, None], (ROWS, BLOCKS)), mask=keep)
+    tl.store(pair_slot + row, slot, mask=keep)
+
+
+@triton.jit
+def chunk_table_kernel(group_offsets, chunk_offsets, chunks, CHUNK_PAIRS, BLOCK: tl.constexpr):
+    """Group g's chunks at rows chunk_offsets[g] … of chunks [C, 3]: (first pair, end pair, g), ≤ CHUNK_PAIRS
+    pairs each."""
+    g = tl.program_id(0)
+    first_pair, end_pair = tl.load(group_offsets + g), tl.load(group_offsets + g + 1)
+    first_chunk = tl.load(chunk_offsets + g)
+    n_chunks = tl.load(chunk_offsets + g + 1) - first_chunk
+    for c0 in range(0, n_chunks, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ok = c < n_chunks
+        first = first_pair + c * CHUNK_PAIRS
+        row = chunks + (first_chunk + c).to(tl.int64) * 3
+        tl.store(row, first, mask=ok)
+        tl.store(row + 1, tl.minimum(first + CHUNK_PAIRS, end_pair), mask=ok)
+        tl.store(row + 2, tl.full([BLOCK], 0, tl.int32) + g, mask=ok)
+
+
 def list_pairs(block_mask: torch.Tensor, kv_offsets: torch.Tensor, chunk: int) -> PairLists:
     """`PairLists` of block_mask [B, H, S, n] (bool) over the key blocks of kv_offsets, with key-major chunks of
-    ≤ `chunk` pairs. One host sync: the pair and chunk counts, with the per-block counts `PairLists` keeps."""
+    ≤ `chunk` pairs. Two Triton passes over the mask (count, then write each pair at both of its places) and a few
+    scans and small ops between. One host sync: the pair and chunk counts, with the per-block counts `PairLists`
+    keeps. (The PyTorch version, a nonzero over a transposed copy of the mask and a scan over it, took 0.7–1.3 ms
+    of an H100 forward at Wan-1.3B's VMoBA layers.)"""
     B, H, S, n = block_mask.shape
     device = block_mask.device
-    by_block = block_mask.transpose(-1, -2)  # [B, H, n, S]
-    group_counts = by_block.sum(-1, dtype=torch.int32).flatten()  # [G]
+    mask = block_mask if block_mask.stride(-1) == 1 else block_mask.contiguous()
+    mask = mask.view(torch.uint8)
+    blocks = triton.next_power_of_2(n)
+    rows = max(16, LIST_ENTRIES // blocks)
+    n_tiles = triton.cdiv(S, rows)
+    launch = ((n_tiles, B * H), (H, S, n, n_tiles, *mask.stride()[:3]), dict(ROWS=rows, BLOCKS=blocks))
+    query_counts = torch.empty(B * H * S, dtype=torch.int32, device=device)
+    tile_counts = torch.empty(B * H, n, n_tiles, dtype=torch.int32, device=device)
+    count_pairs_kernel[launch[0]](mask, query_counts, tile_counts, *launch[1], **launch[2])
+    query_offsets = _exclusive_cumsum(query_counts)
+    tile_starts = _exclusive_cumsum(tile_counts.flatten())
+    group_offsets = tile_starts[::n_tiles].contiguous()  # [G + 1]: each group's first tile, then the total
+    group_counts = group_offsets.diff()
     chunks_per_group = (group_counts + chunk - 1) // chunk
+    chunk_offsets = _exclusive_cumsum(chunks_per_group)
+    # The chunk table is written before the sync, into rows enough for any mask (ceil(c / chunk) ≤ c / chunk + 1
+    # per group): after the sync only the pairs' launch waits on the host, not a dozen small ops.
+    groups = B * H * n
+    chunks = torch.empty(B * H * S * n // chunk + groups, 3, dtype=torch.int32, device=device)
+    chunk_table_kernel[(groups,)](group_offsets, chunk_offsets, chunks, chunk, BLOCK=128)
     per_block = group_counts.view(-1, n).long()
-    counts = torch.cat([torch.stack([per_block.sum(), chunks_per_group.sum(dtype=torch.int64)]), kv_offsets.diff().long(),
+    counts = torch.cat([torch.stack([per_block.sum(), chunk_offsets[-1].long()]), kv_offsets.diff().long(),
                         per_block.amax(0), per_block.sum(0)]).tolist()
     pairs, total = counts[:2]
     key_sizes, block_rows, block_pairs = (tuple(counts[2 + i * n:2 + (i + 1) * n]) for i in range(3))
-    flat = torch.nonzero_static(by_block.flatten(), size=pairs).squeeze(1)  # sorted: group-major, ascending tokens
-    pair_query = (flat % S).to(torch.int32)
-    group_offsets = _exclusive_cumsum(group_counts)
-    # Partial rows go query-major: a pair's row is the number of pairs before it in row-major (b, h, s, j)
-    # order, one flat scan (a scan along the short last dim is ~25× slower on the GPU).
-    chosen = block_mask.flatten().to(torch.int32)
-    slot = (chosen.cumsum(0, dtype=torch.int32) - chosen).view(B, H, S, n)
-    query_offsets = torch.cat([slot[..., 0].flatten(), chosen.sum(dtype=torch.int32).view(1)])
-    pair_slot = slot.transpose(-1, -2).flatten()[flat]
-
-    chunk_offsets = _exclusive_cumsum(chunks_per_group)
-    group = torch.repeat_interleave(torch.arange(B * H * n, device=device), chunks_per_group, output_size=total)
-    rank_in_group = torch.arange(total, device=device, dtype=torch.int32) - chunk_offsets[group]
-    first = group_offsets[group] + rank_in_group * chunk
-    end = torch.minimum(first + chunk, group_offsets[group + 1])
-    return PairLists(pair_query, pair_slot, group_offsets, torch.stack([first, end, group.to(torch.int32)], 1),
-                     query_offsets, key_sizes, block_rows, block_pairs)
+    pair_query = torch.empty(pairs, dtype=torch.int32, device=device)
+    pair_slot = torch.empty(pairs, dtype=torch.int32, device=device)
+    write_pairs_kernel[launch[0]](mask, query_offsets, tile_starts, pair_query, pair_slot, *launch[1], **launch[2])
+    return PairLists(pair_query, pair_slot, group_offsets, chunks[:total], query_offsets, key_sizes, block_rows,
+                     block_pairs)
 
 
 @triton.jit

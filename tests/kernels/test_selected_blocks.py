@@ -80,8 +80,13 @@ def test_heads_in_groups_when_partials_outgrow_the_cap(monkeypatch, request, pat
     check_against_reference(q, k, v, block_mask, block_offsets((10, 13, 7), "cpu"), 13, 1e-3)
 
 
-def test_pair_lists_index_every_pair_both_ways():
-    block_mask = torch.rand(2, 3, 11, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+@pytest.mark.parametrize("entries, heads", [(sb.LIST_ENTRIES, slice(None)), (16, slice(None)), (16, slice(1, 3))],
+                         ids=["one-tile", "tiles", "head-slice"])
+def test_pair_lists_index_every_pair_both_ways(monkeypatch, entries, heads):
+    """Every pair once in each order, key-major groups in ascending tokens; with `entries` 16 the listing kernels
+    take 16 queries a program (3 tiles, the last partial), and a head slice of the mask is not contiguous."""
+    monkeypatch.setattr(sb, "LIST_ENTRIES", entries)
+    block_mask = (torch.rand(2, 4, 37, 4, generator=torch.Generator().manual_seed(0)) < 0.5)[:, heads]
     pairs = list_pairs(block_mask, block_offsets((2, 5, 1, 3), "cpu"), chunk=3)
     B, H, S, n = block_mask.shape
     expected = block_mask.nonzero().tolist()  # query-major: (b, h, s, j)
@@ -90,10 +95,14 @@ def test_pair_lists_index_every_pair_both_ways():
         b, h, s, j = expected[slot]
         group = (b * H + h) * n + j
         assert s == query and pairs.group_offsets[group] <= row < pairs.group_offsets[group + 1]
-    first, end, group = pairs.chunks.unbind(1)
-    assert ((end - first >= 1) & (end - first <= 3)).all()
-    assert torch.equal(pairs.group_offsets[group.long()] <= first, torch.ones_like(first, dtype=torch.bool))
-    assert (end - first).sum() == pairs.pairs
+    first_rows = pairs.group_offsets[:-1].long()
+    same_group = torch.ones(pairs.pairs, dtype=torch.bool).index_fill_(0, first_rows[first_rows < pairs.pairs], False)
+    assert (pairs.pair_query.diff() > 0)[same_group[1:]].all()
+    assert torch.equal(pairs.query_offsets.diff(), block_mask.sum(-1).flatten().int())
+    bounds = pairs.group_offsets.tolist()
+    assert pairs.chunks.tolist() == [[first, min(first + 3, end), group]
+                                     for group, (start, end) in enumerate(zip(bounds, bounds[1:]))
+                                     for first in range(start, end, 3)]
     per_block = block_mask.sum(2).view(-1, n)  # [B·H, n] choosers of each block
     assert pairs.key_sizes == (2, 5, 1, 3) and pairs.block_pairs == tuple(per_block.sum(0).tolist())
     assert pairs.block_rows == tuple(per_block.amax(0).tolist())
