@@ -216,8 +216,7 @@ class VideoMixtureOfBlockAttention(AttentionVariant):
         if searched:
             from ..kernels.threshold_select import select_threshold_blocks
 
-            weights, own_weight = threshold_weights(scores, layout.block_of_token)
-            return select_threshold_blocks(weights, own_weight, self.config.threshold).view(scores.shape)
+            return select_threshold_blocks(scores, layout.block_of_token, self.config.threshold)
         return select_blocks_threshold(scores, layout.block_of_token, self.config.threshold)
 
     def choose_blocks(self, q, k, grid: VideoGrid, searched: bool = False) -> tuple[torch.Tensor, BlockLayout]:

@@ -8,6 +8,7 @@ rounding of a prefix sum (not on these inputs).
 import pytest
 import torch
 
+from surgery.kernels import threshold_select
 from surgery.kernels.threshold_select import select_threshold_blocks
 from surgery.variants.vmoba import select_blocks_threshold, threshold_weights
 
@@ -29,7 +30,7 @@ CHUNK = 1024  # pairs per program here: the second case spans three chunks
 
 
 def searched(scores, own, tau):
-    return select_threshold_blocks(*threshold_weights(scores, own), tau, chunk=CHUNK).view(scores.shape)
+    return select_threshold_blocks(scores, own, tau, chunk=CHUNK)
 
 
 @pytest.mark.parametrize("tokens,blocks", [(30, 5), (300, 8)], ids=["one-chunk", "several-chunks"])
@@ -46,6 +47,23 @@ def test_matches_the_spec(tokens, blocks, tau):
     assert tokens * blocks <= CHUNK or tokens * blocks > 2 * CHUNK, "the second case must span several chunks"
 
 
+@pytest.mark.parametrize("tokens,blocks", [(30, 5), (300, 8)], ids=["one-chunk", "several-chunks"])
+def test_weights_equal_the_specs(tokens, blocks):
+    """The one-pass weights bit for bit (the search ranks their fp32 bits), the own pairs' sum to fp64 rounding."""
+    g = torch.Generator().manual_seed(tokens)
+    own = torch.randint(0, blocks, (tokens,), generator=g).to(DEVICE)
+    for name, scores in cases(g, tokens, blocks):
+        weights, own_weight = threshold_select.threshold_weights(scores.to(DEVICE), own, chunk=CHUNK)
+        expected, expected_own = threshold_weights(scores.to(DEVICE), own)
+        assert torch.equal(weights, expected.flatten(0, 1)), name
+        torch.testing.assert_close(own_weight, expected_own.flatten(), rtol=1e-15, atol=0)
+
+
+def test_rejects_scores_that_are_not_fp32():
+    with pytest.raises(ValueError, match="must be float32"):
+        select_threshold_blocks(torch.zeros(1, 1, 4, 2, dtype=torch.float64), torch.zeros(4, dtype=torch.long), 0.5)
+
+
 def test_equal_scores_keep_everything():
     own = torch.arange(40, device=DEVICE) % 6
     assert searched(torch.full((1, 2, 40, 6), 3.0, device=DEVICE), own, 0.25).all()
@@ -60,3 +78,4 @@ def test_gpu_wan_3d_layer_shape():
     own = torch.randint(0, 72, (32760,), device="cuda", generator=g)
     expected = select_blocks_threshold(scores, own, 0.25)
     assert torch.equal(searched(scores, own, 0.25), expected)
+    assert torch.equal(threshold_select.threshold_weights(scores, own)[0], threshold_weights(scores, own)[0].flatten(0, 1))
