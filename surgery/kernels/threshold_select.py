@@ -61,8 +61,12 @@ def search_pass_kernel(weights, lo, g_top, total, own, sums, arrived, n_pass, N,
     step = tl.full([], 1, tl.int64) << (28 - 4 * n_pass)  # int64: 15 · 2^28 overflows int32
     ways = tl.arange(0, WAYS)
     above = tl.zeros([WAYS], tl.float64)
-    for j in tl.static_range(WAYS):  # one [CHUNK] sum per candidate: a [WAYS, CHUNK] fp64 tile would spill
-        above = tl.where(ways == j, tl.sum(tl.where(key >= lo_row + j * step, w, 0.)), above)
+    # One [CHUNK] sum per candidate: a [WAYS, CHUNK] fp64 tile would spill, and accumulating [WAYS, 256] tiles
+    # over the chunk ran 1.6× slower. Each candidate is clamped to int32 (keys never reach 2^31 − 1) so that the
+    # per-pair compares stay 32-bit: 8 passes at the 3D layer 1.47 → 1.23 ms on an H100.
+    for j in tl.static_range(WAYS):
+        candidate = tl.minimum(lo_row + j * step, 2**31 - 1).to(tl.int32)
+        above = tl.where(ways == j, tl.sum(tl.where(key >= candidate, w, 0.)), above)
     row_sums = sums + row.to(tl.int64) * n_chunks * WAYS
     tl.store(row_sums + chunk * WAYS + ways, above)
     # acq_rel: the other programs' sums are visible to the one that arrives last.
