@@ -12,12 +12,14 @@ ties at c as many as fit (they share one weight). `select_threshold_blocks` find
 the 32-bit key range: 8 passes over the weights, each a kernel that sums, per chunk, the weights above 16
 candidate cutoffs, and whose last program per row narrows the range. A ninth pass counts the ties at c per
 chunk, a tenth writes the mask. On an H100 at Wan-1.3B's 3D layer the passes took 0.21 ms each at 4 warps
-(1.7 of `choose_blocks`' 3.6 ms, block scores included; the sort's path took 5.5), 0.19 at 8.
+(1.7 of `choose_blocks`' 3.6 ms, block scores included; the sort's path took 5.5), 0.19 at 8, 0.15 with 32-bit
+compares.
 
 The weights come from one pass over the scores after their min and max (`threshold_weights`, bit for bit the
-spec's). Sums are in fp64, as the spec's, each chunk's by `tl.sum` and the chunks' by a torch sum: a fixed order, so
-the result is the same on every run (no float atomics). Only the order of addition differs from the spec's
-prefix sums, so the two can disagree only where τ·Σw lies within fp64 rounding of a prefix sum.
+spec's). Sums are in fp64, as the spec's, each chunk's by `tl.sum` and the chunks' by the row's last program in
+chunk order: a fixed order, so the result is the same on every run (no float atomics). Only the order of
+addition differs from the spec's prefix sums, so the two can disagree only where τ·Σw lies within fp64 rounding
+of a prefix sum.
 """
 
 from __future__ import annotations
