@@ -173,10 +173,10 @@ def list_pairs(block_mask: torch.Tensor, kv_offsets: torch.Tensor, chunk: int) -
     blocks = triton.next_power_of_2(n)
     rows = max(16, LIST_ENTRIES // blocks)
     n_tiles = triton.cdiv(S, rows)
-    launch = ((n_tiles, B * H), (H, S, n, n_tiles, *mask.stride()[:3]), dict(ROWS=rows, BLOCKS=blocks))
+    grid, shape = (n_tiles, B * H), (H, S, n, n_tiles, *mask.stride()[:3])
     query_counts = torch.empty(B * H * S, dtype=torch.int32, device=device)
     tile_counts = torch.empty(B * H, n, n_tiles, dtype=torch.int32, device=device)
-    count_pairs_kernel[launch[0]](mask, query_counts, tile_counts, *launch[1], **launch[2])
+    count_pairs_kernel[grid](mask, query_counts, tile_counts, *shape, ROWS=rows, BLOCKS=blocks)
     query_offsets = _exclusive_cumsum(query_counts)
     tile_starts = _exclusive_cumsum(tile_counts.flatten())
     group_offsets = tile_starts[::n_tiles].contiguous()  # [G + 1]: each group's first tile, then the total
@@ -195,7 +195,7 @@ def list_pairs(block_mask: torch.Tensor, kv_offsets: torch.Tensor, chunk: int) -
     key_sizes, block_rows, block_pairs = (tuple(counts[2 + i * n:2 + (i + 1) * n]) for i in range(3))
     pair_query = torch.empty(pairs, dtype=torch.int32, device=device)
     pair_slot = torch.empty(pairs, dtype=torch.int32, device=device)
-    write_pairs_kernel[launch[0]](mask, query_offsets, tile_starts, pair_query, pair_slot, *launch[1], **launch[2])
+    write_pairs_kernel[grid](mask, query_offsets, tile_starts, pair_query, pair_slot, *shape, ROWS=rows, BLOCKS=blocks)
     return PairLists(pair_query, pair_slot, group_offsets, chunks[:total], query_offsets, key_sizes, block_rows,
                      block_pairs)
 

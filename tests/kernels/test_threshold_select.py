@@ -78,4 +78,5 @@ def test_gpu_wan_3d_layer_shape():
     own = torch.randint(0, 72, (32760,), device="cuda", generator=g)
     expected = select_blocks_threshold(scores, own, 0.25)
     assert torch.equal(searched(scores, own, 0.25), expected)
-    assert torch.equal(threshold_select.threshold_weights(scores, own)[0], threshold_weights(scores, own)[0].flatten(0, 1))
+    weights = threshold_select.threshold_weights(scores, own)[0]
+    assert torch.equal(weights, threshold_weights(scores, own)[0].flatten(0, 1))
