@@ -5,6 +5,7 @@ CPU: Triton's interpreter at tiny shapes (partial key blocks, several heads, bat
 reference in fp32 on the same bf16 inputs, with NaN-poisoned outputs.
 """
 
+import itertools
 import math
 
 import pytest
@@ -101,7 +102,7 @@ def test_pair_lists_index_every_pair_both_ways(monkeypatch, entries, heads):
     assert torch.equal(pairs.query_offsets.diff(), block_mask.sum(-1).flatten().int())
     bounds = pairs.group_offsets.tolist()
     assert pairs.chunks.tolist() == [[first, min(first + 3, end), group]
-                                     for group, (start, end) in enumerate(zip(bounds, bounds[1:]))
+                                     for group, (start, end) in enumerate(itertools.pairwise(bounds))
                                      for first in range(start, end, 3)]
     per_block = block_mask.sum(2).view(-1, n)  # [B·H, n] choosers of each block
     assert pairs.key_sizes == (2, 5, 1, 3) and pairs.block_pairs == tuple(per_block.sum(0).tolist())
