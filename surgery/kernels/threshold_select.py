@@ -124,18 +124,18 @@ def ties_kernel(weights, lo, g_top, total, ties, ties_kept, arrived, N, n_chunks
 
 
 @triton.jit
-def keep_kernel(weights, lo, ties_before, ties_kept, total, mask, N, n_chunks, threshold, CHUNK: tl.constexpr):
+def keep_kernel(weights, lo, ties_before, ties_kept, mask, N, n_chunks, CHUNK: tl.constexpr):
     """The mask [rows, N]: own pairs, pairs above the cutoff and the first ties_kept of the ties at it (raster
-    order: ties_before [rows, chunks] counts those in earlier chunks); every pair where τ·Σw reaches Σw (τ = 1,
-    or every weight 0)."""
+    order: ties_before [rows, chunks] counts those in earlier chunks). Where τ·Σw reaches Σw (τ = 1, or every
+    weight 0) that is every pair with no case of its own: no g exceeds Σw (each is a sum of a subset of g(0) = Σw's
+    terms, in the same order, and rounding is monotone), so the cutoff stays at key 0, whose ties weigh 0 and are
+    all kept."""
     chunk, row = tl.program_id(0), tl.program_id(1)
     offs, ok, other, _, key = _chunk(weights, row, chunk, N, CHUNK)
     cut = _cutoff(lo, row)
     tied = other & (key == cut)
     rank = tl.load(ties_before + row.to(tl.int64) * n_chunks + chunk) + tl.cumsum(tied.to(tl.int32), 0) - 1
-    row_total = tl.load(total + row)
-    keep_all = (key * 0 + (row_total <= threshold * row_total).to(tl.int32)) != 0
-    keep = ~other | (key > cut) | (tied & (rank < tl.load(ties_kept + row))) | keep_all
+    keep = ~other | (key > cut) | (tied & (rank < tl.load(ties_kept + row)))
     tl.store(mask + row.to(tl.int64) * N + offs, keep, mask=ok)
 
 
@@ -195,5 +195,5 @@ def select_threshold_blocks(scores: torch.Tensor, own_block: torch.Tensor, thres
     ties_kernel[grid](weights, lo, g_top, total, ties, ties_kept, arrived, N, n_chunks, threshold, CHUNK=chunk,
                       CHUNKS_BLOCK=64)
     mask = torch.empty(rows, N, dtype=torch.bool, device=device)
-    keep_kernel[grid](weights, lo, ties, ties_kept, total, mask, N, n_chunks, threshold, CHUNK=chunk)
+    keep_kernel[grid](weights, lo, ties, ties_kept, mask, N, n_chunks, CHUNK=chunk)
     return mask.view(batch, heads, tokens, blocks)
