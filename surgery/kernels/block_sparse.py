@@ -179,7 +179,7 @@ def block_sparse_attn_bwd_preprocess_kernel(
 def _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION: tl.constexpr):
     """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
     against keys and values b_k, b_v [BN, D]; pairs not ok count nothing. Returns the score gradient dS [BM, BN],
-    unscaled; dq gains dS·K (`_dq_rows_step`; the hybrid adds its normaliser's term to dS first)."""
+    unscaled; dq gains dS·K (`_dq_rows_step`, which adds the hybrid's normaliser term to dS first)."""
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
     # Masking after exp2: a query with no visible key has lse -inf and would give inf - inf.
     b_p = tl.where(ok, tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.)
@@ -189,30 +189,35 @@ def _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION: tl
 
 @triton.jit
 def _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                  b_dc=None, b_a=None):
     """dq's share (unscaled) from keys n0 … n0 + BLOCK_N, loaded through `row_blocks` descriptors; MASKED: the
-    step may run past the block's `end`."""
+    step may run past the block's `end`. b_dc, b_a (the hybrid's): each row's gradient of the shared normaliser
+    [BM], which goes to the score that set the row's max, at key b_a [BM] (`hybrid.py`'s docstring)."""
     b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
     b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
-        ok = (n0 + tl.arange(0, BLOCK_N))[None, :] < end
+        ok = offs_n[None, :] < end
     else:
         ok = tl.full([1, BLOCK_N], 1, tl.int1)
     b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
+    if b_dc is not None:
+        b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
     return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
 
 
 @triton.jit
 def _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, start, end, b_dq, qk_scale,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, b_dc=None, b_a=None):
     """`_dq_rows_step` over one key block of any length [start, end), as `_slot_steps` walks it."""
     whole = start + (end - start) // BLOCK_N * BLOCK_N
     for n0 in range(start, whole, BLOCK_N):
         b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
-                             BLOCK_N, D, PRECISION, False)
+                             BLOCK_N, D, PRECISION, False, b_dc, b_a)
     if whole < end:
         b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, whole, end, b_dq, qk_scale,
-                             BLOCK_N, D, PRECISION, True)
+                             BLOCK_N, D, PRECISION, True, b_dc, b_a)
     return b_dq
 
 

@@ -49,8 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-# The score-gradient steps are block_sparse's, with the normaliser's gradient added to them here.
-from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_ds_rows, _slot_steps, check_qkv, fitted_to_dtype,
+# The score-gradient steps are block_sparse's: dq's take the normaliser's gradient as arguments, dk/dv's get it
+# added here.
+from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_slot_steps, _slot_steps, check_qkv, fitted_to_dtype,
                            input_precision, row_blocks)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
@@ -185,24 +186,6 @@ def hybrid_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, n0, SK, b_dq, qk_scale,
-                      BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """dq's share (unscaled) from softmax keys n0 … n0 + BLOCK_N (TMA loads), the normaliser's gradient dc
-    included; MASKED: the step may run past SK."""
-    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        ok = offs_n[None, :] < SK
-    else:
-        ok = tl.full([1, BLOCK_N], 1, tl.int1)
-    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
-    # The shared normaliser's gradient dc goes to the score that set the max (see the module docstring).
-    b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
-    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
-
-
-@triton.jit
 def hybrid_bwd_dq_kernel(
     q, k_rows, v_rows, do, dq, lse, delta, dc, amax, scale,
     stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
@@ -220,13 +203,8 @@ def hybrid_bwd_dq_kernel(
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    whole = SK // BLOCK_N * BLOCK_N
-    for n0 in range(0, whole, BLOCK_N):
-        b_dq = _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, n0, SK, b_dq,
-                                 qk_scale, BLOCK_N, D, PRECISION, False)
-    if whole < SK:
-        b_dq = _dq_step_with_max(b_q, b_do, b_lse, b_delta, b_dc, b_a, k_rows, v_rows, i_b, i_h, whole, SK, b_dq,
-                                 qk_scale, BLOCK_N, D, PRECISION, True)
+    b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, 0, SK, b_dq, qk_scale, BLOCK_N, D,
+                          PRECISION, b_dc, b_a)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
