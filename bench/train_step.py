@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from surgery.model import conditioner, default_text_tokens, latent_channels, load_config, load_model, resolve_grid
+from surgery.loading import load_config, load_model
+from surgery.model import conditioner, default_text_tokens, resolve_grid
+from surgery.wan import latent_channels
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
 from surgery.train.data import StepSampler

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
 from surgery import toy  # noqa: E402
-from surgery.model import WEIGHTS  # noqa: E402
+from surgery.wan import WEIGHTS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # One row of the sample grid each; the first is the acceptance prompt.

@@ -6,10 +6,12 @@ from diffusers import ModelMixin
 
 from .apply import apply, set_backend, variant_processors
 from .errors import SurgeryError
-from .export import SurgeryWanTransformer3DModel, export, load_exported
+from .export import export
 from .grid import VideoGrid, video_grid
-from .model import PRESETS, load_config, load_model
+from .loading import load_config, load_model
+from .model import PRESETS
 from .plan import LayerChoice, Plan
+from .retrofitted import SurgeryWanTransformer3DModel, load_exported
 from .variants import VARIANTS, get_variant
 
 __all__ = [

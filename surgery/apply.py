@@ -14,9 +14,9 @@ from torch import nn
 
 from .errors import PlanError
 from .grid import GridContext
-from .model import fingerprint
 from .plan import LayerChoice, Plan
 from .variants import VARIANTS, AttentionVariant, VariantConfig
+from .wan import fingerprint, layer_index, self_attention_fqn
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -47,7 +47,7 @@ def _plan_for_config(model, config: VariantConfig, filter_fn: FilterFn | None) -
 
 def self_attention_modules(model) -> dict[str, nn.Module]:
     """`blocks.N.attn1` → the WanAttention module, for every block."""
-    return {f"blocks.{i}.attn1": block.attn1 for i, block in enumerate(model.blocks)}
+    return {self_attention_fqn(i): block.attn1 for i, block in enumerate(model.blocks)}
 
 
 def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None):
@@ -82,8 +82,7 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
 
     processors: dict[str, AttentionVariant] = {}
     for fqn, choice in plan.layers.items():
-        layer_index = int(fqn.split(".")[1])
-        processors[fqn] = VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index)
+        processors[fqn] = VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index(fqn))
 
     ctx = _grid_context(model)
     for fqn, processor in processors.items():

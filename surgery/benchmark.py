@@ -11,9 +11,11 @@ import torch
 
 from .apply import variant_processors
 from .errors import SurgeryError
-from .model import default_text_tokens, fingerprint, load_config, load_model, resolve_grid
+from .loading import load_config, load_model
+from .model import default_text_tokens, resolve_grid
 from .sensitivity import calibration_inputs
 from .variants import dense_attention_flops
+from .wan import fingerprint
 
 
 def _median_ms(model, inputs: dict, repeats: int) -> float:

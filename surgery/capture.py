@@ -14,6 +14,7 @@ import torch
 from .apply import _grid_context, self_attention_modules
 from .grid import VideoGrid
 from .variants.full import FullAttention, FullConfig
+from .wan import layer_index
 
 # callback(layer_index, q, k, v, x, y, grid): q, k, v, y [B, S, H, D]; x [B, S, dim]
 TapFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, VideoGrid], None]
@@ -40,7 +41,7 @@ def tap_self_attention(model, callback: TapFn, layers: set[int] | None = None) -
     saved = {}
     try:
         for fqn, attn in self_attention_modules(model).items():
-            index = int(fqn.split(".")[1])
+            index = layer_index(fqn)
             if layers is not None and index not in layers:
                 continue
             saved[fqn] = attn.processor

@@ -17,11 +17,10 @@ import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
-from .model import (
-    conditioner, default_text_tokens, default_video, fingerprint, is_toy, latent_channels, load_config, load_model,
-    resolve_grid,
-)
+from .loading import load_config, load_model
+from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
 from .sensitivity import relative_l2
+from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
 

@@ -1,79 +1,19 @@
-"""Export a distilled student as a diffusers folder that loads back retrofitted, never silently dense.
-
-Mechanism: the exported transformer is a `SurgeryWanTransformer3DModel`, a subclass of diffusers'
-`WanTransformer3DModel` whose config also records the plan (`vsurgery_plan`) and, for an unmerged
-LoRA, its settings (`vsurgery_lora`). Its `__init__` builds the stock model, then applies the plan
-(and injects the LoRA layers), so the new attention parameters are declared weights that
-`from_pretrained` loads — and any missing or unexpected key is an error, not a warning.
-For a pipeline export, model_index.json names `["surgery", "SurgeryWanTransformer3DModel"]`, so
-`WanPipeline.from_pretrained(folder)` imports this library and builds the retrofitted transformer.
-
-Weights are saved under the diffusers variant "vsurgery" (diffusion_pytorch_model.vsurgery.safetensors):
-stock `WanTransformer3DModel.from_pretrained(folder)` finds no weights and fails loudly, instead of
-dropping the trained attention parameters with a warning as it would for unknown keys.
-"""
+"""`vsurgery export`: a finished distill run's student written as a diffusers folder (see
+surgery/retrofitted.py for the format and why it never loads back silently dense)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
 
-from diffusers import WanTransformer3DModel
-
 from .apply import apply
-from .errors import ModelLoadError, SurgeryError
+from .errors import SurgeryError
 from .io import atomic_dir
-from .model import SURGERY_CLASS, check_weights, load_model
+from .loading import load_model
 from .plan import Plan
-
-EXPORT_VARIANT = "vsurgery"
-WEIGHTS = f"diffusion_pytorch_model.{EXPORT_VARIANT}.safetensors"
-WEIGHTS_INDEX = f"diffusion_pytorch_model.safetensors.index.{EXPORT_VARIANT}.json"
-MAX_SHARD_SIZE = "5GB"  # diffusers' default: shards past this size
-
-
-def _inject_lora(model, lora: dict) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inject_adapter_in_model(LoraConfig(**lora), model)
-
-
-class SurgeryWanTransformer3DModel(WanTransformer3DModel):
-    """A Wan transformer with a surgery plan applied at construction (see the module docstring)."""
-
-    def __init__(self, *args, vsurgery_plan: dict | None = None, vsurgery_lora: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_to_config(vsurgery_plan=vsurgery_plan, vsurgery_lora=vsurgery_lora)
-        if vsurgery_plan is not None:
-            apply(self, Plan.from_dict(vsurgery_plan))
-        if vsurgery_lora is not None:
-            _inject_lora(self, vsurgery_lora)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loader with the export's weight variant, and strict keys."""
-        if kwargs.get("variant") is None:  # pipelines pass variant=None explicitly
-            kwargs["variant"] = EXPORT_VARIANT
-        kwargs.pop("output_loading_info", None)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        problems = [(k, info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
-        if problems:
-            kind, keys = problems[0]
-            raise ModelLoadError(f"{pretrained_model_name_or_path}: {kind.replace('_', ' ')} in the weights, e.g. {keys[0]}")
-        return model
-
-
-# diffusers reads the init signature to know which config keys to pass: Wan's plus ours.
-_wan_signature = inspect.signature(WanTransformer3DModel.__init__)
-SurgeryWanTransformer3DModel.__init__.__signature__ = _wan_signature.replace(
-    parameters=[
-        *_wan_signature.parameters.values(),
-        inspect.Parameter("vsurgery_plan", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("vsurgery_lora", inspect.Parameter.KEYWORD_ONLY, default=None),
-    ]
-)
+from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
+from .wan import SURGERY_CLASS
 
 
 def _merge_lora(model) -> None:
@@ -101,7 +41,7 @@ def rebuild_student(run: Path):
     plan = Plan.load(run / "plan.json")
     student = apply(load_model(info["model"]), plan)
     if info.get("lora"):
-        _inject_lora(student, info["lora"])
+        inject_lora(student, info["lora"])
     try:
         student.load_state_dict(load_file(run / "student.safetensors"), strict=True)
     except Exception as e:
@@ -140,21 +80,3 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite
                 if child.is_dir() and child.name != "transformer":
                     shutil.copytree(child, tmp / child.name)
     return out
-
-
-def load_exported(path: str | Path, dtype=None, device=None):
-    """Load an export (transformer or pipeline folder) as the retrofitted transformer."""
-    folder = Path(path)
-    if (folder / "model_index.json").is_file():
-        folder = folder / "transformer"
-    check_weights(folder, WEIGHTS, WEIGHTS_INDEX)
-    try:
-        model = SurgeryWanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
-    except SurgeryError:
-        raise
-    except Exception as e:
-        raise ModelLoadError(f"cannot load the export in {folder}: {str(e).splitlines()[0]}") from None
-    return model.to(device) if device is not None else model
-
-
-__all__ = ["SurgeryWanTransformer3DModel", "export", "load_exported", "rebuild_student"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 from .grid import VideoGrid
-from .model import default_text_tokens, fingerprint, load_config, resolve_grid
+from .loading import load_config
+from .model import default_text_tokens, resolve_grid
 from .variants import dense_attention_flops
+from .wan import fingerprint
 
 
 def forward_flops(config: dict, grid: VideoGrid, text_tokens: int) -> dict[str, float]:

@@ -1,11 +1,12 @@
-"""Load a Wan transformer: the embedded `tiny` model, full-size presets, a local folder or a hub id.
+"""Stock Wan transformers: the named presets (built from config, or the toy's trained weights), a
+local diffusers folder or a hub id, and the video size and conditioning each model expects.
 
-Every loader returns a stock diffusers `WanTransformer3DModel`; surgery never subclasses it.
+Every function here returns or describes a stock diffusers `WanTransformer3DModel`; loading any
+model spec, our exports included, is `surgery.loading.load_model`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -17,11 +18,7 @@ import torch
 from . import toy
 from .errors import ModelLoadError
 from .grid import VAE_SCALE, VideoGrid, video_grid
-
-WAN_CLASS = "WanTransformer3DModel"
-SURGERY_CLASS = "SurgeryWanTransformer3DModel"  # an export of ours: see surgery/export.py
-WEIGHTS = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+from .wan import SURGERY_CLASS, WAN_CLASS, WEIGHTS, WEIGHTS_INDEX, fingerprint, latent_channels
 
 _WAN_COMMON = dict(
     patch_size=(1, 2, 2),
@@ -135,53 +132,36 @@ def is_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
 
 
-def load_config(spec: str) -> dict:
-    """The transformer config of a model spec, without loading weights."""
-    if spec in PRESETS:
-        return dict(PRESETS[spec].config)
-    path = Path(spec)
-    if path.is_dir():
-        config = _read_config(_transformer_dir(path))
-        return {k: v for k, v in config.items() if not k.startswith("_")}
-    if is_hub_id(spec):
-        return {k: v for k, v in load_model(spec).config.items() if not k.startswith("_")}
-    raise ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
+def read_transformer_folder(path: Path) -> tuple[Path, dict]:
+    """A local diffusers folder's transformer folder and its config, checked to be a Wan's (or an export's)."""
+    folder = _transformer_dir(path)
+    return folder, _read_config(folder)
 
 
-def load_model(spec: str = "tiny", *, dtype: torch.dtype | None = None, device=None, seed: int = 0):
-    """Load a `WanTransformer3DModel` from `spec`.
-
-    spec: "tiny" (built in code), a preset name (random weights, seeded; "toy" loads its trained ones),
-    a local diffusers folder (a pipeline folder with transformer/, or a transformer folder), or a Hugging Face hub id.
-    """
+def build_preset(name: str, *, dtype: torch.dtype | None = None, device=None, seed: int = 0):
+    """A preset with random weights (seeded), built on `device`."""
     from diffusers import WanTransformer3DModel
 
-    if spec in PRESETS and PRESETS[spec].weights is not None:
-        spec = str(PRESETS[spec].weights)  # a trained preset loads as its transformer folder
-    if spec in PRESETS:
-        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
-            torch.manual_seed(seed)
-            model = WanTransformer3DModel(**PRESETS[spec].config)
-        model = _cast(model, dtype) if dtype is not None else model
-    elif Path(spec).is_dir():
-        folder = _transformer_dir(Path(spec))
-        if _read_config(folder)["_class_name"] == SURGERY_CLASS:
-            from .export import load_exported
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(**PRESETS[name].config)
+    return _cast(model, dtype) if dtype is not None else model
 
-            return load_exported(folder, dtype=dtype, device=device).eval()
-        check_weights(folder)
-        try:
-            model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
-        except Exception as e:  # diffusers wraps shape and key mismatches in several types
-            raise ModelLoadError(f"cannot load {folder}: {str(e).splitlines()[0]}") from None
-        model = model.to(device) if device is not None else model
-    elif is_hub_id(spec):
-        model = _load_from_hub(WanTransformer3DModel, spec, dtype)
-        model = model.to(device) if device is not None else model
-    else:
-        raise ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
-    model.eval()
-    return model
+
+def load_folder(folder: Path, *, dtype: torch.dtype | None = None, device=None):
+    """A stock transformer folder (config.json + safetensors) through diffusers' loader."""
+    from diffusers import WanTransformer3DModel
+
+    check_weights(folder)
+    try:
+        model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    except Exception as e:  # diffusers wraps shape and key mismatches in several types
+        raise ModelLoadError(f"cannot load {folder}: {str(e).splitlines()[0]}") from None
+    return model.to(device) if device is not None else model
+
+
+def unknown_model(spec: str) -> ModelLoadError:
+    return ModelLoadError(f"unknown model {spec!r}: use one of {', '.join(PRESETS)}, a local folder or a hub id")
 
 
 def _cast(model, dtype: torch.dtype):
@@ -199,22 +179,26 @@ def _cast(model, dtype: torch.dtype):
     return model
 
 
-def _load_from_hub(cls, spec: str, dtype):
+def load_from_hub(spec: str, *, dtype: torch.dtype | None = None, device=None):
     """From the local Hub cache if it is there; else one quick metadata request before downloading,
     so that no network is one clear line instead of minutes of retries."""
     import warnings
 
     import huggingface_hub
+    from diffusers import WanTransformer3DModel
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # hub deprecation chatter would break the one-line error
         try:
-            return cls.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+            model = WanTransformer3DModel.from_pretrained(
+                spec, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+            return model.to(device) if device is not None else model
         except Exception:
             pass
         try:
             huggingface_hub.model_info(spec, timeout=10)
-            return cls.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype)
+            model = WanTransformer3DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype)
+            return model.to(device) if device is not None else model
         except Exception as e:
             raise ModelLoadError(
                 f"cannot fetch {spec!r} from the Hugging Face Hub ({type(e).__name__}); "
@@ -246,32 +230,9 @@ def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) 
     )
 
 
-def fingerprint(config: dict) -> str:
-    """A short hash of the architecture config: plans refuse models whose fingerprint differs."""
-    import inspect
-
-    from diffusers import WanTransformer3DModel
-
-    # Only Wan's own arguments, defaults filled: a preset dict, a loaded model's config and an
-    # exported surgery model's config (which adds its plan) hash alike.
-    defaults = {
-        name: p.default for name, p in inspect.signature(WanTransformer3DModel.__init__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    public = {name: config.get(name, default) for name, default in defaults.items()}
-    public = json.loads(json.dumps(public, default=list))  # tuples and lists hash alike
-    digest = hashlib.sha256(json.dumps(public, sort_keys=True).encode()).hexdigest()
-    return digest[:16]
-
-
 def is_toy(config: dict) -> bool:
     """Whether `config` is the toy teacher's architecture (the preset, a training run's or an export of it)."""
     return fingerprint(config) == fingerprint(PRESETS["toy"].config)
-
-
-def latent_channels(config: dict) -> int:
-    """Channels of the latents a model denoises (what it predicts)."""
-    return config.get("out_channels") or config["in_channels"]
 
 
 def conditioner(config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -285,7 +246,3 @@ def conditioner(config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
     if extra <= 0:
         return lambda noisy: noisy
     return lambda noisy: torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], 1)
-
-
-def self_attention_fqns(num_layers: int) -> list[str]:
-    return [f"blocks.{i}.attn1" for i in range(num_layers)]

@@ -37,7 +37,7 @@ def build_tiny_pipeline(transformer=None, seed: int = 0):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from .model import load_model
+    from .loading import load_model
 
     tokenizer = _tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -15,8 +15,8 @@ from typing import Any
 from .errors import PlanError, SurgeryError
 from .grid import VideoGrid
 from .io import atomic_write_json
-from .model import fingerprint, self_attention_fqns
 from .variants import VariantConfig, get_variant
+from .wan import fingerprint, self_attention_fqns
 
 PLAN_VERSION = 1
 

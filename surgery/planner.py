@@ -119,10 +119,12 @@ def make_plan(
     Costs come only from the variants' cost models at the target grid, never from timing.
     Returns a `Plan` with the per-layer choice, its FLOPs and measured error, and the solver report.
     """
-    from .model import default_text_tokens, fingerprint, load_model, resolve_grid
+    from .loading import load_model
+    from .model import default_text_tokens, resolve_grid
     from .plan import LayerChoice, Plan
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
+    from .wan import fingerprint, self_attention_fqn
 
     if not 0.0 < budget <= 1.0:
         raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
@@ -158,7 +160,7 @@ def make_plan(
     layers = {}
     for i, r in enumerate(solution.choice):
         j = allowed[i][r]
-        layers[f"blocks.{i}.attn1"] = LayerChoice(candidates[j].variant, table.configs[i][j], costs[i][r], errors[i][r])
+        layers[self_attention_fqn(i)] = LayerChoice(candidates[j].variant, table.configs[i][j], costs[i][r], errors[i][r])
     meta = {
         "dense_flops": dense * num_layers,
         "flops": solution.cost,

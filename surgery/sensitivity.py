@@ -15,8 +15,9 @@ import torch
 from .capture import tap_self_attention
 from .errors import SurgeryError
 from .grid import VideoGrid
-from .model import conditioner, is_toy, latent_channels
+from .model import conditioner, is_toy
 from .variants import VARIANTS, AttentionVariant, VariantConfig
+from .wan import latent_channels
 
 
 @dataclass(frozen=True)

@@ -474,7 +474,7 @@ def decode_unit(latents: torch.Tensor) -> torch.Tensor:
 
 def load_toy(device=None, dtype: torch.dtype | None = None):
     """The shipped toy teacher: (a stock `WanTransformer3DModel`, its `CaptionEncoder`)."""
-    from .model import load_model
+    from .loading import load_model
 
     transformer = load_model("toy", dtype=dtype, device=device)
     return transformer, load_caption_encoder(device)

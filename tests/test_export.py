@@ -10,7 +10,8 @@ from diffusers import WanTransformer3DModel
 
 import surgery
 from surgery.errors import ModelLoadError
-from surgery.export import WEIGHTS, export, load_exported, rebuild_student
+from surgery.export import export, rebuild_student
+from surgery.retrofitted import WEIGHTS, load_exported
 from surgery.grid import VideoGrid
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
@@ -49,7 +50,7 @@ def test_export_loads_back_in_a_fresh_process_through_diffusers(finished_run, tm
         import sys, torch
         sys.path.insert(0, {str(REPO_ROOT)!r})
         from diffusers.models import ModelMixin
-        from surgery.export import SurgeryWanTransformer3DModel
+        from surgery.retrofitted import SurgeryWanTransformer3DModel
         from tests.conftest import model_inputs
         from surgery.grid import VideoGrid
         model = SurgeryWanTransformer3DModel.from_pretrained({str(out)!r})

@@ -86,7 +86,9 @@ def test_half_precision_presets_keep_diffusers_fp32_modules():
 
 
 def test_conditioner_appends_what_the_model_reads_beyond_its_latents():
-    from surgery.model import conditioner, latent_channels, load_config
+    from surgery.loading import load_config
+    from surgery.model import conditioner
+    from surgery.wan import latent_channels
 
     noisy = torch.randn(2, 16, 3, 4, 6)
     assert conditioner(load_config("tiny"))(noisy) is noisy

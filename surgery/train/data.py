@@ -40,7 +40,7 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
             raise SurgeryError(f"dataset {data.path} lacks column {sorted(missing)[0]!r}")
         return dataset.with_format("torch")
 
-    from ..model import latent_channels
+    from ..wan import latent_channels
 
     pt, ph, pw = model_config["patch_size"]
     if data.source == "toy":

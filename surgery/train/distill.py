@@ -26,11 +26,13 @@ from ..apply import apply, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json
-from ..model import conditioner, default_text_tokens, load_model
+from ..loading import load_model
+from ..model import conditioner, default_text_tokens
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
 from .data import StepSampler, build_dataset
+from ..wan import layer_index, self_attention_fqn
 from .loop import run_stage
 
 
@@ -73,7 +75,7 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
     """step(i) for stage 1: one teacher forward whose taps train each converted layer (L1 on outputs).
     Also returns {layer index: processor} of the layers that have parameters to train."""
     processors = {
-        index: p for index, p in ((int(f.split(".")[1]), p) for f, p in variant_processors(student).items())
+        layer_index(f): p for f, p in variant_processors(student).items()
         if any(True for _ in p.parameters())
     }
 
@@ -94,9 +96,9 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
 
         with torch.no_grad(), tap_self_attention(teacher, transfer, layers=set(processors)):
             teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text)
-        per_layer = {f"blocks.{i}.attn1": losses[i] for i in sorted(losses)}
+        per_layer = {self_attention_fqn(i): losses[i] for i in sorted(losses)}
         return {"loss": sum(per_layer.values()) / max(1, len(per_layer)), "layers": per_layer,
-                "uniform_attention": {f"blocks.{i}.attn1": uniform[i] for i in sorted(uniform)},
+                "uniform_attention": {self_attention_fqn(i): uniform[i] for i in sorted(uniform)},
                 "samples": batch.inputs.shape[0]}
 
     return step, processors
