@@ -21,12 +21,12 @@ from surgery.model import conditioner, default_text_tokens, resolve_grid
 from surgery.wan import latent_channels
 from surgery.plan import Plan
 from surgery.recipe import load_recipe
-from surgery.train.data import StepSampler
+from surgery.data import StepSampler
 from surgery.train.distill import stage1_step_fn, stage2_step_fn, build_student, trainable
 
 
 class NoiseSamples:
-    """The self-distillation set of `surgery.train.data` without the `datasets` dependency (absent on the GPU box)."""
+    """The self-distillation set of `surgery.data` without the `datasets` dependency (absent on the GPU box)."""
 
     def __init__(self, config, grid, text_tokens, samples=2):
         pt, ph, pw = config["patch_size"]

@@ -26,6 +26,7 @@ from surgery import load_config, toy  # noqa: E402
 from surgery.capture import tap_self_attention  # noqa: E402
 from surgery.grid import VideoGrid, block_layout  # noqa: E402
 from surgery.model import resolve_grid  # noqa: E402
+from surgery.toy.teacher import load_toy  # noqa: E402
 
 TILE = (4, 4, 4)
 KEEP = 0.125
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
 
     from diffusers import WanTransformer3DModel
 
-    trained, encoder = toy.load_toy()
+    trained, encoder = load_toy()
     torch.manual_seed(args.seed)
     untrained = WanTransformer3DModel(**load_config("toy")).eval()  # diffusers' default initialisation
     generator = torch.Generator().manual_seed(args.seed)

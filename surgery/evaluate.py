@@ -9,70 +9,31 @@ by the teacher's range).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
 from .loading import load_config, load_model
 from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
-from .sensitivity import relative_l2
+from .metrics import psnr, relative_l2, ssim
+from .sampling import euler_sample
 from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
 
 
-def _scheduler(steps: int):
+def sample_latents(model, noise, text, steps: int, reference=None):
+    """Euler flow-matching sampling from `noise` on the σ schedule of Wan's FlowMatchEulerDiscreteScheduler;
+    with `reference`, also the reference's velocity error per step along `model`'s trajectory.
+    Returns (latents, [errors])."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
     scheduler.set_timesteps(steps)
-    return scheduler
-
-
-@torch.no_grad()
-def sample_latents(model, noise, text, steps: int, reference=None):
-    """Euler flow-matching sampling from `noise`; with `reference`, also the reference's velocity
-    error per step along `model`'s trajectory. Returns (latents, [errors])."""
-    scheduler = _scheduler(steps)
-    condition = conditioner(dict(model.config))
-    x = noise
-    errors = []
-    for t in scheduler.timesteps:
-        timestep = t.expand(x.shape[0]).to(x.device)
-        inputs = condition(x)
-        v = model(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text).sample
-        if reference is not None:
-            v_ref = reference(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text).sample
-            errors.append(relative_l2(v_ref, v))
-        x = scheduler.step(v, t, x).prev_sample
-    return x, errors
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio of videos in [0, 1]."""
-    mse = float(F.mse_loss(a.float(), b.float()))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
-    """Mean SSIM (Wang et al. 2004, uniform window) over frames; videos [F, C, H, W] in [0, 1]."""
-    window = min(window, a.shape[-1], a.shape[-2])
-    c1, c2 = 0.01**2, 0.03**2
-
-    def local_mean(x):
-        return F.avg_pool2d(x, window, stride=1)
-
-    a, b = a.float(), b.float()
-    mu_a, mu_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mu_a**2
-    var_b = local_mean(b * b) - mu_b**2
-    cov = local_mean(a * b) - mu_a * mu_b
-    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(score.mean())
+    return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=conditioner(dict(model.config)),
+                        reference=reference)
 
 
 def _decoder(spec: str):

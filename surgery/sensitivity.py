@@ -15,6 +15,7 @@ import torch
 from .capture import tap_self_attention
 from .errors import SurgeryError
 from .grid import VideoGrid
+from .metrics import relative_l2
 from .model import conditioner, is_toy
 from .variants import VARIANTS, AttentionVariant, VariantConfig
 from .wan import latent_channels
@@ -61,7 +62,7 @@ def calibration_inputs(
     rows = None
     if dataset_path is not None or is_toy(dict(model.config)):
         from .recipe import DataSection
-        from .train.data import build_dataset
+        from .data import build_dataset
 
         source = dict(source="dataset", path=dataset_path) if dataset_path else dict(source="toy", samples=samples)
         rows = build_dataset(DataSection(**source), dict(model.config), grid, text_tokens, seed)
@@ -87,12 +88,6 @@ def calibration_inputs(
             )
         )
     return inputs
-
-
-def relative_l2(estimate: torch.Tensor, reference: torch.Tensor) -> float:
-    """‖estimate − reference‖ / ‖reference‖ over the whole tensor, in fp32."""
-    reference = reference.float()
-    return float((estimate.float() - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
 @dataclass

@@ -13,6 +13,7 @@ from diffusers import WanTransformer3DModel
 
 import surgery
 from surgery import toy
+from surgery.toy.teacher import load_toy
 from surgery.grid import VideoGrid
 from surgery.model import default_video, resolve_grid
 
@@ -22,7 +23,7 @@ SYMMETRY = {"square": 4, "triangle": 3, "star": 5, "cross": 4}  # k-fold: the an
 
 @pytest.fixture(scope="module")
 def shipped():
-    return toy.load_toy()
+    return load_toy()
 
 
 def _dataset(tmp_path, num_clips, seed, **size):
@@ -156,7 +157,7 @@ def test_the_product_feeds_the_toy_its_own_clips_and_captions(tmp_path):
     from surgery.evaluate import evaluate
     from surgery.recipe import DataSection
     from surgery.sensitivity import calibration_inputs
-    from surgery.train.data import build_dataset
+    from surgery.data import build_dataset
 
     config = surgery.load_config("toy")
     grid = resolve_grid("toy", config)
@@ -169,7 +170,7 @@ def test_the_product_feeds_the_toy_its_own_clips_and_captions(tmp_path):
         tiny = surgery.load_config("tiny")
         build_dataset(DataSection(source="toy", samples=2), tiny, resolve_grid("tiny", tiny), 16, seed=0)
     # Planner calibration: the same kind of inputs, noised, with the position channels appended.
-    model, _ = toy.load_toy()
+    model, _ = load_toy()
     inputs = calibration_inputs(model, grid, 2, 3, toy.MAX_WORDS)
     assert inputs[0]["hidden_states"].shape[1] == toy.LATENT_CHANNELS + toy.POSITION_CHANNELS
     assert torch.equal(inputs[1]["encoder_hidden_states"][0], rows["text_embeddings"][1])

@@ -81,7 +81,7 @@ def test_teacher_object_is_untouched_by_distillation(tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from surgery.train.data import StepSampler
+    from surgery.data import StepSampler
 
     real_batch = StepSampler.batch
 

@@ -31,7 +31,7 @@ from ..model import conditioner, default_text_tokens
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
-from .data import StepSampler, build_dataset
+from ..data import StepSampler, build_dataset
 from ..wan import layer_index, self_attention_fqn
 from .loop import run_stage
 

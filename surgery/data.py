@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SurgeryError
-from ..grid import VideoGrid
-from ..recipe import DataSection
+from .errors import SurgeryError
+from .grid import VideoGrid
+from .recipe import DataSection
+from .wan import latent_channels
 
 
 def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int):
@@ -40,8 +41,6 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
             raise SurgeryError(f"dataset {data.path} lacks column {sorted(missing)[0]!r}")
         return dataset.with_format("torch")
 
-    from ..wan import latent_channels
-
     pt, ph, pw = model_config["patch_size"]
     if data.source == "toy":
         return _toy_dataset(data.samples, model_config, (grid.frames * pt, grid.height * ph, grid.width * pw), seed)
@@ -56,8 +55,8 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
 def _toy_dataset(samples: int, model_config: dict, latent_size: tuple[int, int, int], seed: int):
     import datasets
 
-    from .. import toy
-    from ..model import is_toy
+    from . import toy
+    from .model import is_toy
 
     if not is_toy(model_config):
         raise SurgeryError("data.source = 'toy' renders the toy teacher's clips; use it with --model toy")

@@ -1,0 +1,62 @@
+"""Euler sampling of rectified flow, shared by `eval` (student vs teacher) and the toy's sampler.
+
+x_t = (1 − σ)·x0 + σ·ε with the model predicting v = ε − x0 at timestep σ·1000 (Wan's convention);
+each step moves x from σ to the next σ: x ← x + (σ_next − σ)·v, in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .metrics import relative_l2
+
+
+def shifted_sigmas(steps: int, shift: float) -> list[float]:
+    """σ from 1 to 0 over `steps` steps: uniform s ∈ [1, 0] through σ = shift·s / (1 + (shift − 1)·s),
+    the time shift of Wan's FlowMatchEulerDiscreteScheduler, which spends more steps at high noise."""
+    s = torch.linspace(1, 0, steps + 1)
+    return (shift * s / (1 + (shift - 1) * s)).tolist()
+
+
+@torch.no_grad()
+def euler_sample(
+    model,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    sigmas: Sequence[float],
+    *,
+    condition: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    uncond_text: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    reference=None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Sample from `noise` [B, C, F, H, W] along `sigmas` (σ_0 = 1 … σ_n = 0).
+
+    text: [B, L, text_dim]; with `uncond_text` and guidance ≠ 1 both run in one batch and mix as
+    v = v(∅) + guidance_scale·(v(text) − v(∅)). condition maps x_t to the transformer's input.
+    With `reference` (a second model), also returns its velocity's relative error against
+    `model`'s at every step, on `model`'s trajectory. Returns (x at σ = 0 in fp32, errors).
+    """
+    device, dtype = noise.device, next(model.parameters()).dtype
+    guided = uncond_text is not None and guidance_scale != 1
+    text = torch.cat([text, uncond_text]) if guided else text
+    x = noise.float()
+    errors = []
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        sigma, sigma_next = float(sigma), float(sigma_next)
+        inputs = condition(x.to(dtype))
+        if guided:
+            inputs = torch.cat([inputs, inputs])
+        timestep = torch.full((inputs.shape[0],), sigma * 1000, device=device)
+        v = model(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+        if reference is not None:
+            v_ref = reference(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text,
+                              return_dict=False)[0]
+            errors.append(relative_l2(v_ref, v))
+        if guided:
+            v_text, v_uncond = v.chunk(2)
+            v = v_uncond + guidance_scale * (v_text - v_uncond)
+        x = x + (sigma_next - sigma) * v
+    return x, errors
