@@ -121,7 +121,7 @@ def export(
     merge_lora: Annotated[bool, typer.Option(help="Fold LoRA weights into the base weights.")] = False,
 ):
     """Write the student as a diffusers folder that loads back retrofitted."""
-    from surgery.export import export as run_export
+    from surgery.exporting import export as run_export
 
     output.console.print(f"exported to {run_export(run, out, merge_lora=merge_lora)}")
 

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .apply import variant_processors
+from .swap import variant_processors
 from .errors import SurgeryError
 from .loading import load_config, load_model
 from .model import default_text_tokens, resolve_grid

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .apply import _grid_context, self_attention_modules
+from .swap import _grid_context, self_attention_modules
 from .grid import VideoGrid
 from .variants.full import FullAttention, FullConfig
 from .wan import layer_index

@@ -1,7 +1,7 @@
 """Recipes: TOML files naming the plan (or the budget to plan for), the data and the two stages.
 
-Shipped recipes live in `surgery/recipes/` (package data, so they install with the library); `--recipe NAME` finds one of
-those, `--recipe path.toml` reads a user's. Every key is typed: a typo or a wrong type is a
+Shipped recipes live in the repository's `recipes/` folder, installed as the package data of
+`surgery.recipes`; `--recipe NAME` finds one of those, `--recipe path.toml` reads a user's. Every key is typed: a typo or a wrong type is a
 one-line error naming the key.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +17,11 @@ from typing import Any, Literal
 
 from . import config as typed
 from .errors import SurgeryError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from diffusers import WanTransformer3DModel
 
-from .apply import apply
+from .swap import apply
 from .errors import ModelLoadError, SurgeryError
 from .model import check_weights
 from .plan import Plan

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import SurgeryError
 from .evaluate import evaluate
-from .export import export
+from .exporting import export
 from .io import atomic_write_json
 from .plan import Plan
 from .recipe import Recipe

@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from cli.app import app
+from surgery.cli.app import app
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_bad_folders_are_one_line_and_exit_2(tiny_model, tmp_path):
 
 def test_console_script_reports_errors_without_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "info", "--height", "17"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "surgery", "info", "--height", "17"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --height must be a positive multiple of 16, got 17"]

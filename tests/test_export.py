@@ -10,7 +10,7 @@ from diffusers import WanTransformer3DModel
 
 import surgery
 from surgery.errors import ModelLoadError
-from surgery.export import export, rebuild_student
+from surgery.exporting import export, rebuild_student
 from surgery.retrofitted import WEIGHTS, load_exported
 from surgery.grid import VideoGrid
 from surgery.plan import Plan

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import surgery
-from cli.app import app
+from surgery.cli.app import app
 from surgery.errors import SurgeryError
 from surgery.plan import Plan
 from surgery.planner import make_plan

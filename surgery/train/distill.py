@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..apply import apply, variant_processors
+from ..swap import apply, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json

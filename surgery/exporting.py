@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .apply import apply
+from .swap import apply
 from .errors import SurgeryError
 from .io import atomic_dir
 from .loading import load_model

@@ -1,0 +1,1 @@
+"""Shipped recipes: TOML data, installed as the package data of `surgery.recipes`."""

@@ -1,1 +1,0 @@
-"""Shipped recipes (TOML data, package data of surgery)."""
