@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+from .common import (LN2, LOG2E, attn_bwd_preprocess_kernel, check_qkv, dkv_step, dq_slot_steps, dq_rows_step,
+                     fitted_to_dtype, input_precision, key_chunk, masked_attention_reference, online_softmax_step, row_blocks,
+                     slot_steps)
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
 # Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). "chunked" (key blocks longer than
@@ -70,50 +70,6 @@ def _query_tile(q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs
 
 
 @triton.jit
-def _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, l_i, a_i, acc,
-                         BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr,
-                         MASKED: tl.constexpr):
-    """One step of a forward's online softmax over keys n0 … n0 + BLOCK_N, which end at `end`: the running max
-    m, sum l, argmax a (with STATS) and acc, updated. k_rows, v_rows: `row_blocks` descriptors (TMA loads; rows
-    past the tensor come as zeros). MASKED: the step may run past `end` (its scores there count nothing).
-    Scores and m in log2 units."""
-    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-    if MASKED:
-        b_s = tl.where((n0 + tl.arange(0, BLOCK_N))[None, :] < end, b_s, float("-inf"))
-    if STATS:
-        # Every step holds a valid key (n0 < end), so b_max is finite and the first block sets the argmax.
-        b_max, b_arg = tl.max(b_s, 1, return_indices=True)
-        # Strict >: on a tie the earlier key keeps the max.
-        a_i = tl.where(b_max > m_i, n0 + b_arg, a_i)
-    else:
-        b_max = tl.max(b_s, 1)
-    m_new = tl.maximum(m_i, b_max)
-    b_p = tl.exp2(b_s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-    return m_new, l_i, a_i, acc
-
-
-@triton.jit
-def _slot_steps(b_q, k_rows, v_rows, i_b, i_h, start, end, qk_scale, m_i, l_i, a_i, acc,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, STATS: tl.constexpr):
-    """The forward over one run of keys of any length [start, end): whole BLOCK_N steps without the key mask,
-    then one masked step for the rest (the select on every step cost 5–9% of the hybrid's forward on an H100).
-    STATS: track the argmax as well (`_online_softmax_step`)."""
-    whole = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in range(start, whole, BLOCK_N):
-        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, n0, end, qk_scale, m_i, l_i, a_i,
-                                                  acc, BLOCK_N, D, PRECISION, STATS, False)
-    if whole < end:
-        m_i, l_i, a_i, acc = _online_softmax_step(b_q, k_rows, v_rows, i_b, i_h, whole, end, qk_scale, m_i, l_i,
-                                                  a_i, acc, BLOCK_N, D, PRECISION, STATS, True)
-    return m_i, l_i, a_i, acc
-
-
-@triton.jit
 def block_sparse_attn_fwd_kernel(
     q, k_rows, v_rows, k_half, v_half, o, lse, kv_ranges, kv_count, kv_long, q_offsets, scale,
     stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
@@ -138,17 +94,17 @@ def block_sparse_attn_fwd_kernel(
         # to its block's end. Its token range comes straight from kv_ranges: the K/V loads then hang on a
         # single load, not a chain.
         for s in range(0, n_long):
-            m_i, l_i, no_argmax, acc = _online_softmax_step(
+            m_i, l_i, no_argmax, acc = online_softmax_step(
                 b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1), qk_scale,
                 m_i, l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, True)
         if HALF_N > 0:
             for s in range(n_long, n_slots):
-                m_i, l_i, no_argmax, acc = _online_softmax_step(
+                m_i, l_i, no_argmax, acc = online_softmax_step(
                     b_q, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1),
                     qk_scale, m_i, l_i, no_argmax, acc, HALF_N, D, PRECISION, False, True)
     else:
         for s in range(0, n_slots):
-            m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+            m_i, l_i, no_argmax, acc = slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
                                                    tl.load(rng_base + 2 * s + 1), qk_scale, m_i, l_i, no_argmax,
                                                    acc, BLOCK_N, D, PRECISION, False)
 
@@ -156,69 +112,6 @@ def block_sparse_attn_fwd_kernel(
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              acc.to(o.dtype.element_ty), mask=m_ok[:, None])
     tl.store(lse + i_bh.to(tl.int64) * S + offs_m, (m_i + tl.log2(l_i)) * LN2, mask=m_ok)
-
-
-@triton.jit
-def block_sparse_attn_bwd_preprocess_kernel(
-    o, do, delta, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh, H, S,
-    D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    m_ok = offs_m < S
-    b_o = tl.load(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                  mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
-    b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
-                   mask=m_ok[:, None], other=0.).to(tl.float32)  # [BM, D]
-    tl.store(delta + i_bh.to(tl.int64) * S + offs_m, tl.sum(b_o * b_do, 1), mask=m_ok)
-
-
-@triton.jit
-def _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION: tl.constexpr):
-    """One key step of a query-major backward: queries b_q, b_do [BM, D] with their base-2 lse and delta [BM]
-    against keys and values b_k, b_v [BN, D]; pairs not ok count nothing. Returns the score gradient dS [BM, BN],
-    unscaled; dq gains dS·K (`_dq_rows_step`, which adds the hybrid's normaliser term to dS first)."""
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BM, BN]
-    # Masking after exp2: a query with no visible key has lse -inf and would give inf - inf.
-    b_p = tl.where(ok, tl.exp2(b_s * qk_scale - b_lse[:, None]), 0.)
-    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)  # [BM, BN]
-    return b_p * (b_dp - b_delta[:, None])
-
-
-@triton.jit
-def _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                  b_dc=None, b_a=None):
-    """dq's share (unscaled) from keys n0 … n0 + BLOCK_N, loaded through `row_blocks` descriptors; MASKED: the
-    step may run past the block's `end`. b_dc, b_a (the hybrid's): each row's gradient of the shared normaliser
-    [BM], which goes to the score that set the row's max, at key b_a [BM] (`hybrid.py`'s docstring)."""
-    b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    if MASKED:
-        ok = offs_n[None, :] < end
-    else:
-        ok = tl.full([1, BLOCK_N], 1, tl.int1)
-    b_ds = _dq_ds_rows(b_q, b_do, b_lse, b_delta, b_k, b_v, ok, qk_scale, PRECISION)
-    if b_dc is not None:
-        b_ds += tl.where(offs_n[None, :] == b_a[:, None], b_dc[:, None], 0.)
-    return tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=PRECISION)
-
-
-@triton.jit
-def _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, start, end, b_dq, qk_scale,
-                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, b_dc=None, b_a=None):
-    """`_dq_rows_step` over one key block of any length [start, end), as `_slot_steps` walks it."""
-    whole = start + (end - start) // BLOCK_N * BLOCK_N
-    for n0 in range(start, whole, BLOCK_N):
-        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b_dq, qk_scale,
-                             BLOCK_N, D, PRECISION, False, b_dc, b_a)
-    if whole < end:
-        b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, whole, end, b_dq, qk_scale,
-                             BLOCK_N, D, PRECISION, True, b_dc, b_a)
-    return b_dq
 
 
 @triton.jit
@@ -241,63 +134,24 @@ def block_sparse_attn_bwd_dq_kernel(
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     if FITTED:
         for s in range(0, n_long):
-            b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+            b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True)
         if HALF_N > 0:
             for s in range(n_long, n_slots):
-                b_dq = _dq_rows_step(b_q, b_do, b_lse, b_delta, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s),
+                b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s),
                                      tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True)
     else:
         for s in range(0, n_slots):
-            b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+            b_dq = dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
                                   tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
-def _key_chunk(k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
-    """What the key-major backward kernels share for their program (chunk of ≤ BLOCK_N keys of key block kb,
-    batch·head): the ids, the chunk's key range and offsets, the k/v addresses and their rows [BN, D]."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    kb = i_c // CHUNKS
-    kv_end = tl.load(kv_offsets + kb + 1)
-    kv_start = tl.load(kv_offsets + kb) + (i_c % CHUNKS) * BLOCK_N
-    offs_n = kv_start + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < kv_end
-    offs_d = tl.arange(0, D)
-    k_ptrs = i_b.to(tl.int64) * stride_kb + i_h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    b_k = tl.load(k + k_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
-    b_v = tl.load(v + v_ptrs, mask=n_ok[:, None], other=0.)  # [BN, D]
-    return i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v
-
-
-@triton.jit
-def _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION: tl.constexpr):
-    """One step of a key-major backward: keys b_k, b_v [BN, D] against query rows b_q, b_do [BM, D] with their
-    base-2 lse and delta [BM]; rows with ok False count nothing. Returns the transposed score gradient dSᵀ
-    [BN, BM], unscaled, and the accumulated dv; dk gains dSᵀ·Q (`_dkv_step`; hybrid adds a term to dSᵀ first)."""
-    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION)  # [BN, BM]
-    b_pt = tl.where(ok[None, :], tl.exp2(b_st * qk_scale - b_lse[None, :]), 0.)
-    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=PRECISION)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PRECISION)  # [BN, BM]
-    return b_pt * (b_dpt - b_delta[None, :]), b_dv
-
-
-@triton.jit
-def _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
-    """`_dkv_ds` and dk's product: returns the accumulated dk (unscaled) and dv."""
-    b_dst, b_dv = _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION)
-    return tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION), b_dv
-
-
-@triton.jit
 def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk, b_dv, qk_scale,
                    ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """`_dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in ROWS rows, its
+    """`dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in ROWS rows, its
     q and dO through `row_blocks` descriptors (rows past the tile's end count nothing)."""
     start = tl.load(rng_base + 2 * i)
     offs_m = start + tl.arange(0, ROWS)
@@ -306,7 +160,7 @@ def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h,
     b_do = do_rows.load([i_b, start, i_h, 0]).reshape(ROWS, D)
     b_lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.) * LOG2E
     b_delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.)
-    return _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
+    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
 
 
 @triton.jit
@@ -318,7 +172,7 @@ def block_sparse_attn_bwd_dkv_kernel(
     PRECISION: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
-    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
+    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     lse_base = lse + i_bh.to(tl.int64) * S
     delta_base = delta + i_bh.to(tl.int64) * S
@@ -354,11 +208,6 @@ def _half(tile: int) -> int:
     """Width of the half steps of a kernel tile of `tile` rows; 0 (no half steps) where it would be under
     tl.dot's minimum of 16."""
     return tile // 2 if tile >= 32 else 0
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    # Full fp32 products for fp32 inputs (tests, references); half inputs use the tensor cores as they are.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def token_ranges(block_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -480,7 +329,7 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     precision = input_precision(q.dtype)
 
     delta = torch.empty_like(lse)
-    block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
+    attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
         D=D, BLOCK_M=64,
     )
@@ -529,34 +378,6 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
                                            kv_offsets, ctx.max_q_tile, ctx.max_kv_block, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def fitted_to_dtype(config: dict, dtype: torch.dtype, halve: tuple[str, ...] = (), max_stages: int = 1) -> dict:
-    """Launch settings swept for half-precision inputs, made to fit shared memory for 4-byte ones: the block sizes
-    named in `halve` halved (not below 16) and at most `max_stages` pipeline stages. fp32 tiles take twice the
-    shared memory, and at head_dim 128 the swept settings would ask an H100 for more than it has."""
-    if torch.finfo(dtype).bits < 32:
-        return config
-    halved = {b: max(16, config[b] // 2) for b in halve if b in config}
-    return {**config, **halved, "num_stages": min(max_stages, config["num_stages"])}
-
-
-def row_blocks(x: torch.Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor over x [B, S, H, D] loading [1, rows, 1, D] blocks (one head's rows), on a compact copy
-    where x's layout breaks TMA's 16-byte rules (strided views such as k[:, ::R] of a contiguous k pass)."""
-    aligned = x.data_ptr() % 16 == 0 and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
-    x = x if aligned else x.contiguous()
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, x.shape[-1]])
-
-
-def check_qkv(q, k, v) -> None:
-    """ValueError unless k, v are [B, S_kv, H, D] matching q [B, S, H, D] with D a power of two ≥ 16."""
-    B, _, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, D):
-        raise ValueError(f"k and v must be [B, S_kv, H, D] matching q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
-    if D < 16 or D & (D - 1):
-        raise ValueError(f"head_dim must be a power of two ≥ 16, got {D}")
 
 
 def _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block):
@@ -640,22 +461,6 @@ def block_sparse_attention_reference(
     allowed = visits[:, :, tile_of_query, :NK]  # [B, H, S, n_kv]
     allowed = allowed[..., block_of_key]  # [B, H, S, S_kv]
     return masked_attention_reference(q, k, v, allowed, scale)
-
-
-def masked_attention_reference(q, k, v, allowed: torch.Tensor, scale: float | None = None):
-    """Softmax attention of q [B, S, H, D] over the keys of k, v [B, S_kv, H, D] that `allowed` [B, H, S, S_kv]
-    permits, in fp32 (fp64 for fp64 inputs). Returns out [B, S, H, D] in q's dtype (0 for a query with no
-    allowed key) and the natural-log lse [B, H, S] (-inf there), detached."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    s = torch.einsum("bshd,bthd->bhst", q.to(dtype), k.to(dtype)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    m = s.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), 0., m)  # rows with no visible key: exp gives 0 and no NaN
-    e = torch.exp(s - m)
-    l = e.sum(-1, keepdim=True)
-    out = torch.einsum("bhst,bthd->bshd", e / torch.where(l == 0, 1., l), v.to(dtype))
-    return out.to(q.dtype), (m + torch.log(l)).squeeze(-1).detach()
 
 
 __all__ = ["block_sparse_attention", "block_sparse_attention_reference", "invert_block_index"]

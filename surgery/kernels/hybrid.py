@@ -51,8 +51,8 @@ import triton.language as tl
 
 # The score-gradient steps are block_sparse's: dq's take the normaliser's gradient as arguments, dk/dv's get it
 # added here.
-from .block_sparse import (LN2, LOG2E, _dkv_ds, _dq_slot_steps, _slot_steps, check_qkv, fitted_to_dtype,
-                           input_precision, row_blocks)
+from .common import (LN2, LOG2E, check_qkv, dkv_ds, dq_slot_steps, fitted_to_dtype, input_precision, row_blocks,
+                     slot_steps)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
@@ -110,7 +110,7 @@ def hybrid_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     a_i = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    m_i, l_i, a_i, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, 0, SK, qk_scale, m_i, l_i, a_i, acc, BLOCK_N, D,
+    m_i, l_i, a_i, acc = slot_steps(b_q, k_rows, v_rows, i_b, i_h, 0, SK, qk_scale, m_i, l_i, a_i, acc, BLOCK_N, D,
                                      PRECISION, STATS)
 
     if HAS_LINEAR:
@@ -203,7 +203,7 @@ def hybrid_bwd_dq_kernel(
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, 0, SK, b_dq, qk_scale, BLOCK_N, D,
+    b_dq = dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, 0, SK, b_dq, qk_scale, BLOCK_N, D,
                           PRECISION, b_dc, b_a)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
@@ -241,7 +241,7 @@ def hybrid_bwd_dkv_kernel(
         b_do = do_rows.load([i_b, m0, i_h, 0]).reshape(BLOCK_M, D)
         b_lse, b_delta, b_dc, b_a = _backward_row_stats(lse, delta, dc, amax, row_base + offs_m, m_ok)
         # Transposed scores, keys × queries, so dk and dv accumulate without transposing them.
-        b_dst, b_dv = _dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dv, qk_scale, PRECISION)
+        b_dst, b_dv = dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dv, qk_scale, PRECISION)
         b_dst += tl.where(offs_n[:, None] == b_a[None, :], b_dc[None, :], 0.)
         b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION)
     e_off = (i_chunk.to(tl.int64) * stride_ep + i_b.to(tl.int64) * stride_eb + i_h * stride_eh

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from . import feature_map as fm
-from .block_sparse import input_precision
+from .common import input_precision
 from .feature_map import block_phi, parameter_grads, phi_tile, softmax_jacobian
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23,

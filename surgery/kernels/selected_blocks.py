@@ -36,9 +36,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .block_sparse import (LN2, LOG2E, _dkv_step, _dq_slot_steps, _key_chunk, _slot_steps, input_precision,
-                           block_sparse_attn_bwd_preprocess_kernel, check_qkv, fitted_to_dtype, masked_attention_reference,
-                           row_blocks)
+from .common import (LN2, LOG2E, attn_bwd_preprocess_kernel, check_qkv, dkv_step, dq_slot_steps, fitted_to_dtype,
+                     input_precision, key_chunk, masked_attention_reference, row_blocks, slot_steps)
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward, cudnn_attention_forward
 
 # Gathered queries per chunk: the row count of the forward and dq programs.
@@ -357,7 +356,7 @@ def _dkv_rows_step(b_k, b_v, q_rows, do_rows, lse_rows, delta_rows, r0, end, b_d
         r_ok = tl.full([BLOCK_M], 1, tl.int1)
         b_lse = tl.load(lse_rows + rows)
         b_delta = tl.load(delta_rows + rows)
-    return _dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
+    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, r_ok, b_dk, b_dv, qk_scale, PRECISION)
 
 
 @triton.jit
@@ -393,7 +392,7 @@ def selected_blocks_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     no_argmax = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    m_i, l_i, no_argmax, acc = _slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
+    m_i, l_i, no_argmax, acc = slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
                                            tl.load(kv_offsets + kb + 1).to(tl.int32), qk_scale, m_i, l_i, no_argmax,
                                            acc, BLOCK_N, D, PRECISION, False)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
@@ -463,7 +462,7 @@ def selected_blocks_bwd_dq_kernel(
     tl.store(delta_rows + rows, b_delta, mask=r_ok)
     qk_scale = scale * LOG2E
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
-    b_dq = _dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
+    b_dq = dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(kv_offsets + kb).to(tl.int32),
                           tl.load(kv_offsets + kb + 1).to(tl.int32), b_dq, qk_scale, BLOCK_N, D, PRECISION)
     slots = tl.load(pair_slot + rows, mask=r_ok, other=0).to(tl.int64)
     tl.store(dq_part + slots[:, None] * D + offs_d[None, :], b_dq * scale, mask=r_ok[:, None])
@@ -477,7 +476,7 @@ def selected_blocks_bwd_dkv_kernel(
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head), over the queries that chose kb:
     # their rows stored in pair order by the dq pass, so each step loads contiguous rows, not a gather.
-    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = _key_chunk(
+    i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     g = i_bh * NK + kb
     lo = tl.load(group_offsets + g)
@@ -537,7 +536,7 @@ def selected_blocks_bwd(do, q, k, v, o, lse, pairs: PairLists, kv_offsets, max_k
             grad.zero_()
         return
     delta = torch.empty_like(lse)
-    block_sparse_attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
+    attn_bwd_preprocess_kernel[(triton.cdiv(S, 64), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
         D=D, BLOCK_M=64,
     )
