@@ -33,9 +33,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from .common import (LN2, LOG2E, attn_bwd_preprocess_kernel, check_qkv, dkv_step, dq_slot_steps, dq_rows_step,
-                     fitted_to_dtype, input_precision, key_chunk, masked_attention_reference, online_softmax_step, row_blocks,
-                     slot_steps)
+
+from .common import (LN2, LOG2E, attn_bwd_preprocess_kernel, check_qkv, dkv_step, dq_rows_step, dq_slot_steps,
+                     fitted_to_dtype, input_precision, key_chunk, masked_attention_reference, online_softmax_step,
+                     row_blocks, slot_steps)
 
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
