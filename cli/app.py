@@ -54,7 +54,7 @@ def info(
     from surgery.info import model_info
 
     result = model_info(model, frames, height, width)
-    output.print_json(result) if json else output.show_info(result)
+    output.print_json(result.to_dict()) if json else output.show_info(result)
 
 
 @command
@@ -157,7 +157,7 @@ def eval_(
     from surgery.evaluate import evaluate
 
     report = evaluate(student, teacher, samples=samples, steps=steps, seed=seed)
-    output.print_json(report) if json else output.show_eval(report)
+    output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 
 @command

@@ -41,20 +41,20 @@ def key_value_table(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-def show_info(info: dict) -> None:
-    grid = info["grid"]
+def show_info(info) -> None:
+    grid = info.grid
     key_value_table(
-        f"{info['model']} (config {info['fingerprint']})",
+        f"{info.model} (config {info.fingerprint})",
         [
-            ("layers", str(info["layers"])),
-            ("heads × head_dim", f"{info['heads']} × {info['head_dim']} (dim {info['dim']})"),
+            ("layers", str(info.layers)),
+            ("heads × head_dim", f"{info.heads} × {info.head_dim} (dim {info.dim})"),
             ("grid (T×H×W)", f"{grid['frames']}×{grid['height']}×{grid['width']}"),
-            ("tokens", f"{info['tokens']:,}"),
-            ("text tokens", str(info["text_tokens"])),
-            ("self-attention FLOPs / layer", human_flops(info["self_attention_flops_per_layer"])),
-            ("self-attention FLOPs / forward", human_flops(info["self_attention_flops"])),
-            ("forward FLOPs", human_flops(info["forward_flops"])),
-            ("self-attention share", f"{info['self_attention_share']:.1%}"),
+            ("tokens", f"{info.tokens:,}"),
+            ("text tokens", str(info.text_tokens)),
+            ("self-attention FLOPs / layer", human_flops(info.self_attention_flops_per_layer)),
+            ("self-attention FLOPs / forward", human_flops(info.self_attention_flops)),
+            ("forward FLOPs", human_flops(info.forward_flops)),
+            ("self-attention share", f"{info.self_attention_share:.1%}"),
         ],
     )
 
@@ -152,51 +152,49 @@ def training_progress():
             bar.stop()
 
 
-def show_distill(summary: dict) -> None:
-    table = Table(title=f"run {summary['run']}", title_justify="left")
+def show_distill(summary) -> None:
+    table = Table(title=f"run {summary.run}", title_justify="left")
     # "uniform": the same L1 loss for uniform attention (every query gets the mean of v), the yardstick.
     for column in ("layer", "stage-1 first", "last", "fell by", "uniform", "last vs uniform"):
         table.add_column(column, justify="left" if column == "layer" else "right", no_wrap=column == "layer")
-    uniform = summary.get("stage1_uniform_attention", {})
-    for fqn, (first, last) in summary.get("stage1_losses", {}).items():
+    uniform = summary.stage1_uniform_attention
+    for fqn, (first, last) in summary.stage1_losses.items():
         baseline = uniform.get(fqn)
         table.add_row(fqn, f"{first:.4g}", f"{last:.4g}", f"{first / max(last, 1e-30):.1f}×",
                       "—" if baseline is None else f"{baseline:.4g}",
                       "—" if baseline is None else f"{baseline / max(last, 1e-30):.1f}× below")
-    if summary.get("stage1_losses"):
+    if summary.stage1_losses:
         console.print(table)
-    if summary.get("stage2_final_loss") is not None:
-        console.print(f"stage-2 final loss {summary['stage2_final_loss']:.4g}")
-    console.print(f"student written to {summary['run']}/student.safetensors")
+    if summary.stage2_final_loss is not None:
+        console.print(f"stage-2 final loss {summary.stage2_final_loss:.4g}")
+    console.print(f"student written to {summary.run}/student.safetensors")
 
 
-def show_eval(report: dict) -> None:
+def show_eval(report) -> None:
     key_value_table(
-        f"student {report['student']} vs teacher {report['teacher']} ({report['samples']} seeds, {report['steps']} steps)",
+        f"student {report.student} vs teacher {report.teacher} ({report.samples} seeds, {report.steps} steps)",
         [
-            ("velocity error per step", ", ".join(f"{e:.3g}" for e in report["velocity_error_per_step"])),
-            ("velocity error, mean", f"{report['velocity_error_mean']:.4g}"),
-            ("final latent relative error", f"{report['final_latent_rel_error']:.4g}"),
-            (f"PSNR ({report['compared_on']})", f"{report['psnr_db']:.2f} dB"),
-            (f"SSIM ({report['compared_on']})", f"{report['ssim']:.4f}"),
+            ("velocity error per step", ", ".join(f"{e:.3g}" for e in report.velocity_error_per_step)),
+            ("velocity error, mean", f"{report.velocity_error_mean:.4g}"),
+            ("final latent relative error", f"{report.final_latent_rel_error:.4g}"),
+            (f"PSNR ({report.compared_on})", f"{report.psnr_db:.2f} dB"),
+            (f"SSIM ({report.compared_on})", f"{report.ssim:.4f}"),
         ],
     )
 
 
-def show_run(summary: dict) -> None:
-    show_distill({"run": summary["run"], "stage1_losses": summary["stage1_losses"],
-                  "stage1_uniform_attention": summary["stage1_uniform_attention"],
-                  "stage2_final_loss": summary["stage2_final_loss"]})
-    show_eval(summary["eval"])
+def show_run(summary) -> None:
+    show_distill(summary.distill)
+    show_eval(summary.eval)
     counts: dict[str, int] = {}
-    for variant in summary["variants"].values():
+    for variant in summary.variants.values():
         counts[variant] = counts.get(variant, 0) + 1
     layers = ", ".join(f"{n}× {v}" for v, n in counts.items())
     console.print(
-        f"[bold]attention FLOPs saved: {summary['attention_flops_saved']:.1%}[/bold] "
-        f"(budget {summary['budget']:g}; layers: {layers}); student vs teacher: final-latent error "
-        f"{summary['eval']['final_latent_rel_error']:.3g}, PSNR {summary['eval']['psnr_db']:.1f} dB; "
-        f"exported to {summary['exported']}"
+        f"[bold]attention FLOPs saved: {summary.attention_flops_saved:.1%}[/bold] "
+        f"(budget {summary.budget:g}; layers: {layers}); student vs teacher: final-latent error "
+        f"{summary.eval.final_latent_rel_error:.3g}, PSNR {summary.eval.psnr_db:.1f} dB; "
+        f"exported to {summary.exported}"
     )
 
 

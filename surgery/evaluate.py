@@ -9,6 +9,7 @@ by the teacher's range).
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,28 @@ from .sampling import euler_sample
 from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
+
+
+@dataclass
+class EvalReport:
+    """Student against teacher on the same seeds (what `vsurgery eval` prints; `to_dict` for --json)."""
+
+    student: str
+    teacher: str
+    grid: dict
+    samples: int
+    steps: int
+    seed: int
+    compared_on: str  # "decoded video", or "latents" where no decoder is at hand
+    prompts: list[str] | str
+    velocity_error_per_step: list[float]  # the student's relative L2 error on the teacher's trajectory
+    velocity_error_mean: float
+    final_latent_rel_error: float  # of the two independent trajectories
+    psnr_db: float
+    ssim: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def sample_latents(model, noise, text, steps: int, reference=None):
@@ -73,7 +96,7 @@ def evaluate(
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
-) -> dict:
+) -> EvalReport:
     """Compare a student (e.g. an export) with its teacher on `samples` seeded generations."""
     # Compare architectures from the configs first: loading a mismatched full-size model is slow.
     if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
@@ -112,21 +135,13 @@ def evaluate(
         psnrs.append(psnr(a, b))
         ssims.append(ssim(a, b))
     steps_mean = [sum(col) / len(col) for col in zip(*per_step)]
-    return {
-        "student": student_spec,
-        "teacher": teacher_spec,
-        "grid": grid.to_dict(),
-        "samples": samples,
-        "steps": steps,
-        "seed": seed,
-        "compared_on": "decoded video" if decode is not None else "latents",
-        "prompts": prompts or "random text embeddings",
-        "velocity_error_per_step": steps_mean,
-        "velocity_error_mean": sum(steps_mean) / len(steps_mean),
-        "final_latent_rel_error": sum(latent_errors) / samples,
-        "psnr_db": sum(psnrs) / samples,
-        "ssim": sum(ssims) / samples,
-    }
+    return EvalReport(
+        student=student_spec, teacher=teacher_spec, grid=grid.to_dict(), samples=samples, steps=steps, seed=seed,
+        compared_on="decoded video" if decode is not None else "latents",
+        prompts=prompts or "random text embeddings",
+        velocity_error_per_step=steps_mean, velocity_error_mean=sum(steps_mean) / len(steps_mean),
+        final_latent_rel_error=sum(latent_errors) / samples, psnr_db=sum(psnrs) / samples, ssim=sum(ssims) / samples,
+    )
 
 
 def _video_path(path: str | Path) -> Path:

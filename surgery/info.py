@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 from .grid import VideoGrid
 from .loading import load_config
@@ -35,24 +36,39 @@ def forward_flops(config: dict, grid: VideoGrid, text_tokens: int) -> dict[str, 
     return parts
 
 
-def model_info(spec: str, frames=None, height=None, width=None, text_tokens=None) -> dict:
+@dataclass
+class ModelInfo:
+    """A model's architecture, token grid and FLOP split at a video size (what `vsurgery info` prints)."""
+
+    model: str
+    fingerprint: str
+    layers: int
+    heads: int
+    head_dim: int
+    dim: int
+    grid: dict
+    tokens: int
+    text_tokens: int
+    self_attention_flops_per_layer: float
+    self_attention_flops: float
+    forward_flops: float
+    self_attention_share: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_info(spec: str, frames=None, height=None, width=None, text_tokens=None) -> ModelInfo:
     """Architecture, token grid and FLOP split of `spec` at a video size (model defaults fill gaps)."""
     config = load_config(spec)
     grid = resolve_grid(spec, config, frames, height, width)
     text_tokens = text_tokens or default_text_tokens(spec)
     flops = forward_flops(config, grid, text_tokens)
-    return {
-        "model": spec,
-        "fingerprint": fingerprint(config),
-        "layers": config["num_layers"],
-        "heads": config["num_attention_heads"],
-        "head_dim": config["attention_head_dim"],
-        "dim": config["num_attention_heads"] * config["attention_head_dim"],
-        "grid": grid.to_dict(),
-        "tokens": grid.tokens,
-        "text_tokens": text_tokens,
-        "self_attention_flops_per_layer": flops["self_attention"] / config["num_layers"],
-        "self_attention_flops": flops["self_attention"],
-        "forward_flops": flops["total"],
-        "self_attention_share": flops["self_attention"] / flops["total"],
-    }
+    return ModelInfo(
+        model=spec, fingerprint=fingerprint(config), layers=config["num_layers"],
+        heads=config["num_attention_heads"], head_dim=config["attention_head_dim"],
+        dim=config["num_attention_heads"] * config["attention_head_dim"], grid=grid.to_dict(), tokens=grid.tokens,
+        text_tokens=text_tokens, self_attention_flops_per_layer=flops["self_attention"] / config["num_layers"],
+        self_attention_flops=flops["self_attention"], forward_flops=flops["total"],
+        self_attention_share=flops["self_attention"] / flops["total"],
+    )

@@ -50,12 +50,8 @@ def self_attention_modules(model) -> dict[str, nn.Module]:
     return {self_attention_fqn(i): block.attn1 for i, block in enumerate(model.blocks)}
 
 
-def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None):
-    """Replace self-attention in `model` (a `WanTransformer3DModel`) according to `plan`, in place.
-
-    plan: a `Plan`, a path to a plan JSON, or a single variant config for every layer that
-    `filter_fn(module, fqn)` accepts. Returns the model.
-    """
+def check_plan(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None) -> Plan:
+    """The plan `apply` would carry out on `model`, checked against it; raises PlanError, changes nothing."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     elif isinstance(plan, VariantConfig):
@@ -66,7 +62,6 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
             {f: c for f, c in plan.layers.items() if filter_fn(model.get_submodule(f), f)},
             plan.grid, plan.budget, plan.meta,
         )
-
     if plan.num_layers != len(model.blocks):
         raise PlanError(f"the plan is for a model with {plan.num_layers} layers; this one has {len(model.blocks)}")
     model_print = fingerprint(model.config)
@@ -79,11 +74,21 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
     unknown = [fqn for fqn in plan.layers if fqn not in targets]
     if unknown:
         raise PlanError(f"plan layer {unknown[0]!r} is not a self-attention layer of this model")
+    return plan
 
-    processors: dict[str, AttentionVariant] = {}
-    for fqn, choice in plan.layers.items():
-        processors[fqn] = VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index(fqn))
 
+def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None):
+    """Replace self-attention in `model` (a `WanTransformer3DModel`) according to `plan`, in place.
+
+    plan: a `Plan`, a path to a plan JSON, or a single variant config for every layer that
+    `filter_fn(module, fqn)` accepts. Returns the model.
+    """
+    plan = check_plan(model, plan, filter_fn)
+    targets = self_attention_modules(model)
+    processors: dict[str, AttentionVariant] = {
+        fqn: VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index(fqn))
+        for fqn, choice in plan.layers.items()
+    }
     ctx = _grid_context(model)
     for fqn, processor in processors.items():
         processor.grid_context = ctx

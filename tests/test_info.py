@@ -19,7 +19,7 @@ def test_forward_flops_match_torch_flop_counter(tiny_model):
 
 def test_info_at_the_wan_1_3b_shape():
     info = model_info("wan2.1-t2v-1.3b", 81, 480, 832)
-    assert info["tokens"] == 32_760 and info["grid"] == {"frames": 21, "height": 30, "width": 52}
+    assert info.tokens == 32_760 and info.grid == {"frames": 21, "height": 30, "width": 52}
     # 4·H·S²·D = 6.594 TFLOP per layer (gpu-baselines.md)
-    assert abs(info["self_attention_flops_per_layer"] / 1e12 - 6.594) < 1e-3
-    assert 0.5 < info["self_attention_share"] < 0.8
+    assert abs(info.self_attention_flops_per_layer / 1e12 - 6.594) < 1e-3
+    assert 0.5 < info.self_attention_share < 0.8

@@ -176,8 +176,8 @@ def test_the_product_feeds_the_toy_its_own_clips_and_captions(tmp_path):
     assert torch.equal(inputs[1]["encoder_hidden_states"][0], rows["text_embeddings"][1])
     # eval samples from captions and compares decoded video; the teacher against itself is exact.
     report = evaluate("toy", "toy", samples=1, steps=1)
-    assert report["compared_on"] == "decoded video" and report["prompts"][0].split()[0] in ("a", "an")
-    assert report["velocity_error_mean"] == 0 and report["psnr_db"] == math.inf
+    assert report.compared_on == "decoded video" and report.prompts[0].split()[0] in ("a", "an")
+    assert report.velocity_error_mean == 0 and report.psnr_db == math.inf
 
 
 def test_direction_script_scores_a_model_spec(tmp_path):

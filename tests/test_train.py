@@ -54,13 +54,13 @@ def test_stage1_trains_only_new_attention_and_leaves_the_teacher_bit_identical(t
     for key, value in teacher_before.items():
         assert torch.equal(student[key], value), key  # stage 2 off: only processor tensors may differ
     assert set(student) - set(teacher_before) and all(".processor." in k for k in set(student) - set(teacher_before))
-    assert set(summary["stage1_losses"]) == {"blocks.1.attn1", "blocks.2.attn1"}
-    for first, last in summary["stage1_losses"].values():
+    assert set(summary.stage1_losses) == {"blocks.1.attn1", "blocks.2.attn1"}
+    for first, last in summary.stage1_losses.values():
         assert last < first
     # Uniform attention's loss is logged beside it: the mean of v against the teacher's output.
-    assert set(summary["stage1_uniform_attention"]) == set(summary["stage1_losses"])
-    for fqn, uniform in summary["stage1_uniform_attention"].items():
-        assert uniform > summary["stage1_losses"][fqn][1] > 0
+    assert set(summary.stage1_uniform_attention) == set(summary.stage1_losses)
+    for fqn, uniform in summary.stage1_uniform_attention.items():
+        assert uniform > summary.stage1_losses[fqn][1] > 0
     assert all(torch.equal(v, teacher_before[k]) for k, v in surgery.load_model("tiny").state_dict().items())
 
 

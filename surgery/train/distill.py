@@ -18,16 +18,17 @@ import dataclasses
 import json
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..swap import apply, variant_processors
+from ..swap import apply, check_plan, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..loading import load_model
-from ..model import conditioner, default_text_tokens
+from ..model import conditioner, default_text_tokens, resolve_grid
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
@@ -145,24 +146,48 @@ def _anneal_sparsity(student, targets, anneal, step: int) -> None:
         processor.config = dataclasses.replace(processor.config, sparsity=current)
 
 
-def distill(
-    spec: str,
-    recipe: Recipe,
-    out: str | Path,
-    *,
-    plan: Plan | None = None,
-    resume: bool = False,
-    progress=None,
-    stop_after: int | None = None,
-) -> dict:
-    """Run a recipe on model `spec`; write the run folder `out` and return a summary.
+@dataclass
+class DistillSummary:
+    """What a distill run did: the numbers `vsurgery distill` prints."""
 
-    out/: recipe.json, plan.json, metrics.jsonl, checkpoints/stage{1,2}/step-N/, student.safetensors,
-    run.json. With resume=True, continue the run in `out` from its newest checkpoint with the run's
-    own recipe and plan (the `recipe` argument is ignored), data order and optimiser state. stop_after: stop after that many steps, as a crash would.
+    run: str
+    attention_flops_ratio: float | None  # the plan's attention FLOPs over dense
+    stage1_final_loss: float | None = None
+    stage2_final_loss: float | None = None
+    # Per converted layer: the stage-1 loss at the start and the end (each the mean over a tenth of the steps).
+    stage1_losses: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Per layer: the same loss for uniform attention (every query gets the mean value), the yardstick.
+    stage1_uniform_attention: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OpenRun:
+    """A run folder ready to train: what it trains (model spec, recipe, plan) and against what."""
+
+    out: Path
+    spec: str
+    recipe: Recipe
+    plan: Plan
+    teacher: torch.nn.Module
+    dataset: object  # a `datasets.Dataset` of latents and text embeddings
+    accelerator: object
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def sampler(self, stage: int) -> StepSampler:
+        acc = self.accelerator
+        return StepSampler(self.dataset, self.recipe.data.batch_size, self.recipe.train.seed, stage,
+                           acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)))
+
+
+def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bool) -> OpenRun:
+    """A new run (planned, checked, then written) or a resumed one (its own recipe and plan).
+
+    Everything that can reject the input — the plan against the teacher, the data source — runs before
+    a new folder is written, so a rejected run leaves nothing behind.
     """
-    out = Path(out)
-    accelerator = _accelerator(recipe)
     if resume:
         if not (out / "run.json").exists():
             raise SurgeryError(f"--resume: {out} is not a run folder (no run.json)")
@@ -176,95 +201,125 @@ def distill(
     elif out.exists() and any(out.iterdir()):
         raise SurgeryError(f"{out} already exists and is not empty; choose a new --out or pass --resume")
 
+    accelerator = _accelerator(recipe)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
-    device = accelerator.device
-    teacher = load_model(spec).to(device)
+    teacher = load_model(spec).to(accelerator.device)
     teacher.requires_grad_(False)
-    if plan is None:
-        from ..planner import make_plan
-
-        p = recipe.plan
-        if p.path:
-            plan = Plan.load(p.path)
-        else:
-            plan = make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
-                             seed=recipe.train.seed, model=teacher,
-                             data=recipe.data.path if recipe.data.source == "dataset" else None)
+    plan = plan if plan is not None else _plan_for(spec, recipe, teacher)
+    check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
+    grid = plan.grid or resolve_grid(spec, dict(teacher.config))
+    dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
     if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", recipe.to_dict())
         plan.save(out / "plan.json")
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": False,
                                              "stage2_mode": recipe.stage2.mode})
+    return OpenRun(out, spec, recipe, plan, teacher, dataset, accelerator)
 
-    grid = plan.grid
-    if grid is None:
-        from ..model import resolve_grid
 
-        grid = resolve_grid(spec, dict(teacher.config))
-    dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
-    dtype = next(teacher.parameters()).dtype
-    rank, world = accelerator.process_index, accelerator.num_processes
-    metrics_path = out / "metrics.jsonl"
-    summary: dict = {"run": str(out), "plan": plan.to_dict().get("flops_ratio")}
+def _plan_for(spec: str, recipe: Recipe, teacher) -> Plan:
+    """The recipe's plan: a plan file it names, or one made now for its budget."""
+    p = recipe.plan
+    if p.path:
+        return Plan.load(p.path)
+    from ..planner import make_plan
 
-    # Stage 1: attention transfer, only where the new attention has parameters.
-    student = build_student(teacher, plan, recipe, stage=1)
-    stage1_done = out / "stage1.safetensors"
-    accelerator.wait_for_everyone()
-    condition = conditioner(dict(teacher.config))
-    step1, processors = stage1_step_fn(teacher, student, StepSampler(dataset, recipe.data.batch_size,
-                                        recipe.train.seed, 1, rank, world, condition), device, dtype)
-    if not stage1_done.exists():
-        if processors and recipe.stage1.steps:
-            params = trainable(student)
-            # A parameter's variant is its layer's in the plan: "blocks.3.attn1.processor.gate_compress.weight".
-            lr_scales = {name: recipe.stage1.lr_scale(plan.layers[name.split(".processor.")[0]].variant)
-                         for name in params}
-            last, ran = run_stage(
-                "stage1", params, step1, recipe.stage1,
-                out / "checkpoints" / "stage1", metrics_path, recipe.train.checkpoint_every,
-                # Stage-1 losses backpropagate inside the teacher's forward, outside any DDP wrapper.
-                accelerator=accelerator, progress=progress, stop_after=stop_after, sync_grads=True,
-                lr_scales=lr_scales,
-            )
-            summary["stage1_final_loss"] = last.get("loss")
-            stop_after = None if stop_after is None else stop_after - ran
-        if accelerator.is_main_process:
-            atomic_save_safetensors(trainable(student), stage1_done)
-        accelerator.wait_for_everyone()
-    else:
-        _load_into(student, stage1_done)
+    return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
+                     seed=recipe.train.seed, model=teacher,
+                     data=recipe.data.path if recipe.data.source == "dataset" else None)
 
-    # Stage 2: fine-tune the student end to end.
-    uses_lora = recipe.stage2.steps > 0 and recipe.stage2.mode == "lora"
-    if recipe.stage2.steps:
-        stage1_state = {k: v.detach().clone() for k, v in trainable(student).items()}
-        student = build_student(teacher, plan, recipe, stage=2)
-        with torch.no_grad():
-            for name, tensor in stage1_state.items():
-                student.get_parameter(name).copy_(tensor)
-        student.train()
-        student = accelerator.prepare(student)
-        sampler = StepSampler(dataset, recipe.data.batch_size, recipe.train.seed, 2, rank, world, condition)
-        step2 = stage2_step_fn(teacher, student, sampler, recipe, device, dtype, plan, accelerator)
-        last, _ = run_stage(
-            "stage2", trainable(student), step2, recipe.stage2,
-            out / "checkpoints" / "stage2", metrics_path, recipe.train.checkpoint_every,
-            accelerator=accelerator, progress=progress, stop_after=stop_after,
+
+def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:
+    """Attention transfer where the new attention has parameters; the result is kept in stage1.safetensors,
+    so a resumed run skips a finished stage 1. Returns (student, final loss or None, steps run here)."""
+    recipe, acc = run.recipe, run.accelerator
+    student = build_student(run.teacher, run.plan, recipe, stage=1)
+    done = run.out / "stage1.safetensors"
+    acc.wait_for_everyone()
+    if done.exists():
+        _load_into(student, done)
+        return student, None, 0
+    dtype = next(run.teacher.parameters()).dtype
+    step, processors = stage1_step_fn(run.teacher, student, run.sampler(1), acc.device, dtype)
+    final_loss, ran = None, 0
+    if processors and recipe.stage1.steps:
+        params = trainable(student)
+        # A parameter's variant is its layer's in the plan: "blocks.3.attn1.processor.gate_compress.weight".
+        lr_scales = {name: recipe.stage1.lr_scale(run.plan.layers[name.split(".processor.")[0]].variant)
+                     for name in params}
+        last, ran = run_stage(
+            "stage1", params, step, recipe.stage1, run.out / "checkpoints" / "stage1", run.metrics_path,
+            recipe.train.checkpoint_every,
+            # Stage-1 losses backpropagate inside the teacher's forward, outside any DDP wrapper.
+            accelerator=acc, progress=progress, stop_after=stop_after, sync_grads=True, lr_scales=lr_scales,
         )
-        summary["stage2_final_loss"] = last.get("loss")
-        student = accelerator.unwrap_model(student)
-    student.eval()
+        final_loss = last.get("loss")
+    if acc.is_main_process:
+        atomic_save_safetensors(trainable(student), done)
+    acc.wait_for_everyone()
+    return student, final_loss, ran
 
-    if accelerator.is_main_process:
-        atomic_save_safetensors(student.state_dict(), out / "student.safetensors")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": True,
+
+def train_stage2(run: OpenRun, stage1_student, progress=None, stop_after: int | None = None):
+    """The student end to end (LoRA or full), starting from stage 1's attention. Returns (student, final loss)."""
+    recipe, acc = run.recipe, run.accelerator
+    stage1_state = {k: v.detach().clone() for k, v in trainable(stage1_student).items()}
+    student = build_student(run.teacher, run.plan, recipe, stage=2)
+    with torch.no_grad():
+        for name, tensor in stage1_state.items():
+            student.get_parameter(name).copy_(tensor)
+    student.train()
+    student = acc.prepare(student)
+    dtype = next(run.teacher.parameters()).dtype
+    step = stage2_step_fn(run.teacher, student, run.sampler(2), recipe, acc.device, dtype, run.plan, acc)
+    last, _ = run_stage(
+        "stage2", trainable(student), step, recipe.stage2, run.out / "checkpoints" / "stage2", run.metrics_path,
+        recipe.train.checkpoint_every, accelerator=acc, progress=progress, stop_after=stop_after,
+    )
+    return acc.unwrap_model(student), last.get("loss")
+
+
+def finish_run(run: OpenRun, student) -> None:
+    """Write the student, drop the checkpoints and mark the run finished."""
+    if not run.accelerator.is_main_process:
+        return
+    recipe = run.recipe
+    uses_lora = recipe.stage2.steps > 0 and recipe.stage2.mode == "lora"
+    atomic_save_safetensors(student.state_dict(), run.out / "student.safetensors")
+    shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
+    atomic_write_json(run.out / "run.json", {"model": run.spec, "recipe": recipe.name, "finished": True,
                                              "stage2_mode": recipe.stage2.mode,
                                              "lora": _lora_settings(recipe) if uses_lora else None})
-    summary["stage1_losses"], summary["stage1_uniform_attention"] = _stage1_curve(metrics_path)
+
+
+def distill(
+    spec: str,
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    plan: Plan | None = None,
+    resume: bool = False,
+    progress=None,
+    stop_after: int | None = None,
+) -> DistillSummary:
+    """Run a recipe on model `spec`; write the run folder `out` and return a summary.
+
+    out/: recipe.json, plan.json, run.json, metrics.jsonl, checkpoints/stage{1,2}/step-N/ (while running),
+    stage1.safetensors, student.safetensors. With resume=True, continue the run in `out` from its newest
+    checkpoint with the run's own recipe and plan (the `recipe` argument is ignored), data order and
+    optimiser state. stop_after: stop after that many steps, as a crash would.
+    """
+    run = open_run(spec, recipe, Path(out), plan, resume)
+    summary = DistillSummary(str(run.out), run.plan.to_dict().get("flops_ratio"))
+    student, summary.stage1_final_loss, ran = train_stage1(run, progress, stop_after)
+    if run.recipe.stage2.steps:
+        stop_after = None if stop_after is None else stop_after - ran
+        student, summary.stage2_final_loss = train_stage2(run, student, progress, stop_after)
+    student.eval()
+    finish_run(run, student)
+    summary.stage1_losses, summary.stage1_uniform_attention = _stage1_curve(run.metrics_path)
     return summary
 
 
