@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The GPU runs the issues ask for, grouped so that each group fits one 10-minute device call.
+# The GPU runs behind BENCHMARKS.md, in groups of at most ten minutes each on one H100.
 #
 #   bash bench/gpu_checks.sh tests kernels      # groups run in the order given; logs and JSON under $OUT
 #
 # Groups: tests (every GPU-marked test), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
 # R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
-# The GPU machine has no package index: the wheels it lacks come from .whl/ (bash
-# ../shared/gpu/wheels.sh fetches them; carry ".whl" with the call).
+# Wheels in .whl/ (the peer kernels, or packages a machine without a package index lacks) are installed
+# first into /tmp/site, offline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
 export PYTHONPATH=/tmp/site:$PWD
 
 for group in "$@"; do

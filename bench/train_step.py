@@ -5,7 +5,7 @@
 
 Random weights (timing and memory do not depend on their values), bf16, the library's own stage
 step functions (surgery.train.distill), gradient checkpointing in stage 2, LoRA on the default
-targets. Prints one line per stage; numbers go to BENCHMARKS.md by hand, with device and versions.
+targets. Prints one line per stage; BENCHMARKS.md, "Training steps", records them with device and versions.
 """
 
 from __future__ import annotations

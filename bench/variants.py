@@ -17,7 +17,7 @@ above what was allocated before it. Rows:
   vsa), same sparsity and top-k, in two forms: (1) wrapped as FastVideo's VSA layer wraps it (same gate
   projection; q, k, v, gate stacked and scattered into zero-padded 64-token tiles, [B, H, S_pad, D] copies,
   the op, one gather back to raster order); (2) the op alone on already tiled and padded [B, H, S_pad, D]
-  inputs with the gate values given, the form of the issue's peer figures (no permutation, no projection).
+  inputs with the gate values given, the form of the peers' published figures (no permutation, no projection).
 - ours `vmoba`: `VideoMixtureOfBlockAttention.attend_kernel`, global threshold τ = 0.25, at layers 0, 1, 2
   (1D, 2D, 3D blocks). Target: time ≤ density × cuDNN dense time / 0.8, with the density the variant
   measured (query-key pairs attended / S²), printed next to the share the path computes. On CUDA, one row

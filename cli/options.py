@@ -12,7 +12,8 @@ Model = Annotated[
     str,
     typer.Option(
         "--model", "-m",
-        help="'tiny' (built in, offline), a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b), a diffusers folder or a hub id.",
+        help="The model (eval and bench: the teacher): 'tiny' (built in, random weights), 'toy' (a small trained "
+        "teacher, shipped), a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b), a diffusers folder or a hub id.",
     ),
 ]
 Frames = Annotated[Optional[int], typer.Option(help="Video frames (4k+1 for Wan's VAE); default: the model's.")]

@@ -25,7 +25,7 @@ The backward recomputes the scores in two passes with no atomics, so it is deter
 pass for dq (same walk as the forward) and a key-major pass for dk, dv that walks the transposed map
 (for each key block, the query tiles that visit it; built by one sort of the index). That is 7 matmuls
 per block pair against 5 for a single pass that adds dq atomically, which measured 1.4–1.6× slower here
-(its fp32 reductions: bench/NOTES.md, session 6).
+(its fp32 reductions: bench/NOTES.md, "Block-sparse op").
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from .common import (LN2, LOG2E, attn_bwd_preprocess_kernel, check_qkv, dkv_step
 
 # Key blocks up to this many tokens are loaded as one tile (the single-loop path); longer ones are chunked.
 MAX_FITTED_BLOCK = 128
-# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md). "chunked" (key blocks longer than
-# MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
+# Launch settings, swept at head_dim 128 on H100 and H200 (bench/NOTES.md, "Launch settings"). "chunked" (key
+# blocks longer than MAX_FITTED_BLOCK, all three kernels) also sets the chunk length BLOCK_N.
 CONFIGS = {
     "fwd": dict(num_warps=4, num_stages=3),
     "dq": dict(num_warps=4, num_stages=2),
@@ -80,7 +80,7 @@ def block_sparse_attn_fwd_kernel(
 ):
     # K/V load through TMA descriptors (`row_blocks`): k_rows, v_rows in BLOCK_N-row steps, k_half, v_half in
     # HALF_N-row ones. Against pointer loads on an H100, −9% at 87.5% and 75% of tiles skipped; the backward
-    # kernels, which load the same way, −5 to −7% (bench/NOTES.md "Session 10").
+    # kernels, which load the same way, −5 to −7% (bench/NOTES.md "Block-sparse op").
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E

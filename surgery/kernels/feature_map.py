@@ -31,8 +31,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from .common import LOG2E, input_precision
 
-# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23:
-# fwd 0.138 ms; bwd 0.602 ms fwd+bwd in session 9's sweep, against 0.620–0.659 at 64 tokens). The tests shrink
+# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (fwd 0.138 ms;
+# bwd 0.602 ms fwd+bwd, against 0.620–0.659 at 64 tokens; bench/NOTES.md, "Launch settings"). The tests shrink
 # the blocks.
 CONFIGS = {
     "fwd": dict(BLOCK_S=64, num_warps=8),

@@ -9,7 +9,7 @@ and the linear summary KV = Σ_{j∈T_L} φ_k(k_j)ᵀ[v_j, 1] ([2F, D+1], made b
 
 Forward: one program per (query block, batch·head) runs an online softmax over T_S, loading k[:, j·R] and
 v[:, j·R] with TMA through descriptors over the strided views k[:, ::R], v[:, ::R] (no gather copy; against
-pointer loads, −10% at R = 8 and −13% at R = 4 on an H100, bench/NOTES-hybrid.md), and tracks the running
+pointer loads, −10% at R = 8 and −13% at R = 4 on an H100, bench/NOTES.md), and tracks the running
 max m, sum l and the argmax key. At the end m = c, so acc and l are already in units of exp(s − c) and the
 linear terms φ_q·KV are added unscaled: out = (acc + N) / (l + E). It stores the denominator den = l + E,
 lse = c + ln den and the argmax. Where no input needs a gradient (inference) it tracks and stores none of
@@ -56,7 +56,7 @@ from .common import (LN2, LOG2E, check_qkv, dkv_ds, dq_slot_steps, fitted_to_dty
 from .cudnn_attention import cudnn_attention_applies, cudnn_attention_backward
 
 # Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, R = 4 on H100
-# (bench/NOTES-hybrid.md; fwd and fwd_inference from session 10, with TMA key loads); the tests shrink the
+# (bench/NOTES.md, "Launch settings"; fwd and fwd_inference with TMA key loads); the tests shrink the
 # blocks.
 CONFIGS = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
@@ -120,7 +120,7 @@ def hybrid_fwd_kernel(
         kvd_base = kv_den + i_bh.to(tl.int64) * F2
         # Not software-pipelined: with Triton 3.6 on an H100, pipelining this loop behind the pipelined key loop
         # raced (outputs differed from call to call in ~12% of elements, lse equal); at 4 short steps it costs
-        # nothing (bench/NOTES-hybrid.md).
+        # nothing (bench/NOTES.md, "Hybrid and linear").
         for f0 in tl.range(0, F2, BLOCK_F, num_stages=1):
             offs_f = f0 + tl.arange(0, BLOCK_F)
             f_ok = offs_f < F2

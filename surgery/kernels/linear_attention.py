@@ -45,8 +45,8 @@ from . import feature_map as fm
 from .common import input_precision
 from .feature_map import block_phi, parameter_grads, phi_tile, softmax_jacobian
 
-# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (2026-11-23,
-# bench/NOTES-hybrid.md; the summary's two [F, 128] fp32 accumulators fit at 8 warps with 32-key steps). CHUNK_S
+# Launch settings: the fastest of `bench/hybrid.py --sweep` at head_dim 128, F = 128 on an H100 (bench/NOTES.md,
+# "Launch settings"; the summary's two [F, 128] fp32 accumulators fit at 8 warps with 32-key steps). CHUNK_S
 # gives 32 chunks × 12 heads = 384 summary programs at Wan-1.3B's 32,760 tokens. The tests shrink the blocks.
 CONFIGS = {
     "summary": dict(BLOCK_S=32, BLOCK_D=128, CHUNK_S=1024, num_warps=8),

@@ -16,7 +16,7 @@ than gathering them every step (2–5% off a layer's forward+backward on an H100
 The per-pair buffers take memory in proportion to the pairs; where they could outgrow PARTIAL_BYTES, heads run
 in groups (`head_groups`), each group's buffers freed before the next. The forward and dq load keys and values,
 and dk/dv the stored pair rows, through TMA descriptors, and only a block's last step is masked (against pointer
-loads with a mask on every step: 7–10% off the op's forward+backward on an H100, bench/NOTES.md "Session 10").
+loads with a mask on every step: 7–10% off the op's forward+backward on an H100, bench/NOTES.md "VMoBA").
 
 On GPUs where cuDNN's attention applies, the attention itself goes to cuDNN instead (`PaddedProblems`): every
 (batch, key block, head) is one dense problem, the queries that chose the block against the block's keys, its
@@ -48,10 +48,10 @@ PARTIAL_BYTES = 8 * 2**30
 # The cuDNN path runs where the longest key block has at least MIN_PADDED_KEYS tokens, while real pairs fill at
 # least MIN_PADDED_FILL of its padded rows. Its gathers into padded rows cost per pair, its attention per pair and
 # key, and it holds more memory (padded q, dO, o and dq). H100, fwd+bwd against the Triton kernels (bench/NOTES.md,
-# "Session 8"): VMoBA's 1D layers win clearly (4,680-key blocks 14.8 against 17.9 ms at the 1.3B shape; 10,800
+# "VMoBA"): VMoBA's 1D layers win clearly (4,680-key blocks 14.8 against 17.9 ms at the 1.3B shape; 10,800
 # keys at 720p 63.0 against 83.5); 2D layers' 1,365-key blocks break even (1.3B 18.7 against 19.8, 720p 104.1
 # against 101.8) at 1.7× the peak memory; 3D layers' 455 keys lose (31.7 against 28.0). The attention alone broke
-# even near a fill of 0.63 ("Session 7").
+# even near a fill of 0.63.
 MIN_PADDED_KEYS = 2048
 MIN_PADDED_FILL = 0.7
 # Mask entries (queries × blocks, padded to a power of two) per program of the pair-listing kernels.
@@ -59,7 +59,7 @@ LIST_ENTRIES = 4096
 # Rows per program of the padding gather.
 GATHER_ROWS = 32
 # Launch settings, swept at head_dim 128 on an H100 (`bench/variants.py --sweep`, VMoBA 1D layer, 1.3B shape;
-# dkv's stages from an A/B over the 1D, 2D and 3D layers with TMA loads, bench/NOTES.md "Session 10"):
+# dkv's stages from an A/B over the 1D, 2D and 3D layers with TMA loads, bench/NOTES.md "VMoBA"):
 # BLOCK_N keys per step; dkv's BLOCK_M query rows per step.
 CONFIGS = {
     "fwd": dict(BLOCK_N=64, num_warps=4, num_stages=3),

@@ -35,7 +35,7 @@ SEARCH_PASSES = 8
 ONE_BITS = tl.constexpr(0x3F800000)
 CHUNK = 4096  # pairs per program
 # The search passes at Wan-1.3B's 3D layer on an H100 (8 passes, ms): 4096 pairs × 8 warps 1.50, × 4 warps 1.73;
-# 1024 × 2 1.65, × 4 2.00; fewer warps per pair spill (bench/NOTES.md "Session 11").
+# 1024 × 2 1.65, × 4 2.00; fewer warps per pair spill (bench/NOTES.md "Launch settings").
 SEARCH_WARPS = 8
 
 
