@@ -51,7 +51,7 @@ def self_attention_modules(model) -> dict[str, nn.Module]:
 
 
 def check_plan(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None) -> Plan:
-    """The plan `apply` would carry out on `model`, checked against it; raises PlanError, changes nothing."""
+    """The plan `apply` would follow on `model`, checked against it; raises PlanError, changes nothing."""
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     elif isinstance(plan, VariantConfig):

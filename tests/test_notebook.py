@@ -32,7 +32,7 @@ def test_tour_runs_in_order_on_tiny(tmp_path, monkeypatch):
     pngs = [r._repr_png_() for r in results if hasattr(r, "_repr_png_")]
     assert html and "<table>" in html[0], "the plan as a table"
     assert pngs and pngs[0].startswith(b"\x89PNG"), "one picture"
-    assert namespace["report"]["psnr_db"] > 0
+    assert namespace["report"].psnr_db > 0
 
 
 def test_tour_ships_with_small_plain_outputs():
