@@ -3,7 +3,7 @@
 `variants.vmoba.select_blocks_threshold` is the spec: per (batch, head), over all S·n (query, block) pairs,
 min-max normalised weights w, every query's own-block pair kept and counted first, then the others by
 descending w (ties to the lower raster index) while the pairs ranked above hold at most τ of Σw. It sorts
-each head's 2.36 M weights at Wan-1.3B's 3D layer (2.30 ms of its 4.55 on an H100, BENCHMARKS.md).
+each head's 2.36 M weights at Wan-1.3B's 3D layer (2.30 ms of its 4.55 on an H100, bench/NOTES.md "VMoBA").
 
 The kept non-own pairs are those above a cutoff weight plus the first few ties at it, so the cutoff can be
 searched for instead of sorted. With g(t) = own + Σ{w : key ≥ t} (key: the fp32 bits of w, which order like

@@ -11,7 +11,7 @@
 
 - `top_tiles(tile_scores, top_k)`: each query tile's `top_k` best-scoring key tiles (ties to the lower id),
   listed by id: the fine stage's selection without sorting every row (a stable sort of the [B, H, n, n]
-  scores took 0.20–0.25 ms at Wan-1.3B's 624 tiles on an H100, BENCHMARKS.md).
+  scores took 0.20–0.25 ms at Wan-1.3B's 624 tiles on an H100, bench/NOTES.md "VSA path").
 
 Tile i is tile-order positions `offsets[i]:offsets[i + 1]` (partial tiles are shorter; nothing is
 padded) and `order[p]` is the raster token at position p (`grid.block_layout`). One program per
