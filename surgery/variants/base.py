@@ -7,7 +7,9 @@ with the model. It owns four things:
 - `Config`: a frozen dataclass of its settings, validated on construction;
 - `flops(config, grid, heads, head_dim)`: its cost model, pure arithmetic; the planner's only view;
 - `attend_reference(q, k, v, grid, x)`: its math in plain PyTorch, the definition kernels must match;
-- `attend_kernel(...)`: its fast path on CUDA, where it has one (`backend="torch"` forces the reference).
+- `attend_kernel(...)`: its fast path on CUDA, where it has one (`backend="torch"` forces the reference);
+- `training_free`: whether it is usable as built, before any distillation (a plan of such variants can be
+  exported and run without a distill run).
 
 Everything else — projections, RMS norms, rotary embedding, output projection — is Wan's own
 self-attention path, reproduced exactly in `forward`.
@@ -16,7 +18,9 @@ self-attention path, reproduced exactly in `forward`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+import weakref
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +58,9 @@ class AttentionVariant(nn.Module):
     Config: ClassVar[type[VariantConfig]]
     # Settings the planner tries for this variant (parameters for Config.from_dict).
     plan_candidates: ClassVar[tuple[dict, ...]] = ({},)
+    # Usable as built: its new parameters start where the output is already meaningful (VSA's zero gate),
+    # or it has none. Learned feature maps are not: they need stage-1 distillation first.
+    training_free: ClassVar[bool] = True
     # Matches diffusers' processors, so `model.set_attention_backend(...)` keeps working.
     _attention_backend = None
     _parallel_config = None
@@ -109,6 +116,11 @@ class AttentionVariant(nn.Module):
 
     def attend(self, q, k, v, grid: VideoGrid, x: torch.Tensor | None = None) -> torch.Tensor:
         if self.attend_kernel is not None and self.backend == "auto" and q.is_cuda:
+            if torch.compiler.is_compiling():
+                # One opaque op for torch.compile: the kernels' launches, host syncs and autograd.Functions
+                # stay out of the traced graph, so a compiled block has no graph break here.
+                return torch.ops.vsurgery.variant_attention(
+                    q, k, v, x, list(self.parameters()), list(grid.shape), _live_processor_id(self))
             return self.attend_kernel(q, k, v, grid, x)
         return self.attend_reference(q, k, v, grid, x)
 
@@ -153,3 +165,54 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
 
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ---- the kernel path as one custom op, for torch.compile ---------------------------------------------
+# Processors are found by a number baked into the compiled graph (ops take tensors and plain values only).
+_LIVE_PROCESSORS: "weakref.WeakValueDictionary[int, AttentionVariant]" = weakref.WeakValueDictionary()
+_PROCESSOR_IDS = itertools.count()
+
+
+def _live_processor_id(processor: AttentionVariant) -> int:
+    key = getattr(processor, "_live_id", None)
+    if key is None:
+        key = processor._live_id = next(_PROCESSOR_IDS)
+        _LIVE_PROCESSORS[key] = processor
+    return key
+
+
+@torch.library.custom_op("vsurgery::variant_attention", mutates_args=())
+def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None,
+                      params: list[torch.Tensor], grid: list[int], processor: int) -> torch.Tensor:
+    """`attend_kernel` of live processor `processor` on q, k, v [B, S, H, D] (x [B, S, dim]) at `grid`.
+    `params` are the processor's parameters, passed so that autograd sees the output depend on them."""
+    return _LIVE_PROCESSORS[processor].attend_kernel(q, k, v, VideoGrid(*grid), x)
+
+
+@variant_attention.register_fake
+def _(q, k, v, x, params, grid, processor):
+    return torch.empty_like(q)
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, x, params, grid, processor = inputs
+    ctx.save_for_backward(q, k, v, x)
+    ctx.needs = [t is not None and t.requires_grad for t in (q, k, v, x)]
+    ctx.grid, ctx.processor = grid, processor
+
+
+def _backward(ctx, grad_out):
+    """Recompute the kernel path under autograd and take its gradients (the compiled forward keeps no graph):
+    what gradient checkpointing costs, paid only by compiled training."""
+    processor = _LIVE_PROCESSORS[ctx.processor]
+    inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(ctx.saved_tensors, ctx.needs)]
+    params = list(processor.parameters())  # the leaves attend_kernel reads, in the order they were passed
+    with torch.enable_grad():
+        out = processor.attend_kernel(*inputs[:3], VideoGrid(*ctx.grid), inputs[3])
+        wanted = [t for t in [*inputs, *params] if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
+    input_grads = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+    return (*input_grads, [next(grads) if p.requires_grad else None for p in params], None, None)
+
+
+variant_attention.register_autograd(_backward, setup_context=_setup_backward)

@@ -104,6 +104,7 @@ class FeatureMapAttention(AttentionVariant):
     """Base of the variants with learned φ_q and φ_k: one separate pair per layer (processor)."""
 
     config: FeatureMapConfig
+    training_free = False  # an untrained φ only approximates softmax attention loosely: distill first
 
     def __init__(self, config: FeatureMapConfig, *, heads: int, head_dim: int, dim: int, layer_index: int = 0):
         super().__init__(config, heads=heads, head_dim=head_dim, dim=dim, layer_index=layer_index)

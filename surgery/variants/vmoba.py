@@ -88,7 +88,7 @@ def select_blocks_topk(scores: torch.Tensor, own_block: torch.Tensor, top_k: int
 
     scores: [B, H, S, n]; own_block: [S] block id of each query token. Returns [B, H, S, n] bool.
     """
-    own = torch.nn.functional.one_hot(own_block, scores.shape[-1]).bool()  # [S, n]
+    own = own_block[:, None] == torch.arange(scores.shape[-1], device=own_block.device)  # [S, n]
     ranked = scores.masked_fill(own, float("inf")).sort(dim=-1, descending=True, stable=True).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, ranked[..., :top_k], True)
 
@@ -97,7 +97,7 @@ def threshold_weights(scores: torch.Tensor, own_block: torch.Tensor) -> tuple[to
     """What threshold selection ranks, per (batch, head): the min-max normalised weights of the non-own pairs,
     with the own-block pairs set to −1, [B, H, S·n] in the scores' dtype; and the own pairs' weight in fp64,
     [B, H, 1]. scores: [B, H, S, n]; own_block: [S] block id of each query token."""
-    own = torch.nn.functional.one_hot(own_block, scores.shape[-1]).bool().flatten()  # [S·n]
+    own = (own_block[:, None] == torch.arange(scores.shape[-1], device=own_block.device)).flatten()  # [S·n]
     flat = scores.flatten(2)  # [B, H, S·n]
     low = flat.amin(dim=-1, keepdim=True)
     span = flat.amax(dim=-1, keepdim=True) - low
