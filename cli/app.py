@@ -74,15 +74,22 @@ def plan(
     data: Annotated[
         Optional[str], typer.Option(help="A datasets folder (latents, text_embeddings) to calibrate on.")
     ] = None,
+    cost: Annotated[str, typer.Option(
+        help="What the budget limits: 'flops' (attention FLOPs, from cost models) or 'latency' (the step time "
+             "predicted from attention timed on this GPU; needs CUDA).")] = "flops",
+    timing: Annotated[str, typer.Option(
+        "--for", help="With --cost latency: time 'inference' (forward) or 'training' (forward + backward).")
+    ] = "inference",
     json: opt.Json = False,
 ):
-    """Measure each layer's sensitivity and pick a variant per layer under a FLOP budget."""
+    """Measure each layer's sensitivity and pick a variant per layer under a FLOP or step-time budget."""
     from surgery.planner import make_plan
 
     with output.progress("calibrating") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
-            frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, progress=update,
+            frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
+            timing=timing, progress=update,
         )
     if out is not None:
         result.save(out)
@@ -116,14 +123,21 @@ def distill(
 
 @command
 def export(
-    run: Annotated[Path, typer.Option(help="A finished distill run folder.")],
+    run: Annotated[Optional[Path], typer.Option(help="A finished distill run folder.")] = None,
+    model: opt.Model = "tiny",
+    plan: opt.TrainingFreePlan = None,
     out: Annotated[Path, typer.Option(help="Folder to write (must not exist).")] = Path("exported"),
     merge_lora: Annotated[bool, typer.Option(help="Fold LoRA weights into the base weights.")] = False,
 ):
-    """Write the student as a diffusers folder that loads back retrofitted."""
-    from surgery.exporting import export as run_export
+    """Write a student as a diffusers folder that loads back retrofitted: a distill run's (--run), or --model
+    with a training-free --plan (no distillation)."""
+    from surgery.exporting import export as export_run
+    from surgery.exporting import export_planned
 
-    output.console.print(f"exported to {run_export(run, out, merge_lora=merge_lora)}")
+    if (run is None) == (plan is None):
+        raise SurgeryError("give either --run (a distill run) or --plan (a training-free plan for --model)")
+    written = export_run(run, out, merge_lora=merge_lora) if run is not None else export_planned(model, plan, out)
+    output.console.print(f"exported to {written}")
 
 
 @command
@@ -136,18 +150,21 @@ def generate(
     width: opt.Width = None,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    plan: opt.TrainingFreePlan = None,
 ):
     """Generate a video with a (retrofitted) model."""
     from surgery.evaluate import generate as run_generate
 
-    path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps, seed=seed)
+    path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps, seed=seed,
+                               plan=plan)
     output.console.print(f"wrote {path} ({count} frames)")
 
 
 @command(name="eval")
 def eval_(
-    student: Annotated[str, typer.Option(help="The student: an export folder (or any model spec).")],
+    student: Annotated[Optional[str], typer.Option(help="The student: an export folder (or any model spec).")] = None,
     teacher: opt.Model = "tiny",
+    plan: opt.TrainingFreePlan = None,
     samples: Annotated[int, typer.Option(min=1, help="Seeded generations to compare.")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
@@ -156,25 +173,33 @@ def eval_(
     """Compare a student with its teacher on the same seeds: velocity error, latent error, PSNR/SSIM."""
     from surgery.evaluate import evaluate
 
-    report = evaluate(student, teacher, samples=samples, steps=steps, seed=seed)
+    report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed)
     output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 
 @command
 def bench(
-    student: Annotated[str, typer.Option(help="The student: an export folder (or any model spec).")],
-    teacher: opt.Model = "tiny",
-    repeats: Annotated[int, typer.Option(min=1, help="Timed forwards of each model (median reported).")] = 5,
+    model: opt.Model = "tiny",
+    student: Annotated[Optional[str], typer.Option(help="The student: an export folder of --model.")] = None,
+    plan: Annotated[Optional[Path], typer.Option(
+        help="Or a plan applied to --model (training-free; learned variants run untrained, for speed only).")] = None,
     frames: opt.Frames = None,
     height: opt.Height = None,
     width: opt.Width = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed steps of each row (median reported).")] = 5,
+    guidance: Annotated[bool, typer.Option(help="Two transformer calls a step (classifier-free guidance).")] = True,
+    video: Annotated[bool, typer.Option(help="Also time whole generations (text encoder, steps, VAE decode).")] = False,
+    steps: Annotated[int, typer.Option(min=1, help="Denoising steps of --video.")] = 50,
+    compile: Annotated[bool, typer.Option(help="Compile both models' blocks (torch.compile).")] = False,
     json: opt.Json = False,
 ):
-    """Time student and teacher forwards on this device, next to the student's attention FLOPs."""
+    """Time a denoising step (and with --video a whole video) of the stock model, the model with its attention
+    core skipped (the ceiling) and the student, on this device."""
     from surgery.benchmark import benchmark
 
-    report = benchmark(student, teacher, repeats=repeats, frames=frames, height=height, width=width)
-    output.print_json(report) if json else output.show_bench(report)
+    report = benchmark(model, student=student, plan=plan, frames=frames, height=height, width=width, repeats=repeats,
+                       guidance=guidance, video=video, video_steps=steps, compile=compile)
+    output.print_json(report.to_dict()) if json else output.show_bench(report)
 
 
 @command

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -20,6 +21,10 @@ Frames = Annotated[Optional[int], typer.Option(help="Video frames (4k+1 for Wan'
 Height = Annotated[Optional[int], typer.Option(help="Video height in pixels (multiple of 16); default: the model's.")]
 Width = Annotated[Optional[int], typer.Option(help="Video width in pixels (multiple of 16); default: the model's.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+TrainingFreePlan = Annotated[
+    Optional[Path],
+    typer.Option("--plan", help="A plan JSON applied to --model with no distillation (training-free variants only)."),
+]
 
 
 def split_names(value: str | None) -> list[str] | None:

@@ -121,6 +121,13 @@ def show_plan(plan, path=None) -> None:
         f"({human_flops(data['dense_flops'])}); total error {data['total_error']:.4f}; "
         f"optimality gap ≤ {solver['optimality_gap']:.2g} ({solver['method']})"
     )
+    latency = data.get("latency")
+    if latency:
+        console.print(
+            f"predicted step on {latency['device']} ({latency['timing']}): {latency['predicted_step_ms']:.1f} ms "
+            f"against {latency['stock_step_ms']:.1f} ms stock = {latency['predicted_speedup']:.2f}× "
+            f"(attention-free floor {latency['skipped_attention_step_ms']:.1f} ms)"
+        )
     if path is not None:
         console.print(f"wrote {path}")
 
@@ -198,15 +205,29 @@ def show_run(summary) -> None:
     )
 
 
-def show_bench(report: dict) -> None:
-    key_value_table(
-        f"{report['student']} vs {report['teacher']} on {report['device']} (torch {report['torch']})",
-        [
-            ("grid", "{frames}×{height}×{width}".format(**report["grid"])),
-            ("converted self-attention layers", str(report["converted_layers"])),
-            ("attention FLOPs vs dense", f"{report['attention_flops_ratio']:.1%}"),
-            (f"teacher forward (median of {report['repeats']})", f"{report['teacher_ms']:.1f} ms"),
-            (f"student forward (median of {report['repeats']})", f"{report['student_ms']:.1f} ms"),
-            ("speedup", f"{report['speedup']:.2f}×"),
-        ],
+def show_bench(report) -> None:
+    grid = report.grid
+    title = (f"{report.student} vs {report.model} on {report.device}, {grid['frames']}×{grid['height']}×{grid['width']} "
+             f"({report.tokens:,} tokens), {report.dtype}{', compiled' if report.compiled else ''}")
+    table = Table(title=title, title_justify="left")
+    video = report.video_steps is not None
+    columns = ["", f"step ms (median of {report.repeats})", "speedup", "peak GiB"]
+    columns += [f"video s ({report.video_steps} steps)", "video speedup"] if video else []
+    for column in columns:
+        table.add_column(column, justify="left" if not column else "right")
+    for row in report.rows:
+        cells = [row.name, f"{row.step_ms:.1f}", f"{row.speedup:.2f}×",
+                 "—" if row.peak_memory_gib is None else f"{row.peak_memory_gib:.1f}"]
+        if video:
+            cells += ["—", "—"] if row.video_s is None else [f"{row.video_s:.1f}", f"{row.video_speedup:.2f}×"]
+        table.add_row(*cells)
+    console.print(table)
+    predicted = "" if report.predicted_speedup is None else f"; the plan predicted {report.predicted_speedup:.2f}×"
+    saved = "" if report.saving_share is None else f"; {report.saving_share:.0%} of the possible time saved"
+    console.print(
+        f"converted self-attention layers: {report.converted_layers}; attention FLOPs {report.attention_flops_ratio:.1%} "
+        f"of dense; ceiling (attention free) {report.ceiling_speedup:.2f}×; ideal at these FLOPs "
+        f"{report.ideal_speedup:.2f}×, reached {report.of_ideal:.0%}{saved}{predicted}"
     )
+    for note in report.notes:
+        console.print(f"note: {note}")

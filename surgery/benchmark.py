@@ -1,65 +1,274 @@
-"""`vsurgery bench`: what a retrofitted model gained — forward time against its teacher on this device,
-next to the plan's attention FLOPs. Timings are measurements of this machine, never test assertions."""
+"""`vsurgery bench`: what a retrofitted model gains on this device, end to end.
+
+In one process and on the same inputs: the teacher with stock attention (SDPA's default choice, and SDPA
+forced to cuDNN on CUDA), the teacher with its self-attention core skipped (the ceiling for any attention
+change), and the student — an export, or the teacher with a plan applied (training-free). Each row is one
+denoising step as the pipeline calls the transformer (with classifier-free guidance: both branches), and
+with `video` the whole generation (text encoder, every step, VAE decode). Timings are measurements of this
+machine, never test assertions.
+
+The yardstick for a student at attention cost b (its FLOPs over dense): if attention time fell exactly with
+its FLOPs, a step would take T_skip + b·(T_stock − T_skip), so ideal(b) = T_stock / that.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import platform
-import statistics
-import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .swap import variant_processors
 from .errors import SurgeryError
 from .loading import load_config, load_model
-from .model import default_text_tokens, resolve_grid
-from .sensitivity import calibration_inputs
+from .model import PRESETS, conditioner, default_text_tokens, resolve_grid
+from .plan import Plan
+from .planned import check_training_free
+from .swap import apply, install_processors, self_attention_modules, variant_processors
+from .timing import attention_core_skipped, median_ms, peak_memory
 from .variants import dense_attention_flops
-from .wan import fingerprint
+from .wan import fingerprint, latent_channels
 
 
-def _median_ms(model, inputs: dict, repeats: int) -> float:
-    sync = torch.cuda.synchronize if inputs["hidden_states"].is_cuda else (lambda: None)
-    with torch.no_grad():
-        model(**inputs)  # warm-up: allocation, kernel compilation
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            model(**inputs)
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+@dataclass
+class BenchRow:
+    name: str
+    step_ms: float  # one denoising step: the transformer once per guidance branch
+    speedup: float  # stock step / this step
+    peak_memory_gib: float | None = None
+    video_s: float | None = None  # the whole generation, with `video`
+    video_speedup: float | None = None
 
 
-def benchmark(student_spec: str, teacher_spec: str = "tiny", *, repeats: int = 5, frames=None, height=None,
-              width=None, device=None, dtype=None) -> dict:
-    """Median forward time (ms) of teacher and student on the same input, and the student's attention FLOPs."""
-    if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
-        raise SurgeryError(f"{student_spec} and {teacher_spec} are different architectures")
+@dataclass
+class BenchReport:
+    model: str
+    student: str
+    device: str
+    versions: dict
+    grid: dict
+    tokens: int
+    dtype: str
+    compiled: bool
+    guidance_branches: int
+    repeats: int
+    converted_layers: int  # self-attention layers whose variant is not `full`
+    attention_flops_ratio: float  # the student's attention FLOPs over dense
+    rows: list[BenchRow] = field(default_factory=list)
+    ceiling_speedup: float = 0.0  # stock step / step with the attention core skipped
+    ideal_speedup: float = 0.0  # ideal(b) at the student's attention FLOPs ratio (module docstring)
+    of_ideal: float = 0.0  # the student's speedup over ideal(b)
+    # (stock − student) / (stock − skipped): share of the possible time saved; None where attention takes
+    # under 2% of the step (a CPU toy run), as the ratio would be noise.
+    saving_share: float | None = None
+    predicted_speedup: float | None = None  # from a latency-planned plan, to set beside the measured one
+    video_steps: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> BenchRow:
+        return next(r for r in self.rows if r.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+STOCK, STOCK_CUDNN, SKIPPED, STUDENT = "stock (SDPA default)", "stock (SDPA cuDNN)", "attention core skipped", "student"
+
+
+def _attention_flops_ratio(model, grid) -> tuple[float, int]:
+    """The model's self-attention FLOPs over dense at `grid`, and how many layers are not dense."""
+    config = dict(model.config)
+    heads, head_dim, layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
+    dense = dense_attention_flops(grid.tokens, heads, head_dim)
+    converted = {fqn: p for fqn, p in variant_processors(model).items() if p.name != "full"}
+    total = (layers - len(converted)) * dense + sum(
+        type(p).flops(p.observed_config(), grid, heads, head_dim) for p in converted.values())
+    return total / (dense * layers), len(converted)
+
+
+def _student_source(model_spec: str, student: str | None, plan: Plan | str | Path | None):
+    """(label, a function that gives the student's self-attention processors or model)."""
+    if (student is None) == (plan is None):
+        raise SurgeryError("give the student as --student (an export folder) or --plan (a plan for --model)")
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        return f"{model_spec} + plan", plan
+    if fingerprint(load_config(student)) != fingerprint(load_config(model_spec)):
+        raise SurgeryError(f"{student} and {model_spec} are different architectures")
+    return student, None
+
+
+@contextlib.contextmanager
+def _sdpa_cudnn(enabled: bool):
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        yield
+
+
+def benchmark(
+    model_spec: str = "tiny",
+    *,
+    student: str | None = None,
+    plan: Plan | str | Path | None = None,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    repeats: int = 5,
+    guidance: bool = True,
+    video: bool = False,
+    video_steps: int = 50,
+    compile: bool = False,
+    device=None,
+    dtype=None,
+) -> BenchReport:
+    """Time stock, skipped-core and student steps of `model_spec` on this device (see the module docstring).
+
+    student: an export folder of `model_spec`'s architecture; or plan: a plan applied to `model_spec` itself
+    (untrained learned variants are accepted here, for their speed only, with a note in the report).
+    """
+    student_label, plan = _student_source(model_spec, student, plan)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = load_model(teacher_spec, device=device, dtype=dtype)
-    student = load_model(student_spec, device=device, dtype=dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if video and model_spec == "toy":
+        raise SurgeryError("--video times a Wan pipeline; the toy teacher samples with its own loop (vsurgery generate)")
+    teacher = load_model(model_spec, device=device, dtype=dtype)
     config = dict(teacher.config)
-    grid = resolve_grid(teacher_spec, config, frames, height, width)
-    inputs = calibration_inputs(teacher, grid, 1, 0, default_text_tokens(teacher_spec))[0]
-    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
-    dense = dense_attention_flops(grid.tokens, heads, head_dim) * config["num_layers"]
-    converted = variant_processors(student)
-    student_flops = dense - len(converted) * dense_attention_flops(grid.tokens, heads, head_dim) + sum(
-        type(p).flops(p.observed_config(), grid, heads, head_dim) for p in converted.values()
+    grid = resolve_grid(model_spec, config, frames, height, width)
+    notes = []
+    if plan is not None:
+        try:
+            check_training_free(plan)
+        except SurgeryError:
+            notes.append("the plan's learned variants run untrained: their speed is real, their output is not")
+        stock_processors = {fqn: attn.processor for fqn, attn in self_attention_modules(teacher).items()}
+        apply(teacher, plan)
+        student_processors = variant_processors(teacher)
+        install_processors(teacher, stock_processors)
+        student_model = None
+    else:
+        student_model = load_model(student, device=device, dtype=dtype)
+
+    pt, ph, pw = config["patch_size"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
+    text_tokens = default_text_tokens(model_spec)
+    texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
+    inputs = [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
+                   timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype))
+              for text in texts]
+    if compile:
+        for model in (teacher, student_model):
+            if model is not None:
+                model.compile_repeated_blocks(fullgraph=True)
+
+    def timed_step(model, name: str, cudnn: bool = False) -> BenchRow:
+        def step():
+            with torch.no_grad(), _sdpa_cudnn(cudnn):
+                for branch in inputs:
+                    model(**branch)
+
+        with peak_memory(device) as memory:
+            ms = median_ms(step, repeats, device, warmup=2 if compile else 1)
+        return BenchRow(name, ms, 0.0, memory["gib"])
+
+    rows = [timed_step(teacher, STOCK)]
+    if device.type == "cuda":
+        rows.append(timed_step(teacher, STOCK_CUDNN, cudnn=True))
+    with attention_core_skipped(teacher):
+        rows.append(timed_step(teacher, SKIPPED))
+    if student_model is None:
+        install_processors(teacher, student_processors)
+        student_model = teacher
+    ratio, converted = _attention_flops_ratio(student_model, grid)
+    rows.append(timed_step(student_model, STUDENT))
+    stock_ms, skipped_ms, student_ms = rows[0].step_ms, rows[-2].step_ms, rows[-1].step_ms
+    for row in rows:
+        row.speedup = stock_ms / row.step_ms
+
+    if video:
+        _time_videos(model_spec, teacher, student_model, plan, rows, grid, device, dtype, video_steps,
+                     stock_processors if plan is not None else None, student_processors if plan is not None else None)
+
+    import diffusers
+
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    if device.type == "cuda":
+        import triton
+
+        versions |= {"triton": triton.__version__, "cuda": torch.version.cuda,
+                     "cudnn": str(torch.backends.cudnn.version())}
+    ideal = stock_ms / (skipped_ms + ratio * (stock_ms - skipped_ms))
+    student_speedup = stock_ms / student_ms
+    latency = (plan.meta.get("latency") if plan is not None else None) or {}
+    return BenchReport(
+        model=model_spec, student=student_label,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        versions=versions, grid=grid.to_dict(), tokens=grid.tokens, dtype=str(dtype).removeprefix("torch."),
+        compiled=compile, guidance_branches=len(inputs), repeats=repeats, converted_layers=converted,
+        attention_flops_ratio=ratio, rows=rows, ceiling_speedup=stock_ms / skipped_ms, ideal_speedup=ideal,
+        of_ideal=student_speedup / ideal,
+        saving_share=(stock_ms - student_ms) / (stock_ms - skipped_ms) if stock_ms > 1.02 * skipped_ms else None,
+        predicted_speedup=latency.get("predicted_speedup"), video_steps=video_steps if video else None, notes=notes,
     )
-    teacher_ms, student_ms = _median_ms(teacher, inputs, repeats), _median_ms(student, inputs, repeats)
-    return {
-        "teacher": teacher_spec,
-        "student": student_spec,
-        "grid": grid.to_dict(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "repeats": repeats,
-        "teacher_ms": teacher_ms,
-        "student_ms": student_ms,
-        "speedup": teacher_ms / student_ms,
-        "attention_flops_ratio": student_flops / dense,
-        "converted_layers": len(converted),
-    }
+
+
+def _pipeline_for(model_spec: str, transformer, device, dtype):
+    """A text-to-video pipeline around `transformer`: the tiny one, a diffusers pipeline folder's, or
+    Wan2.1's full-size components with random weights for a preset."""
+    if model_spec == "tiny":
+        from .pipeline import build_tiny_pipeline
+
+        return build_tiny_pipeline(transformer=transformer).to(device), 16
+    path = Path(model_spec)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        from diffusers import WanPipeline
+
+        return WanPipeline.from_pretrained(path, transformer=transformer).to(device), 512
+    if model_spec in PRESETS:
+        from .pipeline import WAN_TEXT_TOKENS, build_random_pipeline
+
+        return build_random_pipeline(transformer, device=device, dtype=dtype), WAN_TEXT_TOKENS
+    raise SurgeryError(f"--video needs a pipeline: a preset, tiny or a diffusers pipeline folder, not {model_spec}")
+
+
+def _time_videos(model_spec, teacher, student_model, plan, rows, grid, device, dtype, steps, stock_processors,
+                 student_processors):
+    """Whole generations (guidance 5, `steps` steps) with the stock teacher and with the student, on one
+    pipeline: the second video only swaps the transformer's attention (or the transformer)."""
+    import time
+
+    frames, height, width = (getattr(grid, a) for a in ("frames", "height", "width"))
+    preset = PRESETS.get(model_spec)
+    scale = preset.vae_scale if preset else (4, 8, 8)
+    pt, ph, pw = teacher.config.patch_size
+    size = dict(num_frames=(frames * pt - 1) * scale[0] + 1, height=height * ph * scale[1], width=width * pw * scale[2])
+    pipe, text_tokens = _pipeline_for(model_spec, teacher, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(num_steps: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        pipe("a red square moving left to right", negative_prompt="", num_inference_steps=num_steps,
+             guidance_scale=5.0, max_sequence_length=text_tokens, output_type="np",
+             generator=torch.Generator(device).manual_seed(0), **size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - began
+
+    for name in (STOCK, STUDENT):
+        if plan is not None:
+            install_processors(teacher, stock_processors if name == STOCK else student_processors)
+        else:
+            pipe.transformer = teacher if name == STOCK else student_model
+        generate(2)  # warm-up: allocations, autotuning, the VAE's first decode
+        row = next(r for r in rows if r.name == name)
+        row.video_s = generate(steps)
+    for row in rows:
+        if row.video_s is not None:
+            row.video_speedup = rows[0].video_s / row.video_s

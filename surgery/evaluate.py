@@ -19,7 +19,10 @@ from .grid import VideoGrid, video_grid
 from .loading import load_config, load_model
 from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
 from .metrics import psnr, relative_l2, ssim
+from .plan import Plan
+from .planned import check_training_free, load_planned
 from .sampling import euler_sample
+from .swap import apply
 from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
@@ -87,9 +90,10 @@ def _decoder(spec: str):
 
 
 def evaluate(
-    student_spec: str,
+    student_spec: str | None,
     teacher_spec: str = "tiny",
     *,
+    plan: Plan | str | Path | None = None,
     samples: int = 2,
     steps: int = 8,
     seed: int = 0,
@@ -97,12 +101,21 @@ def evaluate(
     height: int | None = None,
     width: int | None = None,
 ) -> EvalReport:
-    """Compare a student (e.g. an export) with its teacher on `samples` seeded generations."""
-    # Compare architectures from the configs first: loading a mismatched full-size model is slow.
-    if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
-        raise SurgeryError(f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
-    teacher = load_model(teacher_spec)
-    student = load_model(student_spec)
+    """Compare a student (an export, or with `plan` the teacher with a training-free plan applied) with its
+    teacher on `samples` seeded generations."""
+    if (student_spec is None) == (plan is None):
+        raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
+    if plan is not None:
+        student = load_planned(teacher_spec, plan)
+        student_spec = f"{teacher_spec} + plan {plan if not isinstance(plan, Plan) else 'in memory'}"
+        teacher = load_model(teacher_spec)
+    else:
+        # Compare architectures from the configs first: loading a mismatched full-size model is slow.
+        if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
+            raise SurgeryError(
+                f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
+        teacher = load_model(teacher_spec)
+        student = load_model(student_spec)
     grid: VideoGrid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
     decode = _decoder(teacher_spec)
     pt, ph, pw = teacher.config.patch_size
@@ -187,22 +200,29 @@ def generate_video(
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 1.0,
+    plan: Plan | str | Path | None = None,
 ):
     """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
 
     tiny (or a transformer-only export of it): the tiny pipeline of surgery.pipeline around the
     loaded transformer; toy (or an export of it): the toy sampler with its caption encoder
     (surgery.toy.sample, uint8 frames); a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
+    plan: a training-free plan applied to the transformer first.
     """
     from diffusers import WanPipeline
 
     from .pipeline import TEXT_TOKENS, build_tiny_pipeline
 
+    if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_training_free(plan)
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file():
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512
+        if plan is not None:
+            apply(pipe.transformer, plan)
     else:
-        transformer = load_model(spec)
+        transformer = load_model(spec) if plan is None else load_planned(spec, plan)
         if is_toy(dict(transformer.config)):
             from . import toy
 

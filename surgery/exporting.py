@@ -11,6 +11,7 @@ from .swap import apply
 from .errors import SurgeryError
 from .io import atomic_dir
 from .loading import load_model
+from .planned import load_planned
 from .plan import Plan
 from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
 from .wan import SURGERY_CLASS
@@ -63,10 +64,23 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite
     if lora and merge_lora:
         _merge_lora(student)
         lora = None
+    return _write(student, plan, lora, info["model"], out, overwrite)
+
+
+def export_planned(spec: str, plan: Plan | str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write model `spec` with a training-free `plan` applied (no distill run) to `out`, as `export` does."""
+    out = Path(out)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if out.exists() and not overwrite:
+        raise SurgeryError(f"{out} already exists; choose another --out")
+    return _write(load_planned(spec, plan), plan, None, spec, out, overwrite)
+
+
+def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, overwrite: bool) -> Path:
     wan_config = {k: v for k, v in student.config.items() if not k.startswith("_")}
     exported = SurgeryWanTransformer3DModel(**wan_config, vsurgery_plan=plan.to_dict(), vsurgery_lora=lora)
     exported.load_state_dict(student.state_dict(), strict=True)
-    source = Path(info["model"])
+    source = Path(source_spec)
     pipeline = source.is_dir() and (source / "model_index.json").is_file()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         target = tmp / "transformer" if pipeline else tmp

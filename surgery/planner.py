@@ -99,6 +99,9 @@ def lagrangian_bound(errors, costs, capacity: float) -> float:
 RESOLUTION = 1000
 
 
+COSTS = ("flops", "latency")
+
+
 def make_plan(
     spec: str = "tiny",
     budget: float = 0.6,
@@ -111,14 +114,22 @@ def make_plan(
     samples: int = 4,
     seed: int = 0,
     data: str | None = None,
+    cost: str = "flops",
+    timing: str = "inference",
     model=None,
     progress=None,
 ):
-    """Measure every candidate on every layer, then pick per layer so attention FLOPs ≤ budget × dense.
+    """Measure every candidate on every layer, then pick per layer so the plan's cost ≤ budget × dense.
 
-    Costs come only from the variants' cost models at the target grid, never from timing.
+    cost="flops" (default): attention FLOPs from the variants' cost models at the target grid, never timing.
+    cost="latency": the predicted step time — the step with its attention core skipped plus each layer's
+    timed attention (`surgery.latency`; `timing` "inference" or "training") — against budget × the stock
+    step, both measured on this GPU.
+    Calibration runs on CUDA in bf16 where there is a GPU (the kernels, never a tokens × tokens tensor).
     Returns a `Plan` with the per-layer choice, its FLOPs and measured error, and the solver report.
     """
+    import torch
+
     from .loading import load_model
     from .model import default_text_tokens, resolve_grid
     from .plan import LayerChoice, Plan
@@ -128,8 +139,16 @@ def make_plan(
 
     if not 0.0 < budget <= 1.0:
         raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
+    if cost not in COSTS:
+        raise SurgeryError(f"--cost must be one of {', '.join(COSTS)}, got {cost!r}")
+    if cost == "latency":
+        from .latency import require_gpu
+
+        require_gpu()
     candidates = default_candidates(variants)
-    model = model if model is not None else load_model(spec)
+    if model is None:
+        on_gpu = torch.cuda.is_available()
+        model = load_model(spec, device="cuda" if on_gpu else None, dtype=torch.bfloat16 if on_gpu else None)
     config = dict(model.config)
     heads, head_dim, num_layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
     pinned = set(keep_full or [])
@@ -141,31 +160,47 @@ def make_plan(
     inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data)
     table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
 
-    dense = dense_attention_flops(grid.tokens, heads, head_dim)
     allowed = [
         [j for j, c in enumerate(candidates) if i not in pinned or c.variant == "full"] for i in range(num_layers)
     ]
-    costs = [[VARIANTS[candidates[j].variant].flops(table.configs[i][j], grid, heads, head_dim) for j in allowed[i]]
+    flops = [[VARIANTS[candidates[j].variant].flops(table.configs[i][j], grid, heads, head_dim) for j in allowed[i]]
              for i in range(num_layers)]
     errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
-    capacity = budget * dense * num_layers
+    dense = dense_attention_flops(grid.tokens, heads, head_dim)
+    if cost == "flops":
+        costs, dense_layer, capacity, fixed = flops, dense, budget * dense * num_layers, 0.0
+    else:
+        from .latency import attention_latency, candidate_label, step_latency
+
+        dtype = next(model.parameters()).dtype
+        configs = [(candidates[j].variant, table.configs[i][j]) for i in range(num_layers) for j in allowed[i]]
+        times = attention_latency(configs, grid, heads, head_dim, dtype=dtype, mode=timing)
+        costs = [[times[candidate_label(candidates[j].variant, table.configs[i][j])] for j in allowed[i]]
+                 for i in range(num_layers)]
+        stock_ms, fixed = step_latency(model, inputs[0], mode=timing)
+        dense_layer = times[candidate_label("full", VARIANTS["full"].Config())]
+        capacity = budget * stock_ms - fixed
     cheapest = min_cost(costs)
     if cheapest > capacity:
+        reachable = (fixed + cheapest) / (stock_ms if cost == "latency" else dense * num_layers)
         raise SurgeryError(
-            f"budget {budget:g} is below what the cheapest candidates reach: {cheapest / (dense * num_layers):.4f} "
-            "of dense attention FLOPs"
+            f"budget {budget:g} is below what the cheapest candidates reach: {reachable:.4f} of the dense "
+            + ("step time" if cost == "latency" else "attention FLOPs")
         )
-    solution = solve(errors, costs, capacity, unit=dense / RESOLUTION)
+    solution = solve(errors, costs, capacity, unit=dense_layer / RESOLUTION)
 
     layers = {}
     for i, r in enumerate(solution.choice):
         j = allowed[i][r]
-        layers[self_attention_fqn(i)] = LayerChoice(candidates[j].variant, table.configs[i][j], costs[i][r], errors[i][r])
+        layers[self_attention_fqn(i)] = LayerChoice(candidates[j].variant, table.configs[i][j], flops[i][r],
+                                                    errors[i][r])
+    plan_flops = sum(flops[i][r] for i, r in enumerate(solution.choice))
     meta = {
         "dense_flops": dense * num_layers,
-        "flops": solution.cost,
-        "flops_ratio": solution.cost / (dense * num_layers),
+        "flops": plan_flops,
+        "flops_ratio": plan_flops / (dense * num_layers),
         "total_error": solution.objective,
+        "cost": cost,
         "solver": {
             "method": "exact dynamic programming over costs rounded up to 1/%d of a dense layer" % RESOLUTION,
             "lower_bound": solution.lower_bound,
@@ -176,9 +211,17 @@ def make_plan(
             "inputs": f"dataset {data}, noised" if data else "random latents and text embeddings",
         },
         "candidates": [
-            {"layer": i, "label": candidates[j].label(), "flops": costs[i][r], "error": errors[i][r]}
+            {"layer": i, "label": candidates[j].label(), "flops": flops[i][r], "error": errors[i][r],
+             **({"ms": costs[i][r]} if cost == "latency" else {})}
             for i in range(num_layers)
             for r, j in enumerate(allowed[i])
         ],
     }
+    if cost == "latency":
+        predicted = fixed + solution.cost
+        meta["latency"] = {
+            "timing": timing, "device": torch.cuda.get_device_name(), "stock_step_ms": stock_ms,
+            "skipped_attention_step_ms": fixed, "predicted_step_ms": predicted,
+            "predicted_speedup": stock_ms / predicted,
+        }
     return Plan(spec, fingerprint(config), num_layers, layers, grid, budget, meta)

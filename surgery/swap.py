@@ -89,11 +89,22 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
         fqn: VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index(fqn))
         for fqn, choice in plan.layers.items()
     }
-    ctx = _grid_context(model)
-    for fqn, processor in processors.items():
-        processor.grid_context = ctx
-        targets[fqn].set_processor(processor)
+    install_processors(model, processors)
     return model
+
+
+def install_processors(model, processors: dict) -> dict:
+    """Set each `blocks.N.attn1` of `processors` to its processor (variants share the model's grid recorder;
+    any other diffusers processor is set as it is). Returns the processors they replace, to put back later."""
+    ctx = _grid_context(model)
+    targets = self_attention_modules(model)
+    replaced = {}
+    for fqn, processor in processors.items():
+        if isinstance(processor, AttentionVariant):
+            processor.grid_context = ctx
+        replaced[fqn] = targets[fqn].processor
+        targets[fqn].set_processor(processor)
+    return replaced
 
 
 def variant_processors(model) -> dict[str, AttentionVariant]:
