@@ -110,6 +110,50 @@ def _sdpa_cudnn(enabled: bool):
         yield
 
 
+def step_inputs(model_spec: str, config: dict, grid, guidance: bool, device, dtype) -> list[dict]:
+    """The transformer's inputs for one denoising step at `grid`: one call per guidance branch (random
+    latents, the same for both; random text embeddings, one per branch; timestep 500)."""
+    pt, ph, pw = config["patch_size"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
+    text_tokens = default_text_tokens(model_spec)
+    texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
+    return [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
+                 timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype))
+            for text in texts]
+
+
+def planned_processors(model, plan: Plan) -> dict:
+    """The processors `plan` gives `model`, built on it and left out: install them with `install_processors`."""
+    stock = {fqn: attn.processor for fqn, attn in self_attention_modules(model).items()}
+    apply(model, plan)
+    planned = variant_processors(model)
+    install_processors(model, stock)
+    return planned
+
+
+def time_step(model, inputs: list[dict], name: str, repeats: int, device, *, cudnn: bool = False,
+              warmup: int = 1) -> BenchRow:
+    """One row: the median of `repeats` steps (every call of `inputs`) after `warmup`, and its peak memory."""
+    def step():
+        with torch.no_grad(), _sdpa_cudnn(cudnn):
+            for branch in inputs:
+                model(**branch)
+
+    with peak_memory(device) as memory:
+        ms = median_ms(step, repeats, device, warmup=warmup)
+    return BenchRow(name, ms, 0.0, memory["gib"])
+
+
+def yardsticks(stock_ms: float, skipped_ms: float, student_ms: float, flops_ratio: float) -> dict:
+    """ceiling, ideal(b) at the student's FLOPs ratio b, the share of it reached and of the possible saving."""
+    ideal = stock_ms / (skipped_ms + flops_ratio * (stock_ms - skipped_ms))
+    return dict(
+        ceiling_speedup=stock_ms / skipped_ms, ideal_speedup=ideal, of_ideal=stock_ms / student_ms / ideal,
+        saving_share=(stock_ms - student_ms) / (stock_ms - skipped_ms) if stock_ms > 1.02 * skipped_ms else None,
+    )
+
+
 def benchmark(
     model_spec: str = "tiny",
     *,
@@ -146,46 +190,29 @@ def benchmark(
         except SurgeryError:
             notes.append("the plan's learned variants run untrained: their speed is real, their output is not")
         stock_processors = {fqn: attn.processor for fqn, attn in self_attention_modules(teacher).items()}
-        apply(teacher, plan)
-        student_processors = variant_processors(teacher)
-        install_processors(teacher, stock_processors)
+        student_processors = planned_processors(teacher, plan)
         student_model = None
     else:
         student_model = load_model(student, device=device, dtype=dtype)
-
-    pt, ph, pw = config["patch_size"]
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
-    text_tokens = default_text_tokens(model_spec)
-    texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
-    inputs = [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
-                   timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype))
-              for text in texts]
+    inputs = step_inputs(model_spec, config, grid, guidance, device, dtype)
     if compile:
+        # Each distinct block (a variant, a setting) is its own compiled graph: allow a plan's worth of them.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for model in (teacher, student_model):
             if model is not None:
                 model.compile_repeated_blocks(fullgraph=True)
+    warmup = 2 if compile else 1
 
-    def timed_step(model, name: str, cudnn: bool = False) -> BenchRow:
-        def step():
-            with torch.no_grad(), _sdpa_cudnn(cudnn):
-                for branch in inputs:
-                    model(**branch)
-
-        with peak_memory(device) as memory:
-            ms = median_ms(step, repeats, device, warmup=2 if compile else 1)
-        return BenchRow(name, ms, 0.0, memory["gib"])
-
-    rows = [timed_step(teacher, STOCK)]
+    rows = [time_step(teacher, inputs, STOCK, repeats, device, warmup=warmup)]
     if device.type == "cuda":
-        rows.append(timed_step(teacher, STOCK_CUDNN, cudnn=True))
+        rows.append(time_step(teacher, inputs, STOCK_CUDNN, repeats, device, cudnn=True, warmup=warmup))
     with attention_core_skipped(teacher):
-        rows.append(timed_step(teacher, SKIPPED))
+        rows.append(time_step(teacher, inputs, SKIPPED, repeats, device, warmup=warmup))
     if student_model is None:
         install_processors(teacher, student_processors)
         student_model = teacher
     ratio, converted = _attention_flops_ratio(student_model, grid)
-    rows.append(timed_step(student_model, STUDENT))
+    rows.append(time_step(student_model, inputs, STUDENT, repeats, device, warmup=warmup))
     stock_ms, skipped_ms, student_ms = rows[0].step_ms, rows[-2].step_ms, rows[-1].step_ms
     for row in rows:
         row.speedup = stock_ms / row.step_ms
@@ -194,6 +221,21 @@ def benchmark(
         _time_videos(model_spec, teacher, student_model, plan, rows, grid, device, dtype, video_steps,
                      stock_processors if plan is not None else None, student_processors if plan is not None else None)
 
+    latency = (plan.meta.get("latency") if plan is not None else None) or {}
+    return BenchReport(
+        model=model_spec, student=student_label, device=device_name(device), versions=software_versions(device),
+        grid=grid.to_dict(), tokens=grid.tokens, dtype=str(dtype).removeprefix("torch."), compiled=compile,
+        guidance_branches=len(inputs), repeats=repeats, converted_layers=converted, attention_flops_ratio=ratio,
+        rows=rows, **yardsticks(stock_ms, skipped_ms, student_ms, ratio),
+        predicted_speedup=latency.get("predicted_speedup"), video_steps=video_steps if video else None, notes=notes,
+    )
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def software_versions(device) -> dict:
     import diffusers
 
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__}
@@ -202,19 +244,7 @@ def benchmark(
 
         versions |= {"triton": triton.__version__, "cuda": torch.version.cuda,
                      "cudnn": str(torch.backends.cudnn.version())}
-    ideal = stock_ms / (skipped_ms + ratio * (stock_ms - skipped_ms))
-    student_speedup = stock_ms / student_ms
-    latency = (plan.meta.get("latency") if plan is not None else None) or {}
-    return BenchReport(
-        model=model_spec, student=student_label,
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        versions=versions, grid=grid.to_dict(), tokens=grid.tokens, dtype=str(dtype).removeprefix("torch."),
-        compiled=compile, guidance_branches=len(inputs), repeats=repeats, converted_layers=converted,
-        attention_flops_ratio=ratio, rows=rows, ceiling_speedup=stock_ms / skipped_ms, ideal_speedup=ideal,
-        of_ideal=student_speedup / ideal,
-        saving_share=(stock_ms - student_ms) / (stock_ms - skipped_ms) if stock_ms > 1.02 * skipped_ms else None,
-        predicted_speedup=latency.get("predicted_speedup"), video_steps=video_steps if video else None, notes=notes,
-    )
+    return versions
 
 
 def _pipeline_for(model_spec: str, transformer, device, dtype):

@@ -100,11 +100,18 @@ RESOLUTION = 1000
 
 
 COSTS = ("flops", "latency")
+FASTEST = "fastest"  # a budget meaning: the cheapest candidate on every layer (fewest errors among ties)
 
 
-def make_plan(
+def make_plan(spec: str = "tiny", budget: float = 0.6, **options):
+    """Measure every candidate on every layer, then pick per layer so the plan's cost ≤ budget × dense.
+    One plan of `make_plans`; see there for the options."""
+    return make_plans(spec, [budget], **options)[0]
+
+
+def make_plans(
     spec: str = "tiny",
-    budget: float = 0.6,
+    budgets: list[float | str] = (0.6,),
     *,
     variants: list[str] | None = None,
     keep_full: list[int] | None = None,
@@ -119,26 +126,25 @@ def make_plan(
     model=None,
     progress=None,
 ):
-    """Measure every candidate on every layer, then pick per layer so the plan's cost ≤ budget × dense.
+    """One plan per budget (a fraction of dense in (0, 1], or FASTEST), from one calibration.
 
     cost="flops" (default): attention FLOPs from the variants' cost models at the target grid, never timing.
     cost="latency": the predicted step time — the step with its attention core skipped plus each layer's
     timed attention (`surgery.latency`; `timing` "inference" or "training") — against budget × the stock
     step, both measured on this GPU.
     Calibration runs on CUDA in bf16 where there is a GPU (the kernels, never a tokens × tokens tensor).
-    Returns a `Plan` with the per-layer choice, its FLOPs and measured error, and the solver report.
+    Each `Plan` has the per-layer choice, its FLOPs and measured error, and the solver report.
     """
     import torch
 
     from .loading import load_model
     from .model import default_text_tokens, resolve_grid
-    from .plan import LayerChoice, Plan
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
-    from .wan import fingerprint, self_attention_fqn
 
-    if not 0.0 < budget <= 1.0:
-        raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
+    for budget in budgets:
+        if budget != FASTEST and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+            raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
     if cost not in COSTS:
         raise SurgeryError(f"--cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if cost == "latency":
@@ -167,61 +173,83 @@ def make_plan(
              for i in range(num_layers)]
     errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
     dense = dense_attention_flops(grid.tokens, heads, head_dim)
+    context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
+                   flops=flops, errors=errors, dense=dense, cost=cost,
+                   calibration={"samples": samples, "seed": seed, "timesteps": "spread evenly over (0, 1000)",
+                                "inputs": f"dataset {data}, noised" if data else "random latents and text embeddings"})
     if cost == "flops":
-        costs, dense_layer, capacity, fixed = flops, dense, budget * dense * num_layers, 0.0
+        context |= dict(costs=flops, dense_layer=dense, dense_total=dense * num_layers, fixed=0.0)
     else:
         from .latency import attention_latency, candidate_label, step_latency
 
         dtype = next(model.parameters()).dtype
         configs = [(candidates[j].variant, table.configs[i][j]) for i in range(num_layers) for j in allowed[i]]
         times = attention_latency(configs, grid, heads, head_dim, dtype=dtype, mode=timing)
-        costs = [[times[candidate_label(candidates[j].variant, table.configs[i][j])] for j in allowed[i]]
-                 for i in range(num_layers)]
         stock_ms, fixed = step_latency(model, inputs[0], mode=timing)
-        dense_layer = times[candidate_label("full", VARIANTS["full"].Config())]
-        capacity = budget * stock_ms - fixed
-    cheapest = min_cost(costs)
-    if cheapest > capacity:
-        reachable = (fixed + cheapest) / (stock_ms if cost == "latency" else dense * num_layers)
-        raise SurgeryError(
-            f"budget {budget:g} is below what the cheapest candidates reach: {reachable:.4f} of the dense "
-            + ("step time" if cost == "latency" else "attention FLOPs")
+        context |= dict(
+            costs=[[times[candidate_label(candidates[j].variant, table.configs[i][j])] for j in allowed[i]]
+                   for i in range(num_layers)],
+            dense_layer=times[candidate_label("full", VARIANTS["full"].Config())], dense_total=stock_ms, fixed=fixed,
+            latency={"timing": timing, "device": torch.cuda.get_device_name(), "stock_step_ms": stock_ms,
+                     "skipped_attention_step_ms": fixed},
         )
-    solution = solve(errors, costs, capacity, unit=dense_layer / RESOLUTION)
+    return [_solve_plan(context, budget) for budget in budgets]
 
+
+def _solve_plan(ctx: dict, budget: float | str):
+    """The plan for one budget from a calibration's context (see `make_plans`)."""
+    from .plan import LayerChoice, Plan
+    from .wan import fingerprint, self_attention_fqn
+
+    costs, errors, flops, fixed = ctx["costs"], ctx["errors"], ctx["flops"], ctx["fixed"]
+    num_layers, latency = len(costs), ctx["cost"] == "latency"
+    cheapest = min_cost(costs)
+    if budget == FASTEST:
+        choice = [min(range(len(c)), key=lambda r: (c[r], e[r])) for c, e in zip(costs, errors)]
+        total_error = sum(e[r] for e, r in zip(errors, choice))
+        # No other plan reaches this cost: there is nothing to trade, so no gap to report.
+        solution = Solution(choice, total_error, cheapest, total_error, "cheapest")
+        budget = (fixed + cheapest) / ctx["dense_total"]
+    else:
+        capacity = budget * ctx["dense_total"] - fixed
+        if cheapest > capacity:
+            raise SurgeryError(
+                f"budget {budget:g} is below what the cheapest candidates reach: "
+                f"{(fixed + cheapest) / ctx['dense_total']:.4f} of the dense "
+                + ("step time" if latency else "attention FLOPs")
+            )
+        solution = solve(errors, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION)
+
+    candidates, table, allowed = ctx["candidates"], ctx["table"], ctx["allowed"]
     layers = {}
     for i, r in enumerate(solution.choice):
         j = allowed[i][r]
         layers[self_attention_fqn(i)] = LayerChoice(candidates[j].variant, table.configs[i][j], flops[i][r],
                                                     errors[i][r])
     plan_flops = sum(flops[i][r] for i, r in enumerate(solution.choice))
+    dense_flops = ctx["dense"] * num_layers
     meta = {
-        "dense_flops": dense * num_layers,
+        "dense_flops": dense_flops,
         "flops": plan_flops,
-        "flops_ratio": plan_flops / (dense * num_layers),
+        "flops_ratio": plan_flops / dense_flops,
         "total_error": solution.objective,
-        "cost": cost,
+        "cost": ctx["cost"],
         "solver": {
-            "method": "exact dynamic programming over costs rounded up to 1/%d of a dense layer" % RESOLUTION,
+            "method": ("the cheapest candidate of every layer" if solution.method == "cheapest" else
+                       "exact dynamic programming over costs rounded up to 1/%d of a dense layer" % RESOLUTION),
             "lower_bound": solution.lower_bound,
             "optimality_gap": solution.gap,
         },
-        "calibration": {
-            "samples": samples, "seed": seed, "timesteps": "spread evenly over (0, 1000)",
-            "inputs": f"dataset {data}, noised" if data else "random latents and text embeddings",
-        },
+        "calibration": ctx["calibration"],
         "candidates": [
             {"layer": i, "label": candidates[j].label(), "flops": flops[i][r], "error": errors[i][r],
-             **({"ms": costs[i][r]} if cost == "latency" else {})}
+             **({"ms": costs[i][r]} if latency else {})}
             for i in range(num_layers)
             for r, j in enumerate(allowed[i])
         ],
     }
-    if cost == "latency":
+    if latency:
         predicted = fixed + solution.cost
-        meta["latency"] = {
-            "timing": timing, "device": torch.cuda.get_device_name(), "stock_step_ms": stock_ms,
-            "skipped_attention_step_ms": fixed, "predicted_step_ms": predicted,
-            "predicted_speedup": stock_ms / predicted,
-        }
-    return Plan(spec, fingerprint(config), num_layers, layers, grid, budget, meta)
+        meta["latency"] = {**ctx["latency"], "predicted_step_ms": predicted,
+                           "predicted_speedup": ctx["latency"]["stock_step_ms"] / predicted}
+    return Plan(ctx["spec"], fingerprint(ctx["config"]), num_layers, layers, ctx["grid"], budget, meta)

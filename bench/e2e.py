@@ -1,0 +1,138 @@
+"""Whole-model speed of retrofitted Wan2.1 on one GPU: what a user gets per denoising step and per video.
+
+In one process, on one model (a preset with random bf16 weights: latency does not depend on weight values):
+the stock step (SDPA default and cuDNN), the step with the attention core skipped (the ceiling), and the
+step of each plan — FLOP-planned at the given budgets, and the fastest plan the latency-aware planner
+makes — each beside ideal(b) (surgery/benchmark.py). Planning itself is timed (one calibration for all the
+FLOP budgets), with its peak memory. --video adds whole generations (text encoder, 50 steps with guidance,
+VAE decode) of the stock model and of one plan; --compile compiles the blocks first.
+
+    python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.5,0.3,0.15 --out e2e-480p.json
+    python bench/e2e.py --model wan2.1-t2v-1.3b --height 720 --width 1280 --budgets 0.5,0.3,0.15 --out e2e-720p.json
+    python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.15 --video --video-plan fastest --out e2e-video.json
+    python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.15 --compile --out e2e-compiled.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgery.benchmark import (  # noqa: E402
+    SKIPPED, STOCK, STOCK_CUDNN, STUDENT, _attention_flops_ratio, _time_videos, device_name, planned_processors,
+    software_versions, step_inputs, time_step, yardsticks,
+)
+from surgery.loading import load_model  # noqa: E402
+from surgery.model import resolve_grid  # noqa: E402
+from surgery.planner import FASTEST, make_plans  # noqa: E402
+from surgery.swap import install_processors, self_attention_modules  # noqa: E402
+from surgery.timing import attention_core_skipped, peak_memory  # noqa: E402
+
+
+def variant_counts(plan) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for choice in plan.layers.values():
+        counts[choice.variant] = counts.get(choice.variant, 0) + 1
+    return counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--budgets", default="0.5,0.3,0.15", help="FLOP budgets to plan and time")
+    parser.add_argument("--variants", default=None, help="candidate variants (default: all)")
+    parser.add_argument("--no-fastest", action="store_true", help="skip the latency-planned fastest plan")
+    parser.add_argument("--samples", type=int, default=2, help="calibration inputs")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--video", action="store_true")
+    parser.add_argument("--video-steps", type=int, default=50)
+    parser.add_argument("--video-plan", default="fastest", help="which plan's video to time: fastest or a budget")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    variants = args.variants.split(",") if args.variants else None
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    report = {"model": args.model, "device": device_name(device), "versions": software_versions(device),
+              "compiled": args.compile, "repeats": args.repeats}
+
+    model = load_model(args.model, device=device, dtype=dtype)
+    grid = resolve_grid(args.model, dict(model.config), args.frames, args.height, args.width)
+    report |= {"grid": grid.to_dict(), "tokens": grid.tokens}
+    common = dict(variants=variants, frames=args.frames, height=args.height, width=args.width, samples=args.samples,
+                  model=model)
+
+    plans = {}
+    began = time.perf_counter()
+    with peak_memory(device) as memory:
+        for budget, plan in zip(budgets, make_plans(args.model, budgets, **common)):
+            plans[f"flops {budget:g}"] = plan
+    report["planning"] = {"budgets": budgets, "seconds": time.perf_counter() - began, "peak_gib": memory["gib"],
+                          "samples": args.samples}
+    if not args.no_fastest and device.type == "cuda":
+        began = time.perf_counter()
+        plans["latency fastest"], = make_plans(args.model, [FASTEST], cost="latency", **common)
+        report["planning"]["latency_seconds"] = time.perf_counter() - began
+    print(json.dumps(report["planning"]), flush=True)
+
+    inputs = step_inputs(args.model, dict(model.config), grid, True, device, dtype)
+    stock = {fqn: attn.processor for fqn, attn in self_attention_modules(model).items()}
+    planned = {name: planned_processors(model, plan) for name, plan in plans.items()}
+    if args.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        model.compile_repeated_blocks(fullgraph=True)
+    warmup = 2 if args.compile else 1
+
+    rows = [time_step(model, inputs, STOCK, args.repeats, device, warmup=warmup)]
+    if device.type == "cuda":
+        rows.append(time_step(model, inputs, STOCK_CUDNN, args.repeats, device, cudnn=True, warmup=warmup))
+    with attention_core_skipped(model):
+        rows.append(time_step(model, inputs, SKIPPED, args.repeats, device, warmup=warmup))
+    stock_ms, skipped_ms = rows[0].step_ms, rows[-1].step_ms
+    report["rows"] = [vars(r) | {"speedup": stock_ms / r.step_ms} for r in rows]
+    print(json.dumps(report["rows"]), flush=True)
+
+    report["plans"] = {}
+    for name, plan in plans.items():
+        install_processors(model, planned[name])
+        ratio, converted = _attention_flops_ratio(model, grid)
+        row = time_step(model, inputs, name, args.repeats, device, warmup=warmup)
+        install_processors(model, stock)
+        entry = {"step_ms": row.step_ms, "speedup": stock_ms / row.step_ms, "peak_gib": row.peak_memory_gib,
+                 "attention_flops_ratio": ratio, "converted_layers": converted, "variants": variant_counts(plan),
+                 **yardsticks(stock_ms, skipped_ms, row.step_ms, ratio)}
+        latency = plan.meta.get("latency")
+        if latency:
+            entry |= {"predicted_speedup": latency["predicted_speedup"], "predicted_step_ms": latency["predicted_step_ms"],
+                      "planner_stock_ms": latency["stock_step_ms"], "planner_skipped_ms": latency["skipped_attention_step_ms"]}
+        report["plans"][name] = entry
+        print(name, json.dumps(entry), flush=True)
+
+    if args.video:
+        name = "latency fastest" if args.video_plan == "fastest" else f"flops {float(args.video_plan):g}"
+        video_rows = [type(rows[0])(STOCK, 0.0, 0.0), type(rows[0])(STUDENT, 0.0, 0.0)]
+        _time_videos(args.model, model, model, plans[name], video_rows, grid, device, dtype, args.video_steps,
+                     stock, planned[name])
+        report["video"] = {"plan": name, "steps": args.video_steps, "guidance_scale": 5.0,
+                           "stock_s": video_rows[0].video_s, "student_s": video_rows[1].video_s,
+                           "speedup": video_rows[0].video_s / video_rows[1].video_s}
+        print(json.dumps(report["video"]), flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
