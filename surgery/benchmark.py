@@ -24,7 +24,7 @@ from .errors import SurgeryError
 from .loading import load_config, load_model
 from .model import PRESETS, conditioner, default_text_tokens, resolve_grid
 from .plan import Plan
-from .planned import check_training_free
+from .planned import check_plan_grid, check_training_free
 from .swap import apply, install_processors, self_attention_modules, variant_processors
 from .timing import attention_core_skipped, median_ms, peak_memory
 from .variants import dense_attention_flops
@@ -185,6 +185,7 @@ def benchmark(
     grid = resolve_grid(model_spec, config, frames, height, width)
     notes = []
     if plan is not None:
+        check_plan_grid(plan, grid)
         try:
             check_training_free(plan)
         except SurgeryError:

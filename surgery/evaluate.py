@@ -20,7 +20,7 @@ from .loading import load_config, load_model
 from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
 from .metrics import psnr, relative_l2, ssim
 from .plan import Plan
-from .planned import check_training_free, load_planned
+from .planned import check_plan_grid, check_training_free, load_planned
 from .sampling import euler_sample
 from .swap import apply
 from .wan import fingerprint, latent_channels
@@ -106,8 +106,11 @@ def evaluate(
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
     if plan is not None:
+        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+        check_training_free(plan)
+        check_plan_grid(plan, resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width))
         student = load_planned(teacher_spec, plan)
-        student_spec = f"{teacher_spec} + plan {plan if not isinstance(plan, Plan) else 'in memory'}"
+        student_spec = f"{teacher_spec} + plan"
         teacher = load_model(teacher_spec)
     else:
         # Compare architectures from the configs first: loading a mismatched full-size model is slow.
@@ -216,6 +219,7 @@ def generate_video(
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         check_training_free(plan)
+        check_plan_grid(plan, resolve_grid(spec, load_config(spec), frames, height, width))
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file():
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512

@@ -27,6 +27,14 @@ def check_training_free(plan: Plan) -> None:
             )
 
 
+def check_plan_grid(plan: Plan, grid) -> None:
+    """PlanError when `plan` was made for another token grid than `grid`: its costs (and VMoBA's calibrated
+    densities) hold for the grid it was planned at."""
+    if plan.grid is not None and plan.grid != grid:
+        raise PlanError(f"the plan was made for the {plan.grid} token grid and this video is {grid}: "
+                        "plan again at this size (--frames/--height/--width)")
+
+
 def load_planned(spec: str, plan: Plan | str | Path, *, dtype=None, device=None, training_free: bool = True):
     """Model `spec` with `plan` applied. training_free=False also accepts learned variants at their
     initialisation (for timing only: their output means nothing before distillation)."""

@@ -113,3 +113,18 @@ def test_latency_cache_writes_whole_files_and_measures_again_past_a_corrupt_one(
         torn = TimingCache("attention", gpu="test GPU", grid=[2, 3, 4])
     assert torn.get_or_time("full {}", lambda: 2.5) == 2.5
     assert json.loads(cache.path.read_text())["timings"] == {"full {}": 2.5}
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--repeats", "1"],
+    ["eval", "--samples", "1", "--steps", "1"],
+    ["generate", "--prompt", "a red square", "--steps", "1", "--out", "{tmp}/v.gif"],
+])
+def test_a_plan_for_another_grid_is_one_line_naming_both(command, tmp_path):
+    plan = surgery.Plan.load(write_plan(tmp_path / "p.json", LayerChoice("vsa", VSAConfig(sparsity=0.75))))
+    plan.grid = VideoGrid(3, 8, 8)  # planned at another video size than tiny's 6×10×10 default
+    plan.save(tmp_path / "p.json")
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in command] + ["--plan", str(tmp_path / "p.json")])
+    assert result.exit_code == 2, result.output
+    assert "3×8×8" in result.stderr and "6×10×10" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
