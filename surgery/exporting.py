@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .swap import apply
 from .errors import SurgeryError
-from .io import atomic_dir
+from .io import atomic_dir, check_output_folder
 from .loading import load_model
+from .manifest import has_manifest, write_manifest
 from .plan import Plan
 from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
 from .wan import SURGERY_CLASS
@@ -49,15 +50,19 @@ def rebuild_student(run: Path):
     return student.eval(), plan, info
 
 
-def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+def _is_diffusers_folder(folder: Path) -> bool:
+    return has_manifest(folder) or (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
+
+
+def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> Path:
     """Write the student of run folder `run` to `out` as a diffusers folder; returns `out`.
 
     A transformer folder (config.json + weights), or — when the run started from a pipeline folder —
-    a pipeline folder whose other components are copied and whose transformer is the student.
+    a pipeline folder whose other components are copied and whose transformer is the student; either
+    with a manifest of every file's size and SHA-256 (surgery/manifest.py). An existing `out` is
+    replaced only with `force`, and only if it is a diffusers folder.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} already exists; choose another --out")
+    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
     student, plan, info = rebuild_student(Path(run))
     lora = info.get("lora")
     if lora and merge_lora:
@@ -68,7 +73,7 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite
     exported.load_state_dict(student.state_dict(), strict=True)
     source = Path(info["model"])
     pipeline = source.is_dir() and (source / "model_index.json").is_file()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=force) as tmp:
         target = tmp / "transformer" if pipeline else tmp
         exported.save_pretrained(target, variant=EXPORT_VARIANT, max_shard_size=MAX_SHARD_SIZE)
         plan.save(target / "vsurgery_plan.json")
@@ -79,4 +84,5 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite
             for child in source.iterdir():
                 if child.is_dir() and child.name != "transformer":
                     shutil.copytree(child, tmp / child.name)
+        write_manifest(tmp)
     return out
