@@ -20,6 +20,10 @@ Frames = Annotated[Optional[int], typer.Option(help="Video frames (4k+1 for Wan'
 Height = Annotated[Optional[int], typer.Option(help="Video height in pixels (multiple of 16); default: the model's.")]
 Width = Annotated[Optional[int], typer.Option(help="Video width in pixels (multiple of 16); default: the model's.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
+Verify = Annotated[
+    bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")
+]
 
 
 def split_names(value: str | None) -> list[str] | None:

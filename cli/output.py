@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import shlex
 import sys
 
 from rich.console import Console
@@ -19,6 +21,39 @@ def fail(message: str, code: int = 2):
 
     err_console.print(f"error: {message}", markup=False)
     raise typer.Exit(code)
+
+
+def interrupted(hint: str | None = None):
+    """Ctrl-C: one line on stderr (with how to continue, where there is a way) and the usual exit code 130."""
+    import typer
+
+    err_console.print("interrupted" + (f"; {hint}" if hint else ""), markup=False)
+    raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def resumable(command: str, out):
+    """On Ctrl-C inside the block, say how to continue once the run folder `out` holds a run."""
+    from pathlib import Path
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (Path(out) / "run.json").is_file():
+            interrupted(f"continue with: vsurgery {command} --out {shlex.quote(str(out))} --resume")
+        raise
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"warning: {record.getMessage()}", markup=False)
+
+
+def show_library_warnings() -> None:
+    """Print the library's warnings (logger "surgery": a damaged checkpoint skipped, …) as lines on stderr."""
+    logger = logging.getLogger("surgery")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
 
 
 def print_json(data) -> None:

@@ -92,7 +92,8 @@ def test_cli_help_imports_neither_torch_nor_diffusers():
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from surgery.cli.app import app\n"
-        "for args in (['--help'], ['plan', '--help'], ['distill', '--help'], ['plan', '--budget', 'x']):\n"
+        "for args in (['--help'], ['plan', '--help'], ['distill', '--help'], ['run', '--help'], ['verify', '--help'],\n"
+        "             ['plan', '--budget', 'x']):\n"
         "    CliRunner().invoke(app, args)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'triton', 'transformers') if m in sys.modules))\n"
     )
