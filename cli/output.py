@@ -162,12 +162,13 @@ def show_plan(plan, path=None) -> None:
 
 @contextlib.contextmanager
 def training_progress():
-    """Yield `progress(stage, step, total, metrics)` that drives one rich bar per stage with loss and speed."""
+    """Yield `progress(stage, step, total, metrics)` that drives one rich bar per stage with loss and speed
+    (a step without a loss, as calibration's and eval's, shows the bar alone)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[speed]:.2f} samples/s"), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
         console=err_console,
     )
     tasks: dict[str, int] = {}
@@ -176,9 +177,12 @@ def training_progress():
         if stage not in tasks:
             if not tasks:
                 bar.start()
-            tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"), speed=0.0)
-        speed = metrics.get("samples", 1) / max(metrics.get("seconds", 0.0), 1e-9)
-        bar.update(tasks[stage], completed=step, loss=metrics["loss"], speed=speed)
+            tasks[stage] = bar.add_task(stage, total=total, detail="")
+        detail = ""
+        if "loss" in metrics:
+            speed = metrics.get("samples", 1) / max(metrics.get("seconds", 0.0), 1e-9)
+            detail = f"loss {metrics['loss']:.4g}  {speed:.2f} samples/s"
+        bar.update(tasks[stage], completed=step, detail=detail)
 
     try:
         yield update

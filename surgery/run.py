@@ -13,6 +13,7 @@ from .plan import Plan
 from .recipe import Recipe
 from .train import distill
 from .train.distill import DistillSummary, check_run_folder, distill_summary, saved_run
+from .train.loop import stage_progress
 
 
 @dataclass
@@ -59,7 +60,8 @@ def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1
             distilled = distill(spec, recipe, out, resume=resume, force=force, progress=progress)
         if not exported.is_dir():  # an export appears whole or not at all
             export(out, exported)
-        report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed)
+        report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed,
+                          progress=stage_progress(progress, "eval"))
         atomic_write_json(out / "eval.json", report.to_dict())
         plan = Plan.load(out / "plan.json")
         summary = RunSummary(

@@ -36,7 +36,7 @@ from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
 from ..data import StepSampler, build_dataset
 from ..wan import layer_index, self_attention_fqn
-from .loop import run_stage
+from .loop import run_stage, stage_progress
 
 
 def _accelerator(recipe: Recipe):
@@ -219,12 +219,14 @@ def saved_run(out: Path) -> tuple[dict, Recipe]:
     return info, parse_recipe(_read_json(out / "recipe.json", "recipe"), f"{out}/recipe.json")
 
 
-def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bool, force: bool = False) -> OpenRun:
+def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bool, force: bool = False,
+             progress=None) -> OpenRun:
     """A new run (planned, checked, then written) or a resumed one (its own recipe and plan).
 
     Everything that can reject the input — the folder, the plan against the teacher, the data
     source — runs before a new folder is written (or, with `force`, an earlier run in it removed),
     so a rejected run leaves nothing behind. The caller holds the folder's lock (`distill` does).
+    progress: as `distill`'s; planning reports as stage "calibrating".
     """
     check_run_folder(out, resume, force)
     if resume:
@@ -238,7 +240,7 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(spec).to(accelerator.device)
     teacher.requires_grad_(False)
-    plan = plan if plan is not None else _plan_for(spec, recipe, teacher)
+    plan = plan if plan is not None else _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
@@ -254,8 +256,8 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     return OpenRun(out, spec, recipe, plan, teacher, dataset, accelerator)
 
 
-def _plan_for(spec: str, recipe: Recipe, teacher) -> Plan:
-    """The recipe's plan: a plan file it names, or one made now for its budget."""
+def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
+    """The recipe's plan: a plan file it names, or one made now for its budget (progress(done, total))."""
     p = recipe.plan
     if p.path:
         return Plan.load(p.path)
@@ -263,7 +265,7 @@ def _plan_for(spec: str, recipe: Recipe, teacher) -> Plan:
 
     return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
                      seed=recipe.train.seed, model=teacher,
-                     data=recipe.data.path if recipe.data.source == "dataset" else None)
+                     data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress)
 
 
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:
@@ -357,7 +359,7 @@ def distill(
     out = Path(out)
     check_run_folder(out, resume, force)  # once before the lock creates the folder, again under it
     with folder_lock(out, enabled=_main_process()):
-        run = open_run(spec, recipe, out, plan, resume, force)
+        run = open_run(spec, recipe, out, plan, resume, force, progress)
         student, _, ran = train_stage1(run, progress, stop_after)
         if run.recipe.stage2.steps:
             stop_after = None if stop_after is None else stop_after - ran

@@ -184,6 +184,12 @@ def run_stage(
     return metrics, done_here
 
 
+def stage_progress(progress: Callable[[str, int, int, dict], None] | None, stage: str):
+    """A `(done, total)` callback (calibration, sampling) that reports to a run's `progress(stage, step,
+    total, metrics)` as steps of `stage` without metrics; None without progress."""
+    return None if progress is None else (lambda done, total: progress(stage, done, total, {}))
+
+
 class StopRequested(Exception):
     """Raised by `stop_after`: the run stopped cleanly after a checkpoint."""
 
