@@ -2,7 +2,8 @@
 
 A lock whose owner is gone (killed, crashed: its pid no longer runs, or runs another program) is
 stale and taken over, so a run killed with SIGKILL resumes without manual cleanup. The lock is
-re-entrant within a process (`run` holds it while `distill` takes it again).
+re-entrant within a process (`run` holds it while `distill` takes it again). In a multi-process
+launch only the main process takes and checks it; the others work under its lock.
 """
 
 from __future__ import annotations
@@ -90,8 +91,16 @@ def _recent(lock: Path, seconds: float = 10.0) -> bool:
     return False
 
 
+def _main_process() -> bool:
+    """Whether this is the main process of a (possibly multi-process) launch: torchrun and
+    `accelerate launch` give every process its RANK."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def check_not_busy(folder: Path) -> None:
     """Refuse a folder whose lock a live process holds (a lock of this process's own is no obstacle)."""
+    if not _main_process():
+        return
     lock = Path(folder) / LOCK_NAME
     owner = _owner(lock) if os.path.realpath(folder) not in _held else None
     if owner is not None and _alive(owner):
@@ -106,15 +115,15 @@ def _busy(lock: Path, owner: dict) -> FolderBusy:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, enabled: bool = True) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold `folder`'s lock for the block, creating the folder (and missing parents) if needed.
 
     On exit the lock is removed, and so is every folder created here that is still empty — a run
-    rejected before writing leaves nothing behind. enabled=False (the other processes of a
-    multi-process run) only yields the folder.
+    rejected before writing leaves nothing behind. Processes other than the main one of a
+    multi-process launch only get the folder.
     """
     folder = Path(folder)
-    if not enabled:
+    if not _main_process():
         yield folder
         return
     created = []

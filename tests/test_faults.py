@@ -139,8 +139,8 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path, st
     assert_same_as_straight(run, straight)
 
 
-def test_a_lock_held_by_a_live_process_is_respected_and_a_killed_ones_is_taken_over(tmp_path):
-    from surgery.lock import FolderBusy, folder_lock
+def test_a_lock_held_by_a_live_process_is_respected_and_a_killed_ones_is_taken_over(tmp_path, monkeypatch):
+    from surgery.lock import FolderBusy, check_not_busy, folder_lock
 
     folder = tmp_path / "run"
     holder = subprocess.Popen(
@@ -151,6 +151,11 @@ def test_a_lock_held_by_a_live_process_is_respected_and_a_killed_ones_is_taken_o
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderBusy, match=f"pid {holder.pid}"):
+            with folder_lock(folder):
+                pass
+        with monkeypatch.context() as patch:  # the other processes of a launch work under rank 0's lock
+            patch.setenv("RANK", "1")
+            check_not_busy(folder)
             with folder_lock(folder):
                 pass
     finally:

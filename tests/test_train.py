@@ -120,6 +120,7 @@ def test_lr_scales_give_each_parameter_its_own_step(tmp_path):
     assert torch.allclose(params["b"], torch.full((4,), -0.1)) and torch.allclose(params["a"], torch.full((4,), -0.001))
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_planning_inside_distill_reports_progress(tmp_path):
     seen = []
     recipe = load_recipe("hybrid", ["plan.samples=2", "stage1.steps=1", "stage2.steps=1", "data.samples=1"])

@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,12 +330,6 @@ def finish_run(run: OpenRun, student) -> None:
                                              "lora": _lora_settings(recipe) if uses_lora else None})
 
 
-def _main_process() -> bool:
-    """Whether this is the main process of a (possibly multi-process) launch: the one that takes the
-    run folder's lock. torchrun and `accelerate launch` give every process its RANK."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def distill(
     spec: str,
     recipe: Recipe,
@@ -358,7 +351,7 @@ def distill(
     """
     out = Path(out)
     check_run_folder(out, resume, force)  # once before the lock creates the folder, again under it
-    with folder_lock(out, enabled=_main_process()):
+    with folder_lock(out):
         run = open_run(spec, recipe, out, plan, resume, force, progress)
         student, _, ran = train_stage1(run, progress, stop_after)
         if run.recipe.stage2.steps:
