@@ -27,15 +27,19 @@ def _root():
 
 
 def command(fn=None, *, name: str | None = None):
-    """Register a command whose SurgeryError becomes one line on stderr and exit code 2."""
+    """Register a command whose SurgeryError becomes one line on stderr and exit code 2, whose Ctrl-C
+    becomes one line and exit code 130, and whose library warnings print as lines on stderr."""
 
     def register(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            output.show_library_warnings()
             try:
                 return fn(*args, **kwargs)
             except SurgeryError as e:
                 output.fail(str(e))
+            except KeyboardInterrupt:
+                output.interrupted()
 
         return app.command(name)(wrapper)
 
@@ -61,7 +65,7 @@ def info(
 def plan(
     budget: Annotated[float, typer.Option(help="Attention FLOPs allowed, as a fraction of dense (0, 1].")] = 0.6,
     model: opt.Model = "tiny",
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the plan JSON.")] = Path("plan.json"),
+    out: Annotated[Path, typer.Option(help="Where to write the plan JSON (a new file, unless --force).")] = Path("plan.json"),
     variants: Annotated[
         Optional[str], typer.Option(help="Comma-separated variants to consider (full is always one).")
     ] = None,
@@ -80,19 +84,21 @@ def plan(
     timing: Annotated[str, typer.Option(
         "--for", help="With --cost latency: time 'inference' (forward) or 'training' (forward + backward).")
     ] = "inference",
+    force: opt.Force = False,
     json: opt.Json = False,
 ):
     """Measure each layer's sensitivity and pick a variant per layer under a FLOP or step-time budget."""
+    from surgery.io import check_output_file
     from surgery.planner import make_plan
 
+    check_output_file(out, force=force)
     with output.progress("calibrating") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
             frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
             timing=timing, progress=update,
         )
-    if out is not None:
-        result.save(out)
+    result.save(out)
     output.print_json(result.to_dict()) if json else output.show_plan(result, out)
 
 
@@ -100,13 +106,17 @@ def plan(
 def distill(
     recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
     model: opt.Model = "tiny",
-    out: Annotated[Path, typer.Option(help="Run folder to write (plan, metrics, checkpoints, student).")] = Path("runs/distill"),
+    out: Annotated[
+        Path, typer.Option(help="Run folder to write (plan, metrics, checkpoints, student); new or empty, "
+                                "unless --resume or --force.")
+    ] = Path("runs/distill"),
     plan: Annotated[Optional[Path], typer.Option(help="Use this plan JSON instead of planning.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Override the recipe's plan budget.")] = None,
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override one recipe field: section.key=value (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
 ):
     """Distill the planned attention against the frozen teacher, then fine-tune the student."""
     from surgery.plan import Plan
@@ -115,9 +125,9 @@ def distill(
 
     overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
     loaded = load_recipe(recipe, overrides)
-    with output.training_progress() as progress:
+    with output.resumable("distill", out), output.training_progress() as progress:
         summary = run_distill(model, loaded, out, plan=Plan.load(plan) if plan else None, resume=resume,
-                              progress=progress)
+                              force=force, progress=progress)
     output.show_distill(summary)
 
 
@@ -126,37 +136,54 @@ def export(
     run: Annotated[Optional[Path], typer.Option(help="A finished distill run folder.")] = None,
     model: opt.Model = "tiny",
     plan: opt.TrainingFreePlan = None,
-    out: Annotated[Path, typer.Option(help="Folder to write (must not exist).")] = Path("exported"),
+    out: Annotated[Path, typer.Option(help="Folder to write (new or empty, unless --force).")] = Path("exported"),
     merge_lora: Annotated[bool, typer.Option(help="Fold LoRA weights into the base weights.")] = False,
+    force: opt.Force = False,
 ):
-    """Write a student as a diffusers folder that loads back retrofitted: a distill run's (--run), or --model
-    with a training-free --plan (no distillation)."""
+    """Write a student as a diffusers folder that loads back retrofitted, with a SHA-256 manifest: a distill run's
+    (--run), or --model with a training-free --plan (no distillation)."""
     from surgery.exporting import export as export_run
     from surgery.exporting import export_planned
 
     if (run is None) == (plan is None):
         raise SurgeryError("give either --run (a distill run) or --plan (a training-free plan for --model)")
-    written = export_run(run, out, merge_lora=merge_lora) if run is not None else export_planned(model, plan, out)
+    if run is not None:
+        written = export_run(run, out, merge_lora=merge_lora, force=force)
+    else:
+        written = export_planned(model, plan, out, force=force)
     output.console.print(f"exported to {written}")
+
+
+@command
+def verify(
+    folder: Annotated[Path, typer.Argument(help="An export folder.")],
+):
+    """Check every file of an export against its SHA-256 manifest."""
+    from surgery.loading import verify_model
+
+    output.console.print(f"{folder}: {verify_model(str(folder))} files match the manifest", soft_wrap=True)
 
 
 @command
 def generate(
     prompt: Annotated[str, typer.Option(help="Text prompt.")],
     model: opt.Model = "tiny",
-    out: Annotated[Path, typer.Option(help="Video file to write (.mp4 or .gif).")] = Path("video.mp4"),
+    out: Annotated[Path, typer.Option(help="Video file to write (.mp4 or .gif; new, unless --force).")] = Path("video.mp4"),
     frames: opt.Frames = None,
     height: opt.Height = None,
     width: opt.Width = None,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     plan: opt.TrainingFreePlan = None,
+    force: opt.Force = False,
+    verify: opt.Verify = False,
 ):
     """Generate a video with a (retrofitted) model."""
     from surgery.evaluate import generate as run_generate
 
-    path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps, seed=seed,
-                               plan=plan)
+    with output.progress("sampling") as update:
+        path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps,
+                                   seed=seed, force=force, verify=verify, progress=update, plan=plan)
     output.console.print(f"wrote {path} ({count} frames)")
 
 
@@ -168,12 +195,15 @@ def eval_(
     samples: Annotated[int, typer.Option(min=1, help="Seeded generations to compare.")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
+    verify: opt.Verify = False,
     json: opt.Json = False,
 ):
     """Compare a student with its teacher on the same seeds: velocity error, latent error, PSNR/SSIM."""
     from surgery.evaluate import evaluate
 
-    report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed)
+    with output.progress("sampling") as update:
+        report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed, verify=verify,
+                          progress=update)
     output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 
@@ -207,10 +237,16 @@ def run(
     recipe: Annotated[str, typer.Option(help="A shipped recipe name or a .toml path.")] = "hybrid",
     budget: Annotated[Optional[float], typer.Option(help="Override the recipe's plan budget.")] = None,
     model: opt.Model = "tiny",
-    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/demo"),
+    out: Annotated[
+        Path, typer.Option(help="Run folder to write; new or empty, unless --resume or --force.")
+    ] = Path("runs/demo"),
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="Override one recipe field: section.key=value (repeatable).")
     ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out: its distillation, then export and eval.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
 ):
     """The main job: plan → distill → export → eval, ending with what it saved and what it cost."""
     from surgery.recipe import load_recipe
@@ -218,8 +254,8 @@ def run(
 
     overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
     loaded = load_recipe(recipe, overrides)
-    with output.training_progress() as progress:
-        summary = run_all(model, loaded, out, progress=progress)
+    with output.resumable("run", out), output.training_progress() as progress:
+        summary = run_all(model, loaded, out, resume=resume, force=force, progress=progress)
     output.show_run(summary)
 
 

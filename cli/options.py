@@ -25,6 +25,10 @@ TrainingFreePlan = Annotated[
     Optional[Path],
     typer.Option("--plan", help="A plan JSON applied to --model with no distillation (training-free variants only)."),
 ]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
+Verify = Annotated[
+    bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")
+]
 
 
 def split_names(value: str | None) -> list[str] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import shlex
 import sys
 
 from rich.console import Console
@@ -19,6 +21,39 @@ def fail(message: str, code: int = 2):
 
     err_console.print(f"error: {message}", markup=False)
     raise typer.Exit(code)
+
+
+def interrupted(hint: str | None = None):
+    """Ctrl-C: one line on stderr (with how to continue, where there is a way) and the usual exit code 130."""
+    import typer
+
+    err_console.print("interrupted" + (f"; {hint}" if hint else ""), markup=False)
+    raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def resumable(command: str, out):
+    """On Ctrl-C inside the block, say how to continue once the run folder `out` holds a run."""
+    from pathlib import Path
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        if (Path(out) / "run.json").is_file():
+            interrupted(f"continue with: vsurgery {command} --out {shlex.quote(str(out))} --resume")
+        raise
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(f"warning: {record.getMessage()}", markup=False)
+
+
+def show_library_warnings() -> None:
+    """Print the library's warnings (logger "surgery": a damaged checkpoint skipped, …) as lines on stderr."""
+    logger = logging.getLogger("surgery")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
 
 
 def print_json(data) -> None:
@@ -134,12 +169,13 @@ def show_plan(plan, path=None) -> None:
 
 @contextlib.contextmanager
 def training_progress():
-    """Yield `progress(stage, step, total, metrics)` that drives one rich bar per stage with loss and speed."""
+    """Yield `progress(stage, step, total, metrics)` that drives one rich bar per stage with loss and speed
+    (a step without a loss, as calibration's and eval's, shows the bar alone)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4g}  {task.fields[speed]:.2f} samples/s"), TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
         console=err_console,
     )
     tasks: dict[str, int] = {}
@@ -148,9 +184,12 @@ def training_progress():
         if stage not in tasks:
             if not tasks:
                 bar.start()
-            tasks[stage] = bar.add_task(stage, total=total, loss=float("nan"), speed=0.0)
-        speed = metrics.get("samples", 1) / max(metrics.get("seconds", 0.0), 1e-9)
-        bar.update(tasks[stage], completed=step, loss=metrics["loss"], speed=speed)
+            tasks[stage] = bar.add_task(stage, total=total, detail="")
+        detail = ""
+        if "loss" in metrics:
+            speed = metrics.get("samples", 1) / max(metrics.get("seconds", 0.0), 1e-9)
+            detail = f"loss {metrics['loss']:.4g}  {speed:.2f} samples/s"
+        bar.update(tasks[stage], completed=step, detail=detail)
 
     try:
         yield update

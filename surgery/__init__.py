@@ -24,7 +24,11 @@ _EXPORTS = {
     "VARIANTS": ".variants", "get_variant": ".variants",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "LayerChoice", "ModelMixin", "PRESETS", "Plan", "SurgeryError", "SurgeryWanTransformer3DModel", "VARIANTS",
+    "VideoGrid", "apply", "export", "get_variant", "load_config", "load_exported", "load_model", "set_backend",
+    "variant_processors", "video_grid",
+]
 
 
 def __getattr__(name: str):

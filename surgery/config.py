@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -79,6 +80,8 @@ def coerce(value, hint, where: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SurgeryError(f"{where} must be float, got {value!r}")
+        if not math.isfinite(value):  # TOML spells nan and inf; no setting means either
+            raise SurgeryError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint in (int, str, bool):
         if type(value) is not hint:

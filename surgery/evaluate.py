@@ -16,7 +16,8 @@ import torch
 
 from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
-from .loading import load_config, load_model
+from .io import atomic_file, check_output_file
+from .loading import load_config, load_model, verify_model
 from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
 from .metrics import psnr, relative_l2, ssim
 from .plan import Plan
@@ -50,7 +51,7 @@ class EvalReport:
         return asdict(self)
 
 
-def sample_latents(model, noise, text, steps: int, reference=None):
+def sample_latents(model, noise, text, steps: int, reference=None, on_step=None):
     """Euler flow-matching sampling from `noise` on the σ schedule of Wan's FlowMatchEulerDiscreteScheduler;
     with `reference`, also the reference's velocity error per step along `model`'s trajectory.
     Returns (latents, [errors])."""
@@ -59,7 +60,21 @@ def sample_latents(model, noise, text, steps: int, reference=None):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
     scheduler.set_timesteps(steps)
     return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=conditioner(dict(model.config)),
-                        reference=reference)
+                        reference=reference, on_step=on_step)
+
+
+def _step_counter(progress, total: int):
+    """on_step() for the samplers: counts steps into `progress(done, total)`; None without progress."""
+    if progress is None:
+        return None
+    done = 0
+
+    def on_step() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    return on_step
 
 
 def _decoder(spec: str):
@@ -100,9 +115,13 @@ def evaluate(
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    verify: bool = False,
+    progress=None,
 ) -> EvalReport:
     """Compare a student (an export, or with `plan` the teacher with a training-free plan applied) with its
-    teacher on `samples` seeded generations."""
+    teacher on `samples` seeded generations.
+
+    verify: the student is an export; check its files' SHA-256 first. progress(done, total): sampling steps."""
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
     if plan is not None:
@@ -118,7 +137,7 @@ def evaluate(
             raise SurgeryError(
                 f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
         teacher = load_model(teacher_spec)
-        student = load_model(student_spec)
+        student = load_model(student_spec, verify=verify)
     grid: VideoGrid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
     decode = _decoder(teacher_spec)
     pt, ph, pw = teacher.config.patch_size
@@ -130,6 +149,7 @@ def evaluate(
 
         prompts = toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
         toy_text = toy.caption_embeddings(prompts)
+    on_step = _step_counter(progress, 2 * samples * steps)  # two trajectories per sample
     per_step, latent_errors, psnrs, ssims = [], [], [], []
     for i in range(samples):
         noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
@@ -138,8 +158,8 @@ def evaluate(
             text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
         else:
             text = toy_text[i : i + 1]
-        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student)
-        z_student, _ = sample_latents(student, noise, text, steps)
+        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step)
+        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step)
         per_step.append(errors)
         latent_errors.append(relative_l2(z_student, z_teacher))
         if decode is not None:
@@ -167,9 +187,10 @@ def _video_path(path: str | Path) -> Path:
     return path
 
 
-def generate(spec: str, prompt: str, out: str | Path, **options) -> tuple[Path, int]:
-    """`generate_video` written to `out` (.mp4 or .gif, checked before sampling); returns (path, frames)."""
-    _video_path(out)
+def generate(spec: str, prompt: str, out: str | Path, *, force: bool = False, **options) -> tuple[Path, int]:
+    """`generate_video` written to `out` (.mp4 or .gif); returns (path, frames). The destination is checked
+    before sampling: an existing file is overwritten only with `force`."""
+    check_output_file(_video_path(out), force=force)
     video = generate_video(spec, prompt, **options)
     return write_video(video, out), len(video)
 
@@ -183,13 +204,11 @@ def write_video(frames, path: str | Path, fps: int = 8) -> Path:
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if path.suffix == ".mp4":
-        iio.imwrite(tmp, frames, plugin="FFMPEG", extension=".mp4", fps=fps, macro_block_size=1)
-    else:
-        iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        if path.suffix == ".mp4":
+            iio.imwrite(tmp, frames, plugin="FFMPEG", extension=".mp4", fps=fps, macro_block_size=1)
+        else:
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=0)
     return path
 
 
@@ -203,6 +222,8 @@ def generate_video(
     steps: int = 20,
     seed: int = 0,
     guidance_scale: float = 1.0,
+    verify: bool = False,
+    progress=None,
     plan: Plan | str | Path | None = None,
 ):
     """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
@@ -210,6 +231,7 @@ def generate_video(
     tiny (or a transformer-only export of it): the tiny pipeline of surgery.pipeline around the
     loaded transformer; toy (or an export of it): the toy sampler with its caption encoder
     (surgery.toy.sample, uint8 frames); a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
+    verify: `spec` is an export; check its files' SHA-256 first. progress(done, total): denoising steps.
     plan: a training-free plan applied to the transformer first.
     """
     from diffusers import WanPipeline
@@ -220,19 +242,24 @@ def generate_video(
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         check_training_free(plan)
         check_plan_grid(plan, resolve_grid(spec, load_config(spec), frames, height, width))
+    on_step = _step_counter(progress, steps)
     path = Path(spec)
     if path.is_dir() and (path / "model_index.json").is_file():
+        if verify:
+            verify_model(spec)
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512
         if plan is not None:
             apply(pipe.transformer, plan)
     else:
-        transformer = load_model(spec) if plan is None else load_planned(spec, plan)
+        transformer = load_model(spec, verify=verify)
+        if plan is not None:
+            apply(transformer, plan)
         if is_toy(dict(transformer.config)):
             from . import toy
 
             size = dict(zip(("frames", "height", "width"), (frames, height, width)))
             video = toy.sample(transformer, toy.load_caption_encoder(), prompt, seed=seed, steps=steps,
-                               **{k: v for k, v in size.items() if v is not None})
+                               on_step=on_step, **{k: v for k, v in size.items() if v is not None})
             return video.numpy()
         if fingerprint(dict(transformer.config)) != fingerprint(load_config("tiny")):
             raise SurgeryError(
@@ -240,12 +267,19 @@ def generate_video(
             )
         pipe, text_tokens = build_tiny_pipeline(transformer=transformer), TEXT_TOKENS
         spec = "tiny"
-    default_frames, default_height, default_width = default_video(spec)
-    frames, height, width = frames or default_frames, height or default_height, width or default_width
+    defaults = default_video(spec)
+    frames, height, width = (default if value is None else value
+                             for value, default in zip((frames, height, width), defaults))
     video_grid(frames, height, width)  # both pipelines use Wan's VAE: check the size before sampling
+
+    def step_end(pipeline, step, timestep, tensors):
+        on_step()
+        return tensors
+
+    pipe.set_progress_bar_config(disable=True)  # progress goes through `progress`, in the CLI's style
     result = pipe(
         prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance_scale, max_sequence_length=text_tokens, output_type="np",
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), callback_on_step_end=step_end if on_step else None,
     )
     return result.frames[0]

@@ -7,13 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
-from .swap import apply
 from .errors import SurgeryError
-from .io import atomic_dir
+from .io import atomic_dir, check_output_folder
 from .loading import load_model
-from .planned import load_planned
+from .manifest import has_manifest, write_manifest
 from .plan import Plan
+from .planned import load_planned
 from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
+from .swap import apply
 from .wan import SURGERY_CLASS
 
 
@@ -50,39 +51,41 @@ def rebuild_student(run: Path):
     return student.eval(), plan, info
 
 
-def export(run: str | Path, out: str | Path, merge_lora: bool = False, overwrite: bool = False) -> Path:
+def _is_diffusers_folder(folder: Path) -> bool:
+    return has_manifest(folder) or (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
+
+
+def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> Path:
     """Write the student of run folder `run` to `out` as a diffusers folder; returns `out`.
 
     A transformer folder (config.json + weights), or — when the run started from a pipeline folder —
-    a pipeline folder whose other components are copied and whose transformer is the student.
+    a pipeline folder whose other components are copied and whose transformer is the student; either
+    with a manifest of every file's size and SHA-256 (surgery/manifest.py). An existing `out` is
+    replaced only with `force`, and only if it is a diffusers folder.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} already exists; choose another --out")
+    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
     student, plan, info = rebuild_student(Path(run))
     lora = info.get("lora")
     if lora and merge_lora:
         _merge_lora(student)
         lora = None
-    return _write(student, plan, lora, info["model"], out, overwrite)
+    return _write(student, plan, lora, info["model"], out, force)
 
 
-def export_planned(spec: str, plan: Plan | str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_planned(spec: str, plan: Plan | str | Path, out: str | Path, force: bool = False) -> Path:
     """Write model `spec` with a training-free `plan` applied (no distill run) to `out`, as `export` does."""
-    out = Path(out)
+    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    if out.exists() and not overwrite:
-        raise SurgeryError(f"{out} already exists; choose another --out")
-    return _write(load_planned(spec, plan), plan, None, spec, out, overwrite)
+    return _write(load_planned(spec, plan), plan, None, spec, out, force)
 
 
-def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, overwrite: bool) -> Path:
+def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, force: bool) -> Path:
     wan_config = {k: v for k, v in student.config.items() if not k.startswith("_")}
     exported = SurgeryWanTransformer3DModel(**wan_config, vsurgery_plan=plan.to_dict(), vsurgery_lora=lora)
     exported.load_state_dict(student.state_dict(), strict=True)
     source = Path(source_spec)
     pipeline = source.is_dir() and (source / "model_index.json").is_file()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=force) as tmp:
         target = tmp / "transformer" if pipeline else tmp
         exported.save_pretrained(target, variant=EXPORT_VARIANT, max_shard_size=MAX_SHARD_SIZE)
         plan.save(target / "vsurgery_plan.json")
@@ -93,4 +96,5 @@ def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, 
             for child in source.iterdir():
                 if child.is_dir() and child.name != "transformer":
                     shutil.copytree(child, tmp / child.name)
+        write_manifest(tmp)
     return out

@@ -59,7 +59,8 @@ def video_grid(frames: int, height: int, width: int, patch_size=(1, 2, 2), vae_s
     st, sh, sw = vae_scale
     pt, ph, pw = patch_size
     if frames < 1 or (frames - 1) % st:
-        raise SurgeryError(f"--frames must be {st}k+1 (1, 5, 9, …, 81), got {frames}")
+        rule = "positive" if st == 1 else f"{st}k+1 (1, {1 + st}, {1 + 2 * st}, …)"
+        raise SurgeryError(f"--frames must be {rule}, got {frames}")
     if height < 1 or height % (sh * ph):
         raise SurgeryError(f"--height must be a positive multiple of {sh * ph}, got {height}")
     if width < 1 or width % (sw * pw):

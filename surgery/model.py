@@ -200,9 +200,10 @@ def load_from_hub(spec: str, *, dtype: torch.dtype | None = None, device=None):
             model = WanTransformer3DModel.from_pretrained(spec, subfolder="transformer", torch_dtype=dtype)
             return model.to(device) if device is not None else model
         except Exception as e:
+            # A hub id looks like a relative path: the user may have meant either.
             raise ModelLoadError(
-                f"cannot fetch {spec!r} from the Hugging Face Hub ({type(e).__name__}); "
-                "without network access, pass a local diffusers folder instead"
+                f"{spec!r} is neither a local folder (no such path) nor a model the Hugging Face Hub gives "
+                f"({type(e).__name__}); check the path, or the id and the network"
             ) from None
 
 
@@ -221,10 +222,10 @@ def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) 
     """The token grid for a video size, with the model's default size filling unset values."""
     d_frames, d_height, d_width = default_video(spec)
     preset = PRESETS.get(spec)
-    return video_grid(
-        frames or d_frames,
-        height or d_height,
-        width or d_width,
+    return video_grid(  # None means the default; 0 is a size like any other, and rejected
+        d_frames if frames is None else frames,
+        d_height if height is None else height,
+        d_width if width is None else width,
         patch_size=tuple(config["patch_size"]),
         vae_scale=preset.vae_scale if preset else VAE_SCALE,
     )

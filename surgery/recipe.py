@@ -24,6 +24,15 @@ else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 
+def _at_least(settings, **bounds: tuple[float, bool]) -> None:
+    """bounds: field → (lowest value, whether the lowest itself is excluded); the first field out of
+    bounds is a ValueError naming it."""
+    for name, (low, strict) in bounds.items():
+        value = getattr(settings, name)
+        if value < low or (strict and value == low):
+            raise ValueError(f"{name} must be {'>' if strict else '≥'} {low:g}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PlanSection:
     budget: float = 0.6  # attention FLOPs as a fraction of dense, for the planner
@@ -35,6 +44,9 @@ class PlanSection:
     def __post_init__(self):
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        _at_least(self, samples=(1, False))
+        if any(layer < 0 for layer in self.keep_full):
+            raise ValueError(f"keep_full holds layer indices (≥ 0), got {self.keep_full}")
 
 
 @dataclass(frozen=True)
@@ -50,8 +62,7 @@ class DataSection:
     def __post_init__(self):
         if self.source == "dataset" and not self.path:
             raise ValueError("data.path is required when data.source = 'dataset'")
-        if self.batch_size < 1 or self.samples < 1:
-            raise ValueError("data.batch_size and data.samples must be ≥ 1")
+        _at_least(self, batch_size=(1, False), samples=(1, False))
 
 
 @dataclass(frozen=True)
@@ -65,8 +76,8 @@ class StageSettings:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ValueError("steps and warmup_steps must be ≥ 0, lr and grad_clip > 0")
+        _at_least(self, steps=(0, False), lr=(0, True), weight_decay=(0, False), warmup_steps=(0, False),
+                  grad_clip=(0, True))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -109,6 +120,11 @@ class SparsityAnneal:
     step: float = 0.1
     every: int = 10
 
+    def __post_init__(self):
+        _at_least(self, start=(0, False), step=(0, True), every=(1, False))
+        if self.start > 1:
+            raise ValueError(f"start is a sparsity, at most 1, got {self.start}")
+
 
 @dataclass(frozen=True)
 class Stage2(StageSettings):
@@ -131,6 +147,7 @@ class Stage2(StageSettings):
         super().__post_init__()
         if self.distill_weight < 0 or self.flow_weight < 0 or self.distill_weight + self.flow_weight == 0:
             raise ValueError("stage2 needs a positive distill_weight or flow_weight")
+        _at_least(self, lora_rank=(1, False), lora_alpha=(0, True))
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,9 @@ class TrainSection:
     checkpoint_every: int = 25
     mixed_precision: Literal["no", "bf16"] = "bf16"  # bf16 autocast applies on GPU only
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        _at_least(self, checkpoint_every=(1, False))
 
 
 @dataclass(frozen=True)

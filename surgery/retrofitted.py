@@ -11,6 +11,9 @@ For a pipeline export, model_index.json names `["surgery", "SurgeryWanTransforme
 Weights are saved under the diffusers variant "vsurgery" (diffusion_pytorch_model.vsurgery.safetensors):
 stock `WanTransformer3DModel.from_pretrained(folder)` finds no weights and fails loudly, instead of
 dropping the trained attention parameters with a warning as it would for unknown keys.
+
+The export's root holds a manifest (surgery/manifest.py): loading checks the sizes of the files it
+reads against it; `load_exported(..., verify=True)` checks their SHA-256 too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from diffusers import WanTransformer3DModel
 
 from .swap import apply
 from .errors import ModelLoadError, SurgeryError
+from .manifest import check_manifest, has_manifest
 from .model import check_weights
 from .plan import Plan
 
@@ -54,6 +58,9 @@ class SurgeryWanTransformer3DModel(WanTransformer3DModel):
         """diffusers' loader with the export's weight variant, and strict keys."""
         if kwargs.get("variant") is None:  # pipelines pass variant=None explicitly
             kwargs["variant"] = EXPORT_VARIANT
+        local = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if local.is_dir():
+            check_export_files(local)
         kwargs.pop("output_loading_info", None)
         model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         problems = [(k, info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
@@ -74,11 +81,38 @@ SurgeryWanTransformer3DModel.__init__.__signature__ = _wan_signature.replace(
 )
 
 
-def load_exported(path: str | Path, dtype=None, device=None):
-    """Load an export (transformer or pipeline folder) as the retrofitted transformer."""
-    folder = Path(path)
+def export_root(folder: str | Path) -> tuple[Path, str]:
+    """(the export's root folder, the transformer's folder inside it) for an export's root or its
+    pipeline's transformer/ folder."""
+    folder = Path(folder)
     if (folder / "model_index.json").is_file():
-        folder = folder / "transformer"
+        return folder, "transformer"
+    if folder.name == "transformer" and (folder.parent / "model_index.json").is_file():
+        return folder.parent, "transformer"
+    return folder, ""
+
+
+def check_export_files(folder: str | Path, hashes: bool = False) -> int:
+    """The transformer files of the export at `folder` against the manifest: sizes, and SHA-256 with
+    `hashes`. An export without a manifest (written before exports had one) is not checked."""
+    root, transformer = export_root(folder)
+    return check_manifest(root, under=transformer, hashes=hashes) if has_manifest(root) else 0
+
+
+def verify_export(folder: str | Path) -> int:
+    """Every file of the export at `folder` against its manifest's SHA-256; returns how many were checked."""
+    return check_manifest(export_root(folder)[0], hashes=True)
+
+
+def load_exported(path: str | Path, dtype=None, device=None, verify: bool = False):
+    """Load an export (transformer or pipeline folder) as the retrofitted transformer.
+
+    verify: first check every file of the export against its manifest's SHA-256 (`vsurgery verify`)."""
+    if verify:
+        verify_export(path)
+    root, transformer = export_root(path)
+    folder = root / transformer
+    check_export_files(folder)
     check_weights(folder, WEIGHTS, WEIGHTS_INDEX)
     try:
         model = SurgeryWanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
@@ -89,4 +123,4 @@ def load_exported(path: str | Path, dtype=None, device=None):
     return model.to(device) if device is not None else model
 
 
-__all__ = ["EXPORT_VARIANT", "SurgeryWanTransformer3DModel", "inject_lora", "load_exported"]
+__all__ = ["EXPORT_VARIANT", "SurgeryWanTransformer3DModel", "inject_lora", "load_exported", "verify_export"]

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import SurgeryError
 from .evaluate import EvalReport, evaluate
 from .exporting import export
-from .io import atomic_write_json
+from .io import atomic_write_json, check_output_folder
+from .lock import folder_lock
 from .plan import Plan
 from .recipe import Recipe
 from .train import distill
-from .train.distill import DistillSummary
+from .train.distill import DistillSummary, check_run_folder, distill_summary, saved_run
+from .train.loop import stage_progress
 
 
 @dataclass
@@ -36,20 +37,36 @@ class RunSummary:
 
 
 def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1, eval_steps: int = 6,
-            progress=None) -> RunSummary:
+            resume: bool = False, force: bool = False, progress=None) -> RunSummary:
     """Write out/{plan.json, metrics.jsonl, student.safetensors, …}, out/exported/, out/eval.json and
-    out/summary.json."""
+    out/summary.json.
+
+    resume: continue an interrupted `run_all` in `out` — its distillation where it stopped (or not at
+    all, if it finished), then the export unless it was written, then eval. force: replace an earlier
+    run in `out`.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SurgeryError(f"{out} already exists and is not empty; choose a new --out")
-    distilled = distill(spec, recipe, out, progress=progress)
-    exported = export(out, out / "exported")
-    report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed)
-    atomic_write_json(out / "eval.json", report.to_dict())
-    plan = Plan.load(out / "plan.json")
-    summary = RunSummary(
-        run=str(out), exported=str(exported), budget=plan.budget, attention_flops_ratio=plan.meta["flops_ratio"],
-        variants={fqn: choice.variant for fqn, choice in plan.layers.items()}, distill=distilled, eval=report,
-    )
-    atomic_write_json(out / "summary.json", summary.to_dict())
+    if resume:
+        info, recipe = saved_run(out)  # the run's own model and recipe
+        spec = info["model"]
+        check_output_folder(out, force=True)  # the run's files stay: only write access is checked
+    else:
+        check_run_folder(out, resume=False, force=force)
+    exported = out / "exported"
+    with folder_lock(out):
+        if resume and info.get("finished"):
+            distilled = distill_summary(out)
+        else:
+            distilled = distill(spec, recipe, out, resume=resume, force=force, progress=progress)
+        if not exported.is_dir():  # an export appears whole or not at all
+            export(out, exported)
+        report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed,
+                          progress=stage_progress(progress, "eval"))
+        atomic_write_json(out / "eval.json", report.to_dict())
+        plan = Plan.load(out / "plan.json")
+        summary = RunSummary(
+            run=str(out), exported=str(exported), budget=plan.budget, attention_flops_ratio=plan.meta["flops_ratio"],
+            variants={fqn: choice.variant for fqn, choice in plan.layers.items()}, distill=distilled, eval=report,
+        )
+        atomic_write_json(out / "summary.json", summary.to_dict())
     return summary

@@ -31,13 +31,15 @@ def euler_sample(
     uncond_text: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     reference=None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Sample from `noise` [B, C, F, H, W] along `sigmas` (σ_0 = 1 … σ_n = 0).
 
     text: [B, L, text_dim]; with `uncond_text` and guidance ≠ 1 both run in one batch and mix as
     v = v(∅) + guidance_scale·(v(text) − v(∅)). condition maps x_t to the transformer's input.
     With `reference` (a second model), also returns its velocity's relative error against
-    `model`'s at every step, on `model`'s trajectory. Returns (x at σ = 0 in fp32, errors).
+    `model`'s at every step, on `model`'s trajectory. on_step() runs after every step (progress).
+    Returns (x at σ = 0 in fp32, errors).
     """
     device, dtype = noise.device, next(model.parameters()).dtype
     guided = uncond_text is not None and guidance_scale != 1
@@ -59,4 +61,6 @@ def euler_sample(
             v_text, v_uncond = v.chunk(2)
             v = v_uncond + guidance_scale * (v_text - v_uncond)
         x = x + (sigma_next - sigma) * v
+        if on_step is not None:
+            on_step()
     return x, errors

@@ -30,6 +30,19 @@ def tiny_model(_tiny_model):
     return copy.deepcopy(_tiny_model)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's training runs, and OMP_NUM_THREADS=1 for the subprocesses it
+    starts: the same numerics in both (bit-identity needs the same reduction order), and no thread
+    oversubscription on a busy machine for steps this small."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 def model_inputs(model, grid: VideoGrid, batch: int = 2, text_tokens: int = 16, seed: int = 0):
     """Random latents, timesteps and text embeddings for one forward at `grid`."""
     g = torch.Generator().manual_seed(seed)

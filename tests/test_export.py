@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
+from typer.testing import CliRunner
 
 import surgery
+from surgery.cli.app import app
 from surgery.errors import ModelLoadError
 from surgery.exporting import export, rebuild_student
+from surgery.manifest import MANIFEST, write_manifest
 from surgery.retrofitted import WEIGHTS, load_exported
 from surgery.grid import VideoGrid
 from surgery.plan import Plan
@@ -84,18 +87,47 @@ def test_missing_trained_keys_fail_loudly(finished_run, tmp_path):
     dropped = next(k for k in weights if "blocks.0.attn1.to_q" in k)
     del weights[dropped]
     save_file(weights, out / WEIGHTS)
+    write_manifest(out)  # a consistent manifest, so the key check itself is what answers
     with pytest.raises(ModelLoadError, match="missing keys"):
         load_exported(out)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_corrupt_export_is_a_one_line_error(finished_run, tmp_path, damage):
+@pytest.mark.parametrize("manifest", [True, False])
+def test_corrupt_export_is_a_one_line_error(finished_run, tmp_path, damage, manifest):
     out = export(finished_run, tmp_path / "exported")
+    if not manifest:  # an export written before exports had one: safetensors' own checks answer
+        (out / MANIFEST).unlink()
     weights = out / WEIGHTS
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"not safetensors at all")
-    with pytest.raises(ModelLoadError, match="not a readable safetensors"):
+    with pytest.raises(ModelLoadError, match="the manifest says" if manifest else "not a readable safetensors"):
         surgery.load_model(str(out))
+
+
+def test_the_manifest_catches_a_bit_flip_that_loading_alone_cannot(finished_run, tmp_path):
+    out = export(finished_run, tmp_path / "exported")
+    listed = json.loads((out / MANIFEST).read_text())["files"]
+    assert set(listed) == {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    cli = CliRunner()
+    result = cli.invoke(app, ["verify", str(out)])
+    assert result.exit_code == 0 and f"{len(listed)} files match" in result.stdout, result.output
+    weights = out / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 1  # inside the tensor data: the size and the header stay as they were
+    weights.write_bytes(bytes(data))
+    surgery.load_model(str(out))  # safetensors has no checksum: this loads
+    with pytest.raises(ModelLoadError, match="does not match its SHA-256"):
+        surgery.load_model(str(out), verify=True)
+    for args in (["verify", str(out)],
+                 ["generate", "--model", str(out), "--verify", "--prompt", "a", "--out", str(tmp_path / "v.gif")],
+                 ["eval", "--student", str(out), "--verify"]):
+        result = cli.invoke(app, args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert "does not match its SHA-256" in result.stderr
+    assert not (tmp_path / "v.gif").exists()
+    result = cli.invoke(app, ["verify", "tiny"])
+    assert result.exit_code == 2 and "tiny is not an export folder" in result.stderr
 
 
 def test_export_refuses_an_unfinished_run_and_existing_output(finished_run, tmp_path):
@@ -104,9 +136,23 @@ def test_export_refuses_an_unfinished_run_and_existing_output(finished_run, tmp_
     with pytest.raises(surgery.SurgeryError, match="has not finished"):
         export(tmp_path / "half", tmp_path / "x")
     (tmp_path / "taken").mkdir()
-    with pytest.raises(surgery.SurgeryError, match="already exists"):
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(surgery.SurgeryError, match="already exists and is not empty; pass --force"):
         export(finished_run, tmp_path / "taken")
+    # --force replaces an earlier export, never a folder that is not one.
+    with pytest.raises(surgery.SurgeryError, match="is not a diffusers folder"):
+        export(finished_run, tmp_path / "taken", force=True)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "x").exists()
+
+
+def test_export_force_replaces_an_earlier_export_and_an_empty_folder_counts_as_new(finished_run, tmp_path):
+    (tmp_path / "empty").mkdir()
+    export(finished_run, tmp_path / "empty")
+    assert (tmp_path / "empty" / MANIFEST).is_file()
+    (tmp_path / "empty" / "stale.txt").write_text("from before")
+    export(finished_run, tmp_path / "empty", force=True)
+    assert not (tmp_path / "empty" / "stale.txt").exists() and (tmp_path / "empty" / WEIGHTS).is_file()
 
 
 def test_pipeline_export_loads_through_wan_pipeline(tmp_path):

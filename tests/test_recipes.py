@@ -1,7 +1,10 @@
+import dataclasses
+import typing
+
 import pytest
 
 from surgery.errors import SurgeryError
-from surgery.recipe import load_recipe, shipped_recipes
+from surgery.recipe import Recipe, load_recipe, shipped_recipes
 
 
 def test_shipped_recipes_all_parse():
@@ -36,6 +39,47 @@ def test_bad_recipe_files_name_the_key(tmp_path, text, message):
     with pytest.raises(SurgeryError) as info:
         load_recipe(str(path))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _numeric_fields(cls, prefix=""):
+    """section.key of every float and int setting of a recipe, recursing into optional sub-tables."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        table = next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+        if table is not None:
+            yield from _numeric_fields(table, f"{prefix}{f.name}.")
+        elif hint in (float, int) and f.name != "seed":  # any integer is a seed
+            yield f"{prefix}{f.name}", hint
+
+
+NUMERIC_FIELDS = list(_numeric_fields(Recipe))
+
+
+def test_every_numeric_field_is_checked_below():
+    names = {name for name, _ in NUMERIC_FIELDS}
+    assert {"stage1.lr", "stage2.sparsity_anneal.every", "train.checkpoint_every", "plan.budget"} <= names
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("field,kind", NUMERIC_FIELDS)
+def test_no_numeric_field_takes_a_negative_value_or_a_non_finite_float(field, kind):
+    values = ["-1"] + (["nan", "inf", "-inf"] if kind is float else [])
+    for value in values:
+        with pytest.raises(SurgeryError, match=field.rpartition(".")[2]):
+            load_recipe("hybrid", [f"{field}={value}"])
+
+
+def test_per_variant_learning_rates_are_finite():
+    with pytest.raises(SurgeryError, match="lr_by_variant.vsa must be a finite number"):
+        load_recipe("hybrid", ["stage1.lr_by_variant.vsa=nan"])
+
+
+@pytest.mark.parametrize("field", ["train.checkpoint_every", "data.batch_size", "data.samples", "plan.samples",
+                                   "stage2.lora_rank", "stage2.lora_alpha", "stage2.sparsity_anneal.every"])
+def test_counts_that_divide_or_size_something_reject_zero(field):
+    with pytest.raises(SurgeryError, match=field.rpartition(".")[2]):
+        load_recipe("hybrid", [f"{field}=0"])
 
 
 def test_unknown_recipe_name_lists_the_shipped_ones():

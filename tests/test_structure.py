@@ -92,7 +92,8 @@ def test_cli_help_imports_neither_torch_nor_diffusers():
         "import sys\n"
         "from typer.testing import CliRunner\n"
         "from surgery.cli.app import app\n"
-        "for args in (['--help'], ['plan', '--help'], ['distill', '--help'], ['plan', '--budget', 'x']):\n"
+        "for args in (['--help'], ['plan', '--help'], ['distill', '--help'], ['run', '--help'], ['verify', '--help'],\n"
+        "             ['plan', '--budget', 'x']):\n"
         "    CliRunner().invoke(app, args)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'triton', 'transformers') if m in sys.modules))\n"
     )
@@ -120,3 +121,10 @@ def test_the_wheel_installs_one_import_package(tmp_path):
     assert all(f"{p}/__init__.py" in names for p in packages), "a subpackage is missing from pyproject's list"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "vsurgery = surgery.cli.app:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_the_package_face_lists_what_it_exports():
+    import surgery
+
+    assert sorted(surgery.__all__) == sorted(surgery._EXPORTS)
+    assert all(getattr(surgery, name) is not None for name in surgery.__all__)

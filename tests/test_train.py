@@ -118,3 +118,12 @@ def test_lr_scales_give_each_parameter_its_own_step(tmp_path):
     run_stage("s", params, step, schedule, tmp_path / "ck", tmp_path / "m.jsonl", checkpoint_every=1,
               lr_scales={"a": 0.01})
     assert torch.allclose(params["b"], torch.full((4,), -0.1)) and torch.allclose(params["a"], torch.full((4,), -0.001))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_planning_inside_distill_reports_progress(tmp_path):
+    seen = []
+    recipe = load_recipe("hybrid", ["plan.samples=2", "stage1.steps=1", "stage2.steps=1", "data.samples=1"])
+    distill("tiny", recipe, tmp_path / "run", progress=lambda stage, step, total, metrics: seen.append((stage, step, total)))
+    assert seen[:2] == [("calibrating", 1, 2), ("calibrating", 2, 2)]
+    assert {stage for stage, _, _ in seen} >= {"calibrating", "stage2"}

@@ -14,12 +14,12 @@ from .spec import FRAMES, GUIDANCE_SCALE, HEIGHT, LATENT_CHANNELS, LATENT_SCALE,
 @torch.no_grad()
 def sample(model, caption_encoder: CaptionEncoder, prompt: str, seed: int = 0, steps: int = SAMPLE_STEPS,
            guidance_scale: float = GUIDANCE_SCALE, shift: float = SHIFT, frames: int = FRAMES,
-           height: int = HEIGHT, width: int = WIDTH) -> torch.Tensor:
+           height: int = HEIGHT, width: int = WIDTH, on_step=None) -> torch.Tensor:
     """Generate a clip for `prompt`: uint8 video [F, H, W, 3], deterministic per seed (on one device).
 
     Euler steps on rectified flow from σ = 1 (noise) to 0 on Wan's shifted schedule
     (`surgery.sampling.shifted_sigmas`). Guidance mixes the prompt's velocity with the empty
-    prompt's: v = v(∅) + guidance_scale·(v(prompt) − v(∅)).
+    prompt's: v = v(∅) + guidance_scale·(v(prompt) − v(∅)). on_step() runs after every step (progress).
     """
     video_grid(frames, height, width, patch_size=model.config.patch_size, vae_scale=LATENT_SCALE)  # checks sizes
     device, dtype = model.device, model.dtype
@@ -28,5 +28,5 @@ def sample(model, caption_encoder: CaptionEncoder, prompt: str, seed: int = 0, s
     noise_shape = (1, LATENT_CHANNELS, frames, height // sh, width // sw)
     noise = torch.randn(noise_shape, generator=torch.Generator().manual_seed(seed)).to(device)
     x, _ = euler_sample(model, noise, text[:1], shifted_sigmas(steps, shift), condition=with_positions,
-                        uncond_text=text[1:], guidance_scale=guidance_scale)
+                        uncond_text=text[1:], guidance_scale=guidance_scale, on_step=on_step)
     return decode(x)[0]

@@ -26,7 +26,8 @@ import torch
 from ..swap import apply, check_plan, variant_processors
 from ..capture import tap_self_attention
 from ..errors import SurgeryError
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
+from ..lock import LOCK_NAME, check_not_busy, folder_lock
 from ..loading import load_model
 from ..model import conditioner, default_text_tokens, resolve_grid
 from ..plan import Plan
@@ -34,7 +35,7 @@ from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
 from ..data import StepSampler, build_dataset
 from ..wan import layer_index, self_attention_fqn
-from .loop import run_stage
+from .loop import run_stage, stage_progress
 
 
 def _accelerator(recipe: Recipe):
@@ -182,36 +183,71 @@ class OpenRun:
                            acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)))
 
 
-def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bool) -> OpenRun:
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SurgeryError(f"cannot read {what} {path}: {e}") from None
+
+
+def is_run_folder(folder: Path) -> bool:
+    return (folder / "run.json").is_file()
+
+
+def check_run_folder(out: Path, resume: bool, force: bool) -> None:
+    """Refuse, before any work, a run folder that cannot be used: for a new run a file in its place, a
+    non-empty folder (without `force`: an earlier run folder is then replaced), no write access; for
+    `resume` anything but an unfinished run folder."""
+    if resume and force:
+        raise SurgeryError("--resume continues the run in --out and --force replaces it: pass one of them")
+    check_not_busy(out)
+    if not resume:
+        check_output_folder(out, force=force, replaceable=is_run_folder, what="a run folder", ignore=(LOCK_NAME,),
+                            alternative=", or --resume to continue it")
+        return
+    if saved_run(out)[0].get("finished"):
+        raise SurgeryError(f"--resume: the run in {out} already finished")
+    check_output_folder(out, force=True)  # the folder's files stay: only its write access is checked
+
+
+def saved_run(out: Path) -> tuple[dict, Recipe]:
+    """A run folder's run.json and recipe: what a resumed run continues with."""
+    if not is_run_folder(out):
+        raise SurgeryError(f"--resume: {out} is not a run folder (no run.json)")
+    info = _read_json(out / "run.json", "run info")
+    return info, parse_recipe(_read_json(out / "recipe.json", "recipe"), f"{out}/recipe.json")
+
+
+def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bool, force: bool = False,
+             progress=None) -> OpenRun:
     """A new run (planned, checked, then written) or a resumed one (its own recipe and plan).
 
-    Everything that can reject the input — the plan against the teacher, the data source — runs before
-    a new folder is written, so a rejected run leaves nothing behind.
+    Everything that can reject the input — the folder, the plan against the teacher, the data
+    source — runs before a new folder is written (or, with `force`, an earlier run in it removed),
+    so a rejected run leaves nothing behind. The caller holds the folder's lock (`distill` does).
+    progress: as `distill`'s; planning reports as stage "calibrating".
     """
+    check_run_folder(out, resume, force)
     if resume:
-        if not (out / "run.json").exists():
-            raise SurgeryError(f"--resume: {out} is not a run folder (no run.json)")
-        run_info = json.loads((out / "run.json").read_text())
-        if run_info.get("finished"):
-            raise SurgeryError(f"--resume: the run in {out} already finished")
-        plan = Plan.load(out / "plan.json")
+        # The run's own model, recipe and plan: a resumed run continues exactly what was started.
+        run_info, recipe = saved_run(out)
         spec = run_info["model"]
-        # The run's own recipe: a resumed run continues exactly what was started.
-        recipe = parse_recipe(json.loads((out / "recipe.json").read_text()), f"{out}/recipe.json")
-    elif out.exists() and any(out.iterdir()):
-        raise SurgeryError(f"{out} already exists and is not empty; choose a new --out or pass --resume")
+        plan = Plan.load(out / "plan.json")
 
     accelerator = _accelerator(recipe)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(spec).to(accelerator.device)
     teacher.requires_grad_(False)
-    plan = plan if plan is not None else _plan_for(spec, recipe, teacher)
+    plan = plan if plan is not None else _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
     if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for entry in out.iterdir():  # with `force`, the earlier run's files (the lock stays)
+            if entry.name != LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         atomic_write_json(out / "recipe.json", recipe.to_dict())
         plan.save(out / "plan.json")
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": False,
@@ -219,8 +255,8 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     return OpenRun(out, spec, recipe, plan, teacher, dataset, accelerator)
 
 
-def _plan_for(spec: str, recipe: Recipe, teacher) -> Plan:
-    """The recipe's plan: a plan file it names, or one made now for its budget."""
+def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
+    """The recipe's plan: a plan file it names, or one made now for its budget (progress(done, total))."""
     p = recipe.plan
     if p.path:
         return Plan.load(p.path)
@@ -228,7 +264,7 @@ def _plan_for(spec: str, recipe: Recipe, teacher) -> Plan:
 
     return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
                      seed=recipe.train.seed, model=teacher,
-                     data=recipe.data.path if recipe.data.source == "dataset" else None)
+                     data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress)
 
 
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:
@@ -301,6 +337,7 @@ def distill(
     *,
     plan: Plan | None = None,
     resume: bool = False,
+    force: bool = False,
     progress=None,
     stop_after: int | None = None,
 ) -> DistillSummary:
@@ -309,18 +346,31 @@ def distill(
     out/: recipe.json, plan.json, run.json, metrics.jsonl, checkpoints/stage{1,2}/step-N/ (while running),
     stage1.safetensors, student.safetensors. With resume=True, continue the run in `out` from its newest
     checkpoint with the run's own recipe and plan (the `recipe` argument is ignored), data order and
-    optimiser state. stop_after: stop after that many steps, as a crash would.
+    optimiser state. force: replace an earlier run in `out`. While it runs, the folder is locked: a
+    second run into it is refused. stop_after: stop after that many steps, as a crash would.
     """
-    run = open_run(spec, recipe, Path(out), plan, resume)
-    summary = DistillSummary(str(run.out), run.plan.to_dict().get("flops_ratio"))
-    student, summary.stage1_final_loss, ran = train_stage1(run, progress, stop_after)
-    if run.recipe.stage2.steps:
-        stop_after = None if stop_after is None else stop_after - ran
-        student, summary.stage2_final_loss = train_stage2(run, student, progress, stop_after)
-    student.eval()
-    finish_run(run, student)
-    summary.stage1_losses, summary.stage1_uniform_attention = _stage1_curve(run.metrics_path)
-    return summary
+    out = Path(out)
+    check_run_folder(out, resume, force)  # once before the lock creates the folder, again under it
+    with folder_lock(out):
+        run = open_run(spec, recipe, out, plan, resume, force, progress)
+        student, _, ran = train_stage1(run, progress, stop_after)
+        if run.recipe.stage2.steps:
+            stop_after = None if stop_after is None else stop_after - ran
+            student, _ = train_stage2(run, student, progress, stop_after)
+        student.eval()
+        finish_run(run, student)
+    return distill_summary(out)
+
+
+def distill_summary(out: str | Path) -> DistillSummary:
+    """The summary of the run in `out`, from its plan and metrics (for a finished run, or one under way)."""
+    out = Path(out)
+    metrics_path = out / "metrics.jsonl"
+    entries = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    final = {entry["stage"]: entry["loss"] for entry in entries}
+    losses, uniform = _stage1_curve(entries)
+    return DistillSummary(str(out), Plan.load(out / "plan.json").to_dict().get("flops_ratio"),
+                          final.get("stage1"), final.get("stage2"), losses, uniform)
 
 
 def _lora_settings(recipe: Recipe) -> dict:
@@ -336,14 +386,13 @@ def _load_into(model, path: Path) -> None:
             model.get_parameter(name).copy_(tensor)
 
 
-def _stage1_curve(metrics_path: Path) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+def _stage1_curve(entries: list[dict]) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
     """Per layer, for the summary: the stage-1 loss at the start and at the end, each the mean over a tenth
     of the steps (at least one), since single steps differ by their noise levels; and uniform attention's
-    loss over all the steps."""
+    loss over all the steps. entries: the run's metrics lines."""
     curves: dict[str, list[float]] = {}
     uniform: dict[str, list[float]] = {}
-    lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    for entry in map(json.loads, lines):
+    for entry in entries:
         if entry["stage"] == "stage1":
             for fqn, value in entry["layers"].items():
                 curves.setdefault(fqn, []).append(value)

@@ -3,13 +3,16 @@
 A step function does forward and backward and returns its metrics; the loop never knows which
 variant, stage or loss it trains. Checkpoints hold the trainable tensors, the optimiser state and
 the step, as safetensors + JSON (no pickle), written atomically; since every random draw derives
-from (seed, step), resuming from one continues exactly as if the run had never stopped.
+from (seed, step), resuming from one continues exactly as if the run had never stopped. A newest
+checkpoint that cannot be read (a damaged disk, a copy cut short) gives way to the one before it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,8 +21,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import SurgeryError
-from ..io import atomic_dir
+from ..io import atomic_dir, atomic_write_text
 from ..recipe import StageSettings
+
+log = logging.getLogger("surgery")
 
 
 class TrainingDiverged(SurgeryError):
@@ -43,14 +48,16 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], op
 
 
 def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> dict:
-    """Restore params and AdamW state saved by `save_checkpoint`; returns the state JSON."""
+    """Restore params and AdamW state saved by `save_checkpoint`; returns the state JSON.
+    Everything is read and checked before anything is restored, so a bad checkpoint changes nothing."""
     try:
         state = json.loads((folder / "state.json").read_text())
         saved = load_file(folder / "params.safetensors")
         opt_tensors = load_file(folder / "optimizer.safetensors")
+        state["step"], state["optimizer_scalars"] = int(state["step"]), dict(state["optimizer_scalars"])
     except Exception as e:
-        raise SurgeryError(f"cannot read checkpoint {folder}: {e}") from None
-    if set(saved) != set(params):
+        raise SurgeryError(f"cannot read checkpoint {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
         raise SurgeryError(f"checkpoint {folder} does not match the run's trainable parameters")
     with torch.no_grad():
         for name, param in params.items():
@@ -71,9 +78,34 @@ def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimiz
     return state
 
 
+def checkpoints_newest_first(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob("step-*") if p.name.split("-")[1].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []
-    return found[-1] if found else None
+    found = checkpoints_newest_first(folder)
+    return found[0] if found else None
+
+
+def restore_newest_readable(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> int:
+    """Restore the newest checkpoint in `folder` that reads back whole, saying so for each one skipped;
+    returns its step (0: none, the stage starts over — every draw derives from (seed, step), so the
+    result is the same, only later)."""
+    skipped = []
+    for checkpoint in checkpoints_newest_first(folder):
+        try:
+            step = load_checkpoint(checkpoint, params, optimizer)["step"]
+        except SurgeryError as e:
+            skipped.append(checkpoint)
+            log.warning("%s; falling back to the checkpoint before it", e)
+            continue
+        if skipped:
+            log.warning("resuming from %s", checkpoint)
+        return step
+    if skipped:
+        log.warning("no readable checkpoint in %s; the stage starts over", folder)
+    return 0
 
 
 def run_stage(
@@ -106,11 +138,9 @@ def run_stage(
     optimizer = torch.optim.AdamW(groups, lr=schedule.lr, weight_decay=schedule.weight_decay)
     if accelerator is not None:
         optimizer = accelerator.prepare(optimizer)
-    start = 0
-    last = latest_checkpoint(checkpoints)
-    if last is not None:
-        start = load_checkpoint(last, params, optimizer)["step"]
-        _drop_metrics_after(metrics_path, name, start)
+    start = restore_newest_readable(checkpoints, params, optimizer)
+    if accelerator is None or accelerator.is_main_process:
+        _trim_metrics(metrics_path, name, start)
     metrics: dict = {}
     done_here = 0
     if stop_after is not None and stop_after <= 0 and start < schedule.steps:
@@ -154,6 +184,12 @@ def run_stage(
     return metrics, done_here
 
 
+def stage_progress(progress: Callable[[str, int, int, dict], None] | None, stage: str):
+    """A `(done, total)` callback (calibration, sampling) that reports to a run's `progress(stage, step,
+    total, metrics)` as steps of `stage` without metrics; None without progress."""
+    return None if progress is None else (lambda done, total: progress(stage, done, total, {}))
+
+
 class StopRequested(Exception):
     """Raised by `stop_after`: the run stopped cleanly after a checkpoint."""
 
@@ -162,15 +198,22 @@ class StopRequested(Exception):
         self.step = step
 
 
-def _drop_metrics_after(path: Path, stage: str, step: int) -> None:
-    """Forget metrics logged after the checkpoint we resume from: those steps run again."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if not (json.loads(line)["stage"] == stage and json.loads(line)["step"] > step)]
-        path.write_text("".join(line + "\n" for line in keep))
+def _trim_metrics(path: Path, stage: str, step: int) -> None:
+    """Forget metrics logged after the step we start from (those steps run again) and any line a kill
+    cut short while it was being appended."""
+    if not path.exists():
+        return
+    keep = []
+    for line in filter(str.strip, path.read_text().splitlines()):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: dropped a line cut short by an interruption", path)
+            continue
+        if not (entry["stage"] == stage and entry["step"] > step):
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _remove(folder: Path) -> None:
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
