@@ -132,6 +132,34 @@ def main():
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The report as BENCHMARKS.md's tables."""
+    grid = report["grid"]
+    lines = [f"{report['model']}, {grid['frames']}×{grid['height']}×{grid['width']} ({report['tokens']:,} tokens), "
+             f"{report['device']}, {'compiled' if report['compiled'] else 'eager'}, median of {report['repeats']}",
+             "", "| step (both guidance branches) | ms | × stock | peak GiB |", "|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['name']} | {row['step_ms']:.1f} | {row['speedup']:.2f} | {row['peak_memory_gib'] or 0:.1f} |")
+    lines += ["", "| plan | layers | attention FLOPs | ms | × stock | ideal(b) | of ideal | time saved of possible "
+              "| predicted × |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in report["plans"].items():
+        layers = ", ".join(f"{n} {v}" for v, n in sorted(p["variants"].items()))
+        predicted = f"{p['predicted_speedup']:.2f}" if "predicted_speedup" in p else "—"
+        saved = "—" if p["saving_share"] is None else f"{p['saving_share']:.0%}"
+        lines.append(f"| {name} | {layers} | {p['attention_flops_ratio']:.1%} | {p['step_ms']:.1f} | {p['speedup']:.2f} "
+                     f"| {p['ideal_speedup']:.2f} | {p['of_ideal']:.0%} | {saved} | {predicted} |")
+    planning = report["planning"]
+    lines += ["", f"planning ({planning['samples']} calibration inputs, budgets {planning['budgets']}): "
+              f"{planning['seconds']:.0f} s, peak {planning['peak_gib'] or 0:.1f} GiB"
+              + (f"; latency-planned: {planning['latency_seconds']:.0f} s" if "latency_seconds" in planning else "")]
+    if "video" in report:
+        v = report["video"]
+        lines.append(f"video ({v['steps']} steps, guidance {v['guidance_scale']}): stock {v['stock_s']:.1f} s, "
+                     f"{v['plan']} {v['student_s']:.1f} s = {v['speedup']:.2f}×")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
