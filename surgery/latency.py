@@ -23,6 +23,7 @@ from .grid import VideoGrid
 from .io import atomic_write_json
 from .timing import attention_core_skipped, median_ms
 from .variants import VARIANTS, VariantConfig
+from .wan import input_dtype
 
 MODES = ("inference", "training")
 
@@ -120,7 +121,7 @@ def step_latency(model, inputs: dict, *, mode: str = "inference", repeats: int =
     device = require_gpu()
     cache = TimingCache("step", **machine_facts(), config=json.dumps(dict(model.config), sort_keys=True, default=str),
                         shape=list(inputs["hidden_states"].shape), text=list(inputs["encoder_hidden_states"].shape),
-                        dtype=str(next(model.parameters()).dtype), mode=mode)
+                        dtype=str(input_dtype(model)), mode=mode)
 
     def call():
         if mode == "training":

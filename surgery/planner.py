@@ -141,6 +141,7 @@ def make_plans(
     from .model import default_text_tokens, resolve_grid
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
+    from .wan import input_dtype
 
     for budget in budgets:
         if budget != FASTEST and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
@@ -182,7 +183,7 @@ def make_plans(
     else:
         from .latency import attention_latency, candidate_label, step_latency
 
-        dtype = next(model.parameters()).dtype
+        dtype = input_dtype(model)
         configs = [(candidates[j].variant, table.configs[i][j]) for i in range(num_layers) for j in allowed[i]]
         times = attention_latency(configs, grid, heads, head_dim, dtype=dtype, mode=timing)
         stock_ms, fixed = step_latency(model, inputs[0], mode=timing)

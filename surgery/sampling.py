@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from .metrics import relative_l2
+from .wan import input_dtype
 
 
 def shifted_sigmas(steps: int, shift: float) -> list[float]:
@@ -41,7 +42,7 @@ def euler_sample(
     `model`'s at every step, on `model`'s trajectory. on_step() runs after every step (progress).
     Returns (x at σ = 0 in fp32, errors).
     """
-    device, dtype = noise.device, next(model.parameters()).dtype
+    device, dtype = noise.device, input_dtype(model)
     guided = uncond_text is not None and guidance_scale != 1
     text = torch.cat([text, uncond_text]) if guided else text
     x = noise.float()

@@ -66,7 +66,7 @@ def calibration_inputs(
 
         source = dict(source="dataset", path=dataset_path) if dataset_path else dict(source="toy", samples=samples)
         rows = build_dataset(DataSection(**source), dict(model.config), grid, text_tokens, seed)
-    param = next(model.parameters())
+    param = model.patch_embedding.weight  # the inputs' device and dtype (some modules stay fp32 in bf16 models)
     inputs = []
     for i in range(samples):
         t = (i + 0.5) / samples

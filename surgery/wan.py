@@ -55,6 +55,12 @@ def fingerprint(config: dict) -> str:
     return digest[:16]
 
 
+def input_dtype(model):
+    """The dtype a Wan transformer's inputs must have: its patch embedding's. (The first parameter can be one of
+    the modules diffusers keeps in fp32 when the rest is bf16.)"""
+    return model.patch_embedding.weight.dtype
+
+
 def latent_channels(config: dict) -> int:
     """Channels of the latents a model denoises (what it predicts)."""
     return config.get("out_channels") or config["in_channels"]
