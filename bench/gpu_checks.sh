@@ -19,11 +19,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 
+failed=()
 for group in "$@"; do
   echo "== $group ($(date -u +%H:%M:%S))"
-  case $group in
+  # A group that fails is reported at the end; the groups after it still run.
+  if ! case $group in
     # The GPU-marked tests; the others need the CLI, which imports as surgery.cli only once installed.
     tests) python3 -m pytest -m gpu -q -s -p no:warnings tests/kernels tests/test_compile.py 2>&1 | tee "$OUT/gpu-tests.txt" ;;
+    compile) python3 -m pytest -m gpu -q -s -p no:warnings tests/test_compile.py 2>&1 | tee "$OUT/gpu-compile.txt" ;;
     e2e480) python3 bench/e2e.py --out "$OUT/e2e-480p.json" 2>&1 | tee "$OUT/e2e-480p.txt" ;;
     e2e720) python3 bench/e2e.py --height 720 --width 1280 --out "$OUT/e2e-720p.json" 2>&1 | tee "$OUT/e2e-720p.txt" ;;
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
@@ -35,7 +38,8 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
       python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
-    *) echo "unknown group '$group' (tests, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy)" >&2
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy)" >&2
        exit 2 ;;
-  esac
+  esac; then failed+=("$group"); fi
 done
+if ((${#failed[@]})); then echo "failed: ${failed[*]}"; exit 1; fi
