@@ -59,8 +59,6 @@ def test_variant_attention_op_is_the_kernel_path_forward_and_backward():
     """The custom op (what compiled code calls) against `attend_kernel` called directly, in the Triton
     interpreter on CPU: the same output, and the same gradients of q, k, v, x and the gate's parameters
     through the op's registered backward (fp32, relative error ≤ 1e-5)."""
-    from surgery.variants.base import _live_processor_id
-
     processor = vsa_processor()
     grid = VideoGrid(2, 5, 6)
     q, k, v = (torch.randn(1, grid.tokens, 2, 16, requires_grad=True) for _ in range(3))
@@ -71,7 +69,7 @@ def test_variant_attention_op_is_the_kernel_path_forward_and_backward():
 
     direct = processor.attend_kernel(q, k, v, grid, x)
     direct_grads = torch.autograd.grad(direct, inputs, grad)
-    through_op = variant_attention(q, k, v, x, params, list(grid.shape), _live_processor_id(processor))
+    through_op = variant_attention(q, k, v, x, params, list(grid.shape), processor.live_id)
     op_grads = torch.autograd.grad(through_op, inputs, grad)
 
     def rel(a, b):
@@ -83,15 +81,34 @@ def test_variant_attention_op_is_the_kernel_path_forward_and_backward():
 
 def test_variant_attention_op_passes_torch_library_checks():
     """Schema, fake tensor (shape and dtype without running) and autograd registration."""
-    from surgery.variants.base import _live_processor_id
-
     processor = vsa_processor()
     grid = VideoGrid(2, 5, 6)
     q, k, v = (torch.randn(1, grid.tokens, 2, 16, requires_grad=True) for _ in range(3))
     x = torch.randn(1, grid.tokens, 32)
-    args = (q, k, v, x, list(processor.parameters()), list(grid.shape), _live_processor_id(processor))
+    args = (q, k, v, x, list(processor.parameters()), list(grid.shape), processor.live_id)
     torch.library.opcheck(variant_attention, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiled_blocks_call_the_kernel_path_as_one_op(tiny_model, monkeypatch):
+    """The kernel path under compile, on CPU: with the kernels forced on (the Triton interpreter runs them on CPU
+    tensors), every block of a model with VSA and VMoBA layers compiles with fullgraph=True, the kernels hidden
+    in `vsurgery::variant_attention`, and gives eager's kernel-path output."""
+    from surgery.variants.base import AttentionVariant
+
+    monkeypatch.setattr(AttentionVariant, "uses_kernel", lambda self, q: self.attend_kernel is not None)
+    layers = {"blocks.1.attn1": LayerChoice("vsa", VSAConfig(sparsity=0.5)),
+              "blocks.2.attn1": LayerChoice("vmoba", VMoBAConfig(select="topk"))}
+    model = surgery.apply(tiny_model, Plan("tiny", fingerprint(tiny_model.config), 4, layers))
+    inputs = model_inputs(model, VideoGrid(2, 4, 4), batch=1)
+    with torch.no_grad():
+        eager = model(**inputs).sample
+        for block in model.blocks:
+            block.compile(fullgraph=True, backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = model(**inputs).sample
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -76,6 +76,9 @@ class AttentionVariant(nn.Module):
         self.layer_index = layer_index
         self.backend = "auto"
         self.grid_context: GridContext | None = None
+        # How compiled code finds this processor again (`variant_attention`): a plain int, read while tracing.
+        self.live_id = next(_PROCESSOR_IDS)
+        _LIVE_PROCESSORS[self.live_id] = self
 
     # ---- the contract ---------------------------------------------------------------------------
     @classmethod
@@ -114,13 +117,17 @@ class AttentionVariant(nn.Module):
         )
         return variant.to(device=weight.device, dtype=weight.dtype)
 
+    def uses_kernel(self, q: torch.Tensor) -> bool:
+        """Whether `attend` runs the kernel path on `q`: where there is one, on CUDA, unless backend="torch"."""
+        return self.attend_kernel is not None and self.backend == "auto" and q.is_cuda
+
     def attend(self, q, k, v, grid: VideoGrid, x: torch.Tensor | None = None) -> torch.Tensor:
-        if self.attend_kernel is not None and self.backend == "auto" and q.is_cuda:
+        if self.uses_kernel(q):
             if torch.compiler.is_compiling():
                 # One opaque op for torch.compile: the kernels' launches, host syncs and autograd.Functions
                 # stay out of the traced graph, so a compiled block has no graph break here.
                 return torch.ops.vsurgery.variant_attention(
-                    q, k, v, x, list(self.parameters()), list(grid.shape), _live_processor_id(self))
+                    q, k, v, x, list(self.parameters()), list(grid.shape), self.live_id)
             return self.attend_kernel(q, k, v, grid, x)
         return self.attend_reference(q, k, v, grid, x)
 
@@ -171,14 +178,6 @@ def softmax_scale(head_dim: int) -> float:
 # Processors are found by a number baked into the compiled graph (ops take tensors and plain values only).
 _LIVE_PROCESSORS: "weakref.WeakValueDictionary[int, AttentionVariant]" = weakref.WeakValueDictionary()
 _PROCESSOR_IDS = itertools.count()
-
-
-def _live_processor_id(processor: AttentionVariant) -> int:
-    key = getattr(processor, "_live_id", None)
-    if key is None:
-        key = processor._live_id = next(_PROCESSOR_IDS)
-        _LIVE_PROCESSORS[key] = processor
-    return key
 
 
 @torch.library.custom_op("vsurgery::variant_attention", mutates_args=())
