@@ -84,22 +84,39 @@ def plan(
     timing: Annotated[str, typer.Option(
         "--for", help="With --cost latency: time 'inference' (forward) or 'training' (forward + backward).")
     ] = "inference",
+    no_distill_errors: Annotated[bool, typer.Option(
+        "--no-distill-errors",
+        help="Measure learned candidates (feature maps) at their init (fast), not after stage 1 as distill trains them.",
+    )] = False,
+    recipe: Annotated[str, typer.Option(
+        help="Recipe (name or .toml) whose stage-1 settings train the learned candidates before they are measured.",
+    )] = "mixed",
     force: opt.Force = False,
     json: opt.Json = False,
 ):
     """Measure each layer's sensitivity and pick a variant per layer under a FLOP or step-time budget."""
+    import time
+
     from surgery.io import check_output_file
     from surgery.planner import make_plan
 
     check_output_file(out, force=force)
-    with output.progress("calibrating") as update:
+    measure = None
+    if not no_distill_errors:
+        from surgery.recipe import load_recipe
+        from surgery.train.distilled_errors import DistilledErrors
+
+        loaded = load_recipe(recipe)
+        measure = DistilledErrors(loaded.stage1, loaded.data.samples)
+    started = time.perf_counter()
+    with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
             frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
-            timing=timing, progress=update,
+            timing=timing, progress=update, measure=measure,
         )
     result.save(out)
-    output.print_json(result.to_dict()) if json else output.show_plan(result, out)
+    output.print_json(result.to_dict()) if json else output.show_plan(result, out, time.perf_counter() - started)
 
 
 @command

@@ -136,7 +136,7 @@ def _changed_settings(config) -> str:
     return ", ".join(parts)
 
 
-def show_plan(plan, path=None) -> None:
+def show_plan(plan, path=None, seconds: float | None = None) -> None:
     data = plan.to_dict()
     title = f"plan for {plan.model} at grid {plan.grid} ({plan.grid.tokens:,} tokens), budget {plan.budget:g}"
     table = Table(title=title, title_justify="left")
@@ -156,6 +156,7 @@ def show_plan(plan, path=None) -> None:
         f"({human_flops(data['dense_flops'])}); total error {data['total_error']:.4f}; "
         f"optimality gap ≤ {solver['optimality_gap']:.2g} ({solver['method']})"
     )
+    console.print(f"errors: {data['calibration']['errors']}" + (f"; planned in {seconds:.0f} s" if seconds else ""))
     latency = data.get("latency")
     if latency:
         console.print(
@@ -164,7 +165,9 @@ def show_plan(plan, path=None) -> None:
             f"(attention-free floor {latency['skipped_attention_step_ms']:.1f} ms)"
         )
     if path is not None:
-        console.print(f"wrote {path}")
+        from surgery.plan import stage1_weights_path
+
+        console.print(f"wrote {path}" + (f" and {stage1_weights_path(path)}" if plan.stage1 else ""))
 
 
 @contextlib.contextmanager

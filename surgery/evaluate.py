@@ -124,43 +124,66 @@ def evaluate(
     verify: the student is an export; check its files' SHA-256 first. progress(done, total): sampling steps."""
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
+    grid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         check_training_free(plan)
-        check_plan_grid(plan, resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width))
-        student = load_planned(teacher_spec, plan)
-        student_spec = f"{teacher_spec} + plan"
-        teacher = load_model(teacher_spec)
+        check_plan_grid(plan, grid)
+        student, student_spec = load_planned(teacher_spec, plan), f"{teacher_spec} + plan"
     else:
         # Compare architectures from the configs first: loading a mismatched full-size model is slow.
         if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
             raise SurgeryError(
                 f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
-        teacher = load_model(teacher_spec)
         student = load_model(student_spec, verify=verify)
-    grid: VideoGrid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
+    return compare(student, load_model(teacher_spec), teacher_spec, grid, samples=samples, steps=steps, seed=seed,
+                   student_name=student_spec, progress=progress)
+
+
+def compare(
+    student,
+    teacher,
+    teacher_spec: str,
+    grid: VideoGrid,
+    *,
+    samples: int = 2,
+    steps: int = 8,
+    seed: int = 0,
+    prompts: list[str] | None = None,
+    student_name: str = "student",
+    progress=None,
+) -> EvalReport:
+    """`evaluate` on models in memory (on the teacher's device): `teacher_spec` names the teacher, for its
+    decoder and text length. prompts: the toy's captions to compare on (default: `samples` drawn from `seed`).
+    progress(done, total): sampling steps."""
     decode = _decoder(teacher_spec)
+    device = next(teacher.parameters()).device
     pt, ph, pw = teacher.config.patch_size
     g = torch.Generator().manual_seed(seed)
-    prompts = None
+    toy_text = None
     if is_toy(dict(teacher.config)):
         # The toy has a text encoder: its own captions, not random embeddings it never saw.
         from . import toy
 
-        prompts = toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
+        prompts = prompts or toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
         toy_text = toy.caption_embeddings(prompts)
+        samples = len(prompts)
+    elif prompts is not None:
+        raise SurgeryError(f"{teacher_spec} has no caption encoder here: prompts apply to the toy teacher only")
     on_step = _step_counter(progress, 2 * samples * steps)  # two trajectories per sample
     per_step, latent_errors, psnrs, ssims = [], [], [], []
     for i in range(samples):
         noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
                             generator=g)
-        if prompts is None:
+        if toy_text is None:
             text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
         else:
             text = toy_text[i : i + 1]
+        noise, text = noise.to(device), text.to(device)
         z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step)
         z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step)
         per_step.append(errors)
+        z_teacher, z_student = z_teacher.cpu(), z_student.cpu()  # decoders and metrics run on the CPU
         latent_errors.append(relative_l2(z_student, z_teacher))
         if decode is not None:
             a, b = decode(z_teacher)[0], decode(z_student)[0]
@@ -172,7 +195,7 @@ def evaluate(
         ssims.append(ssim(a, b))
     steps_mean = [sum(col) / len(col) for col in zip(*per_step)]
     return EvalReport(
-        student=student_spec, teacher=teacher_spec, grid=grid.to_dict(), samples=samples, steps=steps, seed=seed,
+        student=student_name, teacher=teacher_spec, grid=grid.to_dict(), samples=samples, steps=steps, seed=seed,
         compared_on="decoded video" if decode is not None else "latents",
         prompts=prompts or "random text embeddings",
         velocity_error_per_step=steps_mean, velocity_error_mean=sum(steps_mean) / len(steps_mean),

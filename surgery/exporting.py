@@ -40,7 +40,7 @@ def rebuild_student(run: Path):
         raise SurgeryError(f"the run in {run} has not finished; resume it with `vsurgery distill --resume`")
     from safetensors.torch import load_file
 
-    plan = Plan.load(run / "plan.json")
+    plan = Plan.load(run / "plan.json", stage1_weights=False)  # the student's weights hold what stage 1 made of them
     student = apply(load_model(info["model"]), plan)
     if info.get("lora"):
         inject_lora(student, info["lora"])

@@ -125,6 +125,7 @@ def make_plans(
     timing: str = "inference",
     model=None,
     progress=None,
+    measure=None,
 ):
     """One plan per budget (a fraction of dense in (0, 1], or FASTEST), from one calibration.
 
@@ -133,12 +134,17 @@ def make_plans(
     timed attention (`surgery.latency`; `timing` "inference" or "training") — against budget × the stock
     step, both measured on this GPU.
     Calibration runs on CUDA in bf16 where there is a GPU (the kernels, never a tokens × tokens tensor).
+    measure: how the errors are measured, `measure(model, candidates, inputs, grid=, seed=, data=,
+    text_tokens=, progress=)` → `ErrorTable`, where inputs are the calibration inputs; default: every
+    candidate as built (`sensitivity.measure_errors`). `surgery.train.distilled_errors.DistilledErrors`
+    measures learned candidates after stage 1 (Attention Surgery's e_ir); the plan then carries the
+    chosen ones' trained weights (`Plan.stage1`).
     Each `Plan` has the per-layer choice, its FLOPs and measured error, and the solver report.
     """
     import torch
 
     from .loading import load_model
-    from .model import default_text_tokens, resolve_grid
+    from .model import default_text_tokens, is_toy, resolve_grid
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
     from .wan import input_dtype
@@ -165,7 +171,11 @@ def make_plans(
     grid = resolve_grid(spec, config, frames, height, width)
 
     inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data)
-    table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
+    if measure is None:
+        table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
+    else:
+        table = measure(model, candidates, inputs, grid=grid, seed=seed, data=data,
+                        text_tokens=default_text_tokens(spec), progress=progress)
 
     allowed = [
         [j for j, c in enumerate(candidates) if i not in pinned or c.variant == "full"] for i in range(num_layers)
@@ -177,7 +187,8 @@ def make_plans(
     context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
                    flops=flops, errors=errors, dense=dense, cost=cost,
                    calibration={"samples": samples, "seed": seed, "timesteps": "spread evenly over (0, 1000)",
-                                "inputs": f"dataset {data}, noised" if data else "random latents and text embeddings"})
+                                "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
+                                if is_toy(config) else "random latents and text embeddings"})
     if cost == "flops":
         context |= dict(costs=flops, dense_layer=dense, dense_total=dense * num_layers, fixed=0.0)
     else:
@@ -222,11 +233,13 @@ def _solve_plan(ctx: dict, budget: float | str):
         solution = solve(errors, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION)
 
     candidates, table, allowed = ctx["candidates"], ctx["table"], ctx["allowed"]
-    layers = {}
+    layers, stage1 = {}, {}
     for i, r in enumerate(solution.choice):
         j = allowed[i][r]
         layers[self_attention_fqn(i)] = LayerChoice(candidates[j].variant, table.configs[i][j], flops[i][r],
                                                     errors[i][r])
+        for name, tensor in table.trained.get((i, j), {}).items():
+            stage1[f"{self_attention_fqn(i)}.processor.{name}"] = tensor
     plan_flops = sum(flops[i][r] for i, r in enumerate(solution.choice))
     dense_flops = ctx["dense"] * num_layers
     meta = {
@@ -241,10 +254,11 @@ def _solve_plan(ctx: dict, budget: float | str):
             "lower_bound": solution.lower_bound,
             "optimality_gap": solution.gap,
         },
-        "calibration": ctx["calibration"],
+        "calibration": {**ctx["calibration"], "errors": table.method},
         "candidates": [
             {"layer": i, "label": candidates[j].label(), "flops": flops[i][r], "error": errors[i][r],
-             **({"ms": costs[i][r]} if latency else {})}
+             **({"ms": costs[i][r]} if latency else {}),
+             **({"stage1_loss": list(table.losses[i, j])} if (i, j) in table.losses else {})}
             for i in range(num_layers)
             for r, j in enumerate(allowed[i])
         ],
@@ -253,4 +267,5 @@ def _solve_plan(ctx: dict, budget: float | str):
         predicted = fixed + solution.cost
         meta["latency"] = {**ctx["latency"], "predicted_step_ms": predicted,
                            "predicted_speedup": ctx["latency"]["stock_step_ms"] / predicted}
-    return Plan(ctx["spec"], fingerprint(ctx["config"]), num_layers, layers, ctx["grid"], budget, meta)
+    return Plan(ctx["spec"], fingerprint(ctx["config"]), num_layers, layers, ctx["grid"], budget, meta,
+                stage1=stage1 or None)

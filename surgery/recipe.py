@@ -40,6 +40,8 @@ class PlanSection:
     keep_full: list[int] = field(default_factory=list)
     samples: int = 4  # calibration inputs
     path: str | None = None  # an existing plan JSON instead of planning
+    # Measure learned candidates (feature maps) after this recipe's stage 1, not at their init.
+    distill_errors: bool = True
 
     def __post_init__(self):
         if not 0 < self.budget <= 1:

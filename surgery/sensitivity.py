@@ -7,7 +7,7 @@ error = ‖ŷ − y‖ / ‖y‖ (relative L2 over the whole output), averaged o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -95,6 +95,18 @@ class ErrorTable:
     candidates: list[Candidate]  # column order
     errors: list[list[float]]  # [layer][candidate] mean relative L2 error
     configs: list[list[VariantConfig]]  # [layer][candidate] config with data-dependent costs observed
+    method: str = "each candidate as built: learned feature maps at their init"
+    # (layer, candidate) → trained parameters of candidates measured after training (name → tensor,
+    # as in the candidate's processor), and their training loss at the start and the end.
+    trained: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    losses: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+
+
+def build_candidates(model, layer: int, candidates: list[Candidate], seed: int) -> list[AttentionVariant]:
+    """Every candidate's processor for `layer`, from a seeded init: the same for every run of the planner."""
+    torch.manual_seed(seed * 1009 + layer)
+    attn = model.blocks[layer].attn1
+    return [VARIANTS[c.variant].from_dense(attn, c.config, layer_index=layer) for c in candidates]
 
 
 @torch.no_grad()
@@ -104,20 +116,19 @@ def measure_errors(
     candidates: list[Candidate],
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    modules: dict[int, list[AttentionVariant]] | None = None,
 ) -> ErrorTable:
-    """Run `model` on each input; at each layer evaluate every candidate on the layer's q, k, v."""
+    """Run `model` on each input; at each layer evaluate every candidate on the layer's q, k, v.
+
+    modules: the candidates' processors per layer (e.g. trained ones); by default `build_candidates`'.
+    """
     num_layers = len(model.blocks)
-    modules: dict[int, list[AttentionVariant]] = {}
+    modules = dict(modules or {})
     sums = [[0.0] * len(candidates) for _ in range(num_layers)]
 
     def evaluate(layer, q, k, v, x, y, grid):
         if layer not in modules:
-            # Learned variants start from their seeded init, the same for every run of the planner.
-            torch.manual_seed(seed * 1009 + layer)
-            attn = model.blocks[layer].attn1
-            modules[layer] = [
-                VARIANTS[c.variant].from_dense(attn, c.config, layer_index=layer) for c in candidates
-            ]
+            modules[layer] = build_candidates(model, layer, candidates, seed)
         for j, module in enumerate(modules[layer]):
             sums[layer][j] += relative_l2(module.attend(q, k, v, grid, x), y)
 

@@ -74,7 +74,23 @@ def check_plan(model, plan: Plan | VariantConfig | str | Path, filter_fn: Filter
     unknown = [fqn for fqn in plan.layers if fqn not in targets]
     if unknown:
         raise PlanError(f"plan layer {unknown[0]!r} is not a self-attention layer of this model")
+    if plan.stage1:
+        _check_stage1_weights(plan, targets)
     return plan
+
+
+def _check_stage1_weights(plan: Plan, targets: dict[str, nn.Module]) -> None:
+    """Every stage-1 tensor of the plan is a parameter, of the same shape, of its layer's planned processor."""
+    expected = {}
+    for fqn in {name.split(".processor.")[0] for name in plan.stage1}:
+        choice = plan.layers.get(fqn)
+        if choice is not None:
+            processor = VARIANTS[choice.variant].from_dense(targets[fqn], choice.config, layer_index(fqn))
+            expected.update({f"{fqn}.processor.{n}": p.shape for n, p in processor.named_parameters()})
+    for name, tensor in plan.stage1.items():
+        if expected.get(name) != tensor.shape:
+            raise PlanError(f"the plan's stage-1 weight {name} is not a parameter of its planned layer "
+                            f"(or has another shape)")
 
 
 def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | None = None):

@@ -1,5 +1,7 @@
 import copy
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -53,3 +55,12 @@ def model_inputs(model, grid: VideoGrid, batch: int = 2, text_tokens: int = 16, 
     timestep = torch.randint(0, 1000, (batch,), generator=g)
     text = torch.randn(batch, text_tokens, model.config.text_dim, generator=g)
     return dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=text)
+
+
+def load_script(relative: str):
+    """A script of the repository (not a package module), e.g. "bench/quality.py", imported as a module."""
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

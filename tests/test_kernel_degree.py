@@ -1,19 +1,14 @@
 """scripts/attention_kernel_degree.py: its polynomial fit against the closed form for Gaussian logits."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "attention_kernel_degree.py"
+from .conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("attention_kernel_degree", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/attention_kernel_degree.py")
 
 
 def test_shares_match_the_hermite_expansion_of_exp():

@@ -69,10 +69,11 @@ def test_bad_planner_input(tiny, kwargs, message):
 
 def test_cli_writes_nothing_on_bad_input_and_json_on_success(tmp_path):
     runner = CliRunner()
-    bad = runner.invoke(app, ["plan", "--budget", "0.01", "--out", str(tmp_path / "bad.json")])
+    bad = runner.invoke(app, ["plan", "--budget", "0.01", "--no-distill-errors", "--out", str(tmp_path / "bad.json")])
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
-    good = runner.invoke(app, ["plan", "--budget", "0.6", "--out", str(tmp_path / "p.json"), "--json"])
+    good = runner.invoke(app, ["plan", "--budget", "0.6", "--no-distill-errors", "--out", str(tmp_path / "p.json"),
+                               "--json"])
     assert good.exit_code == 0, good.output
     assert json.loads(good.stdout) == json.loads((tmp_path / "p.json").read_text())
     assert Plan.load(tmp_path / "p.json").meta["flops_ratio"] <= 0.6

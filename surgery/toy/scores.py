@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import SurgeryError
 from .clips import caption
 from .sampling import sample
 from .spec import COLOURS, MOTIONS, SHAPES
@@ -42,17 +43,27 @@ def travel(video: torch.Tensor, direction: str) -> float:
 TRANSLATIONS = [(motion, direction) for motion in ("moving", "bouncing") for direction in MOTIONS[motion]]
 
 
-def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15, **sample_kwargs) -> dict:
+def direction_prompt(seed: int, motion: str, direction: str, avoid: frozenset[str] = frozenset()) -> str:
+    """Seed i's prompt: colour i mod 6, shape i mod 5; where that caption is in `avoid` (e.g. captions a
+    student was trained on), the next seed's colour and shape, and so on (all 30 pairs come round)."""
+    for k in range(seed, seed + len(COLOURS) * len(SHAPES)):
+        prompt = caption(list(COLOURS)[k % len(COLOURS)], SHAPES[k % len(SHAPES)], motion, direction)
+        if prompt not in avoid:
+            return prompt
+    raise SurgeryError(f"every colour and shape of '{motion} {direction}' is a caption to avoid")
+
+
+def direction_scores(model, encoder, seeds: int = 8, min_travel: float = 0.15,
+                     avoid: frozenset[str] = frozenset(), **sample_kwargs) -> dict:
     """Does `model` follow the direction words? For every translating motion and direction, sample
-    `seeds` clips (seed i: colour i mod 6, shape i mod 5) and measure each one's `travel`; a clip
-    follows its prompt when it went more than `min_travel` of the frame the prompt's way (a clip
-    where the shape is not found does not). Rotation is not scored: on blurry samples the tracker
-    cannot tell a turn from noise. Returns per "motion direction" the share that follows and the mean
-    travel, and under "all" the share over every clip."""
+    `seeds` clips (seed i: `direction_prompt`, colour i mod 6, shape i mod 5, skipping captions in
+    `avoid`) and measure each one's `travel`; a clip follows its prompt when it went more than
+    `min_travel` of the frame the prompt's way (a clip where the shape is not found does not). Rotation
+    is not scored: on blurry samples the tracker cannot tell a turn from noise. Returns per "motion
+    direction" the share that follows and the mean travel, and under "all" the share over every clip."""
     rows, hits = {}, []
     for motion, direction in TRANSLATIONS:
-        prompts = [caption(list(COLOURS)[seed % len(COLOURS)], SHAPES[seed % len(SHAPES)], motion, direction)
-                   for seed in range(seeds)]
+        prompts = [direction_prompt(seed, motion, direction, avoid) for seed in range(seeds)]
         moved = [travel(sample(model, encoder, prompt, seed=seed, **sample_kwargs).cpu(), direction)
                  for seed, prompt in enumerate(prompts)]
         follows = [m > min_travel for m in moved]  # NaN > x is False

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from ..swap import apply, check_plan, variant_processors
-from ..capture import tap_self_attention
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
 from ..lock import LOCK_NAME, check_not_busy, folder_lock
@@ -36,6 +35,7 @@ from ..recipe import parse as parse_recipe
 from ..data import StepSampler, build_dataset
 from ..wan import layer_index, self_attention_fqn
 from .loop import run_stage, stage_progress
+from .transfer import attention_transfer_fn, loss_ends
 
 
 def _accelerator(recipe: Recipe):
@@ -80,28 +80,14 @@ def stage1_step_fn(teacher, student, sampler, device, dtype):
         layer_index(f): p for f, p in variant_processors(student).items()
         if any(True for _ in p.parameters())
     }
+    transfer = attention_transfer_fn(teacher, {i: [p] for i, p in processors.items()}, sampler, device, dtype)
 
     def step(step_index: int) -> dict:
-        batch = sampler.batch(step_index, device, dtype)
-        losses: dict[int, float] = {}
-        uniform: dict[int, float] = {}
-
-        def transfer(layer, q, k, v, x, y, grid):
-            with torch.enable_grad():
-                out = processors[layer].attend(q.detach(), k.detach(), v.detach(), grid, x.detach())
-                loss = (out.float() - y.detach().float()).abs().mean()  # value-based L1 loss
-                loss.backward()
-            losses[layer] = loss.item()
-            # The same loss for uniform attention (every query gets the mean value): the yardstick a
-            # student has to beat, since any attention pattern is a weighted mean of the values.
-            uniform[layer] = (v.float().mean(1, keepdim=True) - y.float()).abs().mean().item()
-
-        with torch.no_grad(), tap_self_attention(teacher, transfer, layers=set(processors)):
-            teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text)
-        per_layer = {self_attention_fqn(i): losses[i] for i in sorted(losses)}
+        losses, uniform, samples = transfer(step_index)
+        per_layer = {self_attention_fqn(i): losses[i][0] for i in sorted(losses)}
         return {"loss": sum(per_layer.values()) / max(1, len(per_layer)), "layers": per_layer,
                 "uniform_attention": {self_attention_fqn(i): uniform[i] for i in sorted(uniform)},
-                "samples": batch.inputs.shape[0]}
+                "samples": samples}
 
     return step, processors
 
@@ -261,15 +247,18 @@ def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
     if p.path:
         return Plan.load(p.path)
     from ..planner import make_plan
+    from .distilled_errors import DistilledErrors
 
     return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
                      seed=recipe.train.seed, model=teacher,
-                     data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress)
+                     data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
+                     measure=DistilledErrors(recipe.stage1, recipe.data.samples) if p.distill_errors else None)
 
 
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:
-    """Attention transfer where the new attention has parameters; the result is kept in stage1.safetensors,
-    so a resumed run skips a finished stage 1. Returns (student, final loss or None, steps run here)."""
+    """Attention transfer where the new attention has parameters, starting from the plan's stage-1 weights
+    where it has them (the planner's trained candidates); the result is kept in stage1.safetensors, so a
+    resumed run skips a finished stage 1. Returns (student, final loss or None, steps run here)."""
     recipe, acc = run.recipe, run.accelerator
     student = build_student(run.teacher, run.plan, recipe, stage=1)
     done = run.out / "stage1.safetensors"
@@ -277,6 +266,8 @@ def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> 
     if done.exists():
         _load_into(student, done)
         return student, None, 0
+    if run.plan.stage1:
+        _copy_into(student, run.plan.stage1)
     dtype = next(run.teacher.parameters()).dtype
     step, processors = stage1_step_fn(run.teacher, student, run.sampler(1), acc.device, dtype)
     final_loss, ran = None, 0
@@ -381,8 +372,12 @@ def _lora_settings(recipe: Recipe) -> dict:
 def _load_into(model, path: Path) -> None:
     from safetensors.torch import load_file
 
+    _copy_into(model, load_file(path))
+
+
+def _copy_into(model, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, tensor in load_file(path).items():
+        for name, tensor in tensors.items():
             model.get_parameter(name).copy_(tensor)
 
 
@@ -400,8 +395,7 @@ def _stage1_curve(entries: list[dict]) -> tuple[dict[str, tuple[float, float]], 
                 uniform.setdefault(fqn, []).append(value)
     ends = {}
     for fqn, values in curves.items():
-        tenth = max(1, len(values) // 10)
-        first, last = sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+        first, last = loss_ends(values)
         if math.isfinite(last):
             ends[fqn] = (first, last)
     return ends, {fqn: sum(uniform[fqn]) / len(uniform[fqn]) for fqn in ends if fqn in uniform}

@@ -58,8 +58,10 @@ class AttentionVariant(nn.Module):
     Config: ClassVar[type[VariantConfig]]
     # Settings the planner tries for this variant (parameters for Config.from_dict).
     plan_candidates: ClassVar[tuple[dict, ...]] = ({},)
-    # Usable as built: its new parameters start where the output is already meaningful (VSA's zero gate),
-    # or it has none. Learned feature maps are not: they need stage-1 distillation first.
+    # Whether the variant works as built, before any distillation: true when it has nothing to learn or
+    # its parameters start where it is already the attention it stands for (VSA's zero gate: the fine
+    # stage alone). False for learned feature maps, whose init is only a starting point: the planner
+    # measures such a variant after stage 1, and quality sweeps give it no training-free student.
     training_free: ClassVar[bool] = True
     # Matches diffusers' processors, so `model.set_attention_backend(...)` keeps working.
     _attention_backend = None

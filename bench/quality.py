@@ -1,0 +1,415 @@
+"""The quality–cost front: planned mixes of variants against each single variant, at several budgets.
+
+For every budget and method, a student of the teacher (`--model`, default the toy):
+- `planned-distilled`: the planner with learned candidates measured after stage 1 (`vsurgery plan`);
+- `planned-init`: the planner with every candidate measured as built (`vsurgery plan --no-distill-errors`);
+- one method per registered variant but `full`: that variant on every layer, at the most expensive of its
+  `plan_candidates` settings whose attention FLOPs fit the budget (none where no setting fits).
+Each student is scored at three levels of training: training-free (where every variant of its plan is
+`training_free`), after stage 1, and after stage 1 + stage 2 (the recipe's: default `mixed` on the toy's
+own clips). A plan that two budgets or methods share is trained once. Scores are `vsurgery eval`'s
+(`surgery.evaluate.compare`): PSNR and SSIM of the decoded video against the teacher's on the same seeds,
+the per-step velocity error on the teacher's trajectory, on captions that neither distillation nor the
+planner saw; and on the toy the direction score (`scripts/toy_directions.py`), on prompts that are not
+training captions either.
+
+    python bench/quality.py [--model toy] [--budgets 0.7 0.5 0.3 0.15] [--methods planned-distilled vsa ...]
+        [--set stage1.steps=40 ...] [--eval-samples 4] [--eval-steps 8] [--direction-seeds 1]
+        [--direction-steps 12] [--device cpu|cuda] [--out runs/quality] [--doc docs/quality.md]
+        [--plot docs/quality.png]
+
+Writes OUT/quality.json (every score, the settings and the times), OUT/students/ (one distill run folder
+per trained plan), the tables into --doc between its `quality-table` markers (the whole file when it
+does not exist) and the plot (PSNR against attention cost, one line per method, after stage 1 + 2).
+A rerun into the same OUT reuses the students already scored there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
+
+PLANNED = ("planned-distilled", "planned-init")
+LEVELS = ("training-free", "stage 1", "stage 1 + 2")
+BUDGETS = (0.7, 0.5, 0.3, 0.15)
+TABLE_START, TABLE_END = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+
+
+def all_methods() -> list[str]:
+    from surgery.variants import VARIANTS
+
+    return [*PLANNED, *(name for name in VARIANTS if name != "full")]
+
+
+def setting_label(variant: str, config) -> str:
+    """The variant with the settings its `plan_candidates` vary, e.g. `hybrid(rate=4)`."""
+    from surgery.variants import VARIANTS
+
+    keys = [k for k in dict.fromkeys(k for c in VARIANTS[variant].plan_candidates for k in c)]
+    values = config.to_dict()
+    return f"{variant}({', '.join(f'{k}={values[k]}' for k in keys)})" if keys else variant
+
+
+def layers_label(plan) -> str:
+    """Layer by layer, runs of the same setting joined: `full, linear ×3, hybrid(rate=4)`."""
+    runs: list[list] = []
+    for choice in plan.layers.values():
+        label = setting_label(choice.variant, choice.config)
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([label, 1])
+    return ", ".join(label if n == 1 else f"{label} ×{n}" for label, n in runs)
+
+
+class MeasureOnce:
+    """A planner `measure` that measures on its first call and hands back the same table afterwards: the
+    error table does not depend on the budget, so one table serves every budget."""
+
+    def __init__(self, measure=None):
+        self.measure, self.table = measure, None
+
+    def __call__(self, model, candidates, inputs, *, seed, progress=None, **context):
+        from surgery.sensitivity import measure_errors
+
+        if self.table is None:
+            self.table = (self.measure(model, candidates, inputs, seed=seed, progress=progress, **context)
+                          if self.measure else measure_errors(model, inputs, candidates, seed=seed, progress=progress))
+        return self.table
+
+
+def uniform_plan(spec: str, teacher, grid, variant: str, budget: float, table):
+    """`variant` on every layer at the most expensive of its candidate settings that fits `budget`, with the
+    configs and costs the planner observed in `table` (init errors); None when no setting fits."""
+    from surgery.plan import LayerChoice, Plan
+    from surgery.variants import VARIANTS, dense_attention_flops
+    from surgery.wan import fingerprint, self_attention_fqn
+
+    config = dict(teacher.config)
+    heads, head_dim, layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
+    dense = dense_attention_flops(grid.tokens, heads, head_dim) * layers
+    best = None
+    for j, candidate in enumerate(table.candidates):
+        if candidate.variant != variant:
+            continue
+        costs = [VARIANTS[variant].flops(table.configs[i][j], grid, heads, head_dim) for i in range(layers)]
+        if sum(costs) <= budget * dense and (best is None or sum(costs) > best[1]):
+            best = (j, sum(costs), costs)
+    if best is None:
+        return None
+    j, total, costs = best
+    choices = {self_attention_fqn(i): LayerChoice(variant, table.configs[i][j], costs[i], table.errors[i][j])
+               for i in range(layers)}
+    return Plan(spec, fingerprint(config), layers, choices, grid, budget,
+                {"dense_flops": dense, "flops": total, "flops_ratio": total / dense})
+
+
+def held_out_captions(spec: str, recipe, count: int, seed: int, used: set[str]) -> list[str]:
+    """`count` distinct toy captions drawn from `seed` that are not in `used`."""
+    from surgery import toy
+
+    drawn = toy.sample_clips(64 * count, toy.clip_generator(seed, 0)).captions()
+    fresh = [c for c in dict.fromkeys(drawn) if c not in used]
+    return fresh[:count]
+
+
+def training_captions(recipe, calibration_samples: int) -> set[str]:
+    """Every toy caption distillation and the planner see: distillation's clips, the planner's stage-1
+    clips (the next seed) and its calibration clips."""
+    from surgery import toy
+
+    seed, samples = recipe.train.seed, recipe.data.samples
+    sets = [(samples, seed), (samples, seed + 1), (calibration_samples, seed)]
+    return {c for n, s in sets for c in toy.toy_dataset(n, s)["caption"]}
+
+
+class Sweep:
+    def __init__(self, args, log):
+        import torch
+
+        from surgery.loading import load_model
+        from surgery.model import is_toy, resolve_grid
+        from surgery.recipe import load_recipe
+
+        self.args, self.log = args, log
+        overrides = (["data.source=toy"] if args.model == "toy" else []) + list(args.set or [])
+        self.recipe = load_recipe(args.recipe, overrides)
+        self.device = torch.device(args.device)
+        self.teacher = load_model(args.model).to(self.device)
+        self.teacher.requires_grad_(False)
+        self.grid = resolve_grid(args.model, dict(self.teacher.config), args.frames, args.height, args.width)
+        self.toy = is_toy(dict(self.teacher.config))
+        self.out = Path(args.out)
+        self.students: dict[str, dict] = {}
+        self.prompts, self.avoid, self.encoder = None, frozenset(), None
+        if self.toy:
+            from surgery import toy
+
+            self.avoid = frozenset(training_captions(self.recipe, self.recipe.plan.samples))
+            self.prompts = held_out_captions(args.model, self.recipe, args.eval_samples, args.eval_seed, self.avoid)
+            self.encoder = toy.load_caption_encoder().to(self.device)
+
+    def plans(self) -> dict[tuple[float, str], object]:
+        """(budget, method) → plan (None where nothing fits the budget), budget by budget in the order asked
+        for. Planned methods' plans are kept in OUT/plans/ and read back by a rerun."""
+        from surgery.errors import SurgeryError
+        from surgery.plan import Plan
+        from surgery.planner import make_plan
+        from surgery.train.distilled_errors import DistilledErrors
+
+        args, recipe = self.args, self.recipe
+        measures = {"planned-init": MeasureOnce(),
+                    "planned-distilled": MeasureOnce(DistilledErrors(recipe.stage1, recipe.data.samples))}
+        planned = {}
+        uniform = [m for m in args.methods if m not in PLANNED]
+        for method in [m for m in PLANNED if m in args.methods or (m == "planned-init" and uniform)]:
+            began = time.perf_counter()
+            for budget in args.budgets:
+                path = self.out / "plans" / f"{method}@{budget:g}.json"
+                if path.exists():
+                    planned[budget, method] = Plan.load(path)
+                    continue
+                try:
+                    planned[budget, method] = make_plan(
+                        args.model, budget, model=self.teacher, samples=recipe.plan.samples, seed=recipe.train.seed,
+                        measure=measures[method], frames=args.frames, height=args.height, width=args.width)
+                    planned[budget, method].save(path)
+                except SurgeryError as e:  # a budget below every candidate's cost
+                    self.log(f"{method} at {budget:g}: {e}")
+                    planned[budget, method] = None
+            self.times[f"plan {method}"] = time.perf_counter() - began
+            self.log(f"planned {method} at every budget in {self.times[f'plan {method}']:.0f} s")
+        init_table = measures["planned-init"].table
+        if uniform and init_table is None:  # every init plan was read back: measure once more for the costs
+            from surgery.model import default_text_tokens
+            from surgery.sensitivity import calibration_inputs, default_candidates
+
+            seed = recipe.train.seed
+            inputs = calibration_inputs(self.teacher, self.grid, recipe.plan.samples, seed,
+                                        default_text_tokens(args.model))
+            init_table = measures["planned-init"](self.teacher, default_candidates(), inputs, seed=seed)
+        plans = {}
+        for budget in args.budgets:
+            for method in args.methods:
+                plans[budget, method] = planned[budget, method] if method in PLANNED else uniform_plan(
+                    args.model, self.teacher, self.grid, method, budget, init_table)
+        return plans
+
+    def run(self, report) -> dict:
+        """Score every (budget, method); `report(result)` gets the result so far after each student."""
+        self.times: dict[str, float] = {}
+        began = time.perf_counter()
+        rows = []
+        result = dict(model=self.args.model, recipe=self.recipe.to_dict(), settings=self.settings(),
+                      prompts=self.prompts, times=self.times, rows=rows)
+        for (budget, method), plan in self.plans().items():
+            row = dict(budget=budget, method=method)
+            if plan is not None:
+                student = self.score(plan, f"{method}@{budget:g}")
+                row.update(layers=layers_label(plan), flops_ratio=plan.meta["flops_ratio"], student=student["id"],
+                           levels=student["levels"])
+            rows.append(row)
+            self.times["total"] = time.perf_counter() - began
+            report(result)
+        return result
+
+    def settings(self) -> dict:
+        a = self.args
+        return dict(device=a.device, eval_samples=a.eval_samples, eval_steps=a.eval_steps, eval_seed=a.eval_seed,
+                    direction_seeds=a.direction_seeds, direction_steps=a.direction_steps,
+                    direction_levels=a.direction_levels)
+
+    def score(self, plan, name: str) -> dict:
+        """Train (once per distinct plan) and score `plan` at every level it allows."""
+        key = json.dumps({"layers": plan.to_dict()["layers"], "stage1": plan.to_dict().get("stage1_weights")},
+                         sort_keys=True)
+        if key in self.students:
+            return self.students[key]
+        folder = self.out / "students" / name
+        cached = folder / "scores.json"
+        if cached.exists():
+            self.students[key] = json.loads(cached.read_text())
+            return self.students[key]
+        from surgery.io import atomic_write_json
+        from surgery.swap import apply
+        from surgery.train.distill import finish_run, open_run, train_stage1, train_stage2
+        from surgery.variants import VARIANTS
+
+        began = time.perf_counter()
+        levels = {}
+        if all(VARIANTS[c.variant].training_free for c in plan.layers.values()):
+            levels["training-free"] = self.evaluate(apply(copy.deepcopy(self.teacher), plan), name, "training-free")
+        run = open_run(self.args.model, self.recipe, folder / "run", plan, resume=False)
+        student, _, ran = train_stage1(run)
+        if ran == 0 and not plan.stage1 and "training-free" in levels:  # nothing trained: the same student
+            levels["stage 1"] = levels["training-free"]
+        else:
+            levels["stage 1"] = self.evaluate(student.eval(), name, "stage 1")
+        if self.recipe.stage2.steps:
+            student, _ = train_stage2(run, student)
+            student.eval()
+            finish_run(run, student)
+            levels["stage 1 + 2"] = self.evaluate(student, name, "stage 1 + 2")
+        result = dict(id=name, levels=levels, seconds=time.perf_counter() - began)
+        atomic_write_json(cached, result)
+        self.students[key] = result
+        self.log(f"{name}: {layers_label(plan)}; scored in {result['seconds']:.0f} s")
+        return result
+
+    def evaluate(self, student, name: str, level: str) -> dict:
+        from surgery.evaluate import compare
+
+        a = self.args
+        report = compare(student, self.teacher, a.model, self.grid, samples=a.eval_samples, steps=a.eval_steps,
+                         seed=a.eval_seed, prompts=self.prompts, student_name=name)
+        scores = dict(psnr_db=report.psnr_db, ssim=report.ssim, velocity_error=report.velocity_error_mean,
+                      final_latent_error=report.final_latent_rel_error)
+        if self.toy and a.direction_seeds and level in a.direction_levels:
+            from surgery import toy
+
+            directions = toy.direction_scores(student, self.encoder, a.direction_seeds, avoid=self.avoid,
+                                              steps=a.direction_steps)
+            scores["direction"] = directions["all"]["follows"]
+        self.log(f"  {name} {level}: PSNR {scores['psnr_db']:.2f} dB, SSIM {scores['ssim']:.3f}"
+                 + (f", directions {scores['direction']:.0%}" if "direction" in scores else ""))
+        return scores
+
+
+def _cell(scores: dict | None, key: str, fmt: str) -> str:
+    return "—" if scores is None or key not in scores else format(scores[key], fmt)
+
+
+def render_tables(result: dict) -> str:
+    """The front (after stage 1 + 2) and every level, as Markdown."""
+    final = LEVELS[-1]
+    lines = ["After stage 1 + 2 (the front in the plot):", "",
+             "| budget | method | layers | attention FLOPs | PSNR (dB) | SSIM | velocity error | directions |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        if "levels" not in row:
+            lines.append(f"| {row['budget']:g} | {row['method']} | nothing fits the budget | | | | | |")
+            continue
+        s = row["levels"].get(final)
+        lines.append(f"| {row['budget']:g} | {row['method']} | {row['layers']} | {row['flops_ratio']:.1%} | "
+                     f"{_cell(s, 'psnr_db', '.2f')} | {_cell(s, 'ssim', '.3f')} | "
+                     f"{_cell(s, 'velocity_error', '.4f')} | {_cell(s, 'direction', '.0%')} |")
+    lines += ["", "Every level (PSNR dB / SSIM / velocity error / directions; — where the level does not apply):", "",
+              "| budget | method | " + " | ".join(LEVELS) + " |", "|---:|---|" + "---|" * len(LEVELS)]
+    for row in result["rows"]:
+        if "levels" not in row:
+            continue
+        cells = []
+        for level in LEVELS:
+            s = row["levels"].get(level)
+            cells.append("—" if s is None else " / ".join(
+                [_cell(s, "psnr_db", ".2f"), _cell(s, "ssim", ".3f"), _cell(s, "velocity_error", ".4f"),
+                 _cell(s, "direction", ".0%")]))
+        lines.append(f"| {row['budget']:g} | {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(path: Path, tables: str) -> None:
+    """The tables between the doc's markers; a new doc holds only them."""
+    from surgery.io import atomic_write_text
+
+    block = f"{TABLE_START}\n{tables}{TABLE_END}"
+    if path.exists():
+        text = path.read_text()
+        start, end = text.find(TABLE_START), text.find(TABLE_END)
+        if start < 0 or end < start:
+            raise SystemExit(f"{path} has no {TABLE_START} … {TABLE_END} block to fill")
+        text = text[:start] + block + text[end + len(TABLE_END):]
+    else:
+        text = block + "\n"
+    atomic_write_text(path, text)
+
+
+def plot(result: dict, path: Path) -> None:
+    """PSNR after stage 1 + 2 against attention FLOPs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for method in dict.fromkeys(row["method"] for row in result["rows"]):
+        points = sorted({(row["flops_ratio"], row["levels"][LEVELS[-1]]["psnr_db"])
+                         for row in result["rows"] if row["method"] == method and LEVELS[-1] in row.get("levels", {})})
+        if points:
+            style = "-" if method in PLANNED else "--"
+            axes.plot(*zip(*points), style, marker="o", label=method, linewidth=2 if method in PLANNED else 1)
+    axes.set_xlabel("attention FLOPs (fraction of dense)")
+    axes.set_ylabel("PSNR against the teacher (dB)")
+    axes.set_title(f"{result['model']}: quality against attention cost, after stage 1 + 2", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="toy", help="the teacher (a model spec)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--frames", type=int, help="video size (default: the model's)")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--methods", nargs="+", help="default: " + ", ".join(PLANNED) + " and every variant but full")
+    parser.add_argument("--recipe", default="mixed", help="distill recipe (on the toy with data.source = toy)")
+    parser.add_argument("--set", action="append", help="override a recipe field: section.key=value (repeatable)")
+    parser.add_argument("--eval-samples", type=int, default=4, help="captions (seeds) compared per student")
+    parser.add_argument("--eval-steps", type=int, default=8, help="sampler steps of the comparison")
+    parser.add_argument("--eval-seed", type=int, default=100, help="seed of the compared noise and captions")
+    parser.add_argument("--direction-seeds", type=int, default=1, help="clips per direction (0: no direction score)")
+    parser.add_argument("--direction-steps", type=int, default=24, help="sampler steps of the direction clips")
+    parser.add_argument("--direction-levels", nargs="+", default=list(LEVELS), choices=LEVELS,
+                        help="levels that get a direction score (the costliest score on a CPU)")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--doc", type=Path, help="Markdown file whose quality-table block gets the tables")
+    parser.add_argument("--plot", type=Path, help="PNG to draw the front into")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # distillation (accelerate) then stays on the CPU as well
+    methods = all_methods()
+    args.methods = args.methods or methods
+    unknown = [m for m in args.methods if m not in methods]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r} (known: {', '.join(methods)})")
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+    def report(result: dict) -> None:
+        from surgery.io import atomic_write_json
+
+        atomic_write_json(args.out / "quality.json", result)
+        if args.doc:
+            write_doc(args.doc, render_tables(result))
+        if args.plot:
+            plot(result, args.plot)
+
+    result = Sweep(args, log).run(report)
+    print(render_tables(result))
+    log(f"done; results in {args.out / 'quality.json'}")
+    return result
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""bench/quality.py in its smoke form: the whole sweep on the tiny model at a small video, a step of training."""
+
+import json
+
+from .conftest import load_script
+
+
+def test_the_sweep_runs_and_writes_its_table_json_and_plot(tmp_path):
+    doc = tmp_path / "quality.md"
+    doc.write_text("# Quality\n\nprose before\n\n<!-- quality-table:start -->\nSTALE TABLE\n<!-- quality-table:end -->\n\nafter\n")
+    bench = load_script("bench/quality.py")
+    bench.main([
+        # 200 tokens: enough for linear attention and VSA to cost less than dense; nothing fits 0.15.
+        "--model", "tiny", "--frames", "5", "--height", "160", "--width", "160", "--budgets", "0.5", "0.15",
+        "--methods", "planned-distilled", "vsa", "--set", "stage1.steps=1",
+        "--set", "stage2.steps=1", "--set", "data.samples=2", "--set", "plan.samples=1", "--eval-samples", "1",
+        "--eval-steps", "1", "--device", "cpu", "--out", str(tmp_path / "out"), "--doc", str(doc),
+        "--plot", str(tmp_path / "front.png"),
+    ])
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert {(row["budget"], row["method"]) for row in result["rows"]} == {
+        (b, m) for b in (0.5, 0.15) for m in ("planned-distilled", "vsa")}
+    scored = {(row["budget"], row["method"]): set(row["levels"]) for row in result["rows"] if "levels" in row}
+    assert scored == {(0.5, "planned-distilled"): {"stage 1", "stage 1 + 2"} | scored[0.5, "planned-distilled"],
+                      (0.5, "vsa"): {"training-free", "stage 1", "stage 1 + 2"}}
+    text = doc.read_text()
+    assert text.startswith("# Quality\n\nprose before") and text.endswith("after\n") and "STALE TABLE" not in text
+    assert "| 0.5 | planned-distilled |" in text and "| training-free | stage 1 | stage 1 + 2 |" in text
+    assert (tmp_path / "front.png").read_bytes().startswith(b"\x89PNG")
