@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shlex
 import sys
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# In a multi-process launch (torchrun and `accelerate launch` set RANK) only the main process prints:
+# the others run the same steps and would repeat every line, bar and error.
+_QUIET = int(os.environ.get("RANK", "0")) != 0
+console = Console(quiet=_QUIET)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, quiet=_QUIET)
 
 
 def fail(message: str, code: int = 2):

@@ -77,21 +77,37 @@ class Batch:
     noise: torch.Tensor  # [B, C, F, H, W] ε
 
 
+def split_batch(batch_size: int, world: int) -> int:
+    """Each process's share of the global batch; a batch that does not split evenly is bad input, since
+    the steps (and a checkpoint's continuation) are defined by the global batch."""
+    if batch_size % world:
+        raise SurgeryError(f"data.batch_size {batch_size} does not split over {world} processes: launch a process "
+                           f"count that divides it (a run keeps the batch size it started with)")
+    return batch_size // world
+
+
 class StepSampler:
-    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s)."""
+    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s, sample).
+
+    batch_size is the global batch: with `world` processes, process `rank` takes its batch_size / world
+    consecutive samples of it. Each sample's draws depend on its place in the global batch only, so the
+    steps are the same whatever the process count that splits them."""
 
     def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1,
                  condition=None):
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
-        self.rank, self.world = rank, world
+        self.rank, self.local = rank, split_batch(batch_size, world)
         # x_t → the transformer's input (surgery.model.conditioner); None: x_t as it is.
         self.condition = condition or (lambda noisy: noisy)
 
+    def _positions(self, step: int) -> range:
+        start = step * self.batch_size + self.rank * self.local
+        return range(start, start + self.local)
+
     def _indices(self, step: int) -> list[int]:
         n = len(self.dataset)
-        start = step * self.batch_size * self.world + self.rank * self.batch_size
         out = []
-        for position in range(start, start + self.batch_size):
+        for position in self._positions(step):
             epoch, offset = divmod(position, n)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
             out.append(int(order[offset]))
@@ -100,9 +116,13 @@ class StepSampler:
     def batch(self, step: int, device, dtype) -> Batch:
         rows = self.dataset[self._indices(step)]
         clean = rows["latents"].to(torch.float32)
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + self.rank)
-        t = torch.rand(clean.shape[0], generator=g)
-        noise = torch.randn(clean.shape, generator=g)
+        t, noise = [], []
+        for position in self._positions(step):
+            within = position - step * self.batch_size  # the sample's place in the global batch
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + within)
+            t.append(torch.rand(1, generator=g))
+            noise.append(torch.randn(clean.shape[1:], generator=g))
+        t, noise = torch.cat(t), torch.stack(noise)
         sigma = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * clean + sigma * noise
         return Batch(

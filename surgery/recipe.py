@@ -59,6 +59,8 @@ class DataSection:
     source: Literal["noise", "dataset", "toy"] = "noise"
     path: str | None = None
     samples: int = 32  # size of the training set (source = "noise" or "toy")
+    # Samples per step over all processes (the global batch): each of N processes takes batch_size / N,
+    # so a run gives the same steps on any process count that divides it.
     batch_size: int = 1
 
     def __post_init__(self):
@@ -164,6 +166,18 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class ParallelSection:
+    """How a multi-process launch (`accelerate launch`, `torchrun`) splits the work; one process ignores it."""
+
+    # "ddp": every process holds the whole student and teacher, gradients are averaged;
+    # "fsdp": both are sharded by transformer block (FSDP2 `fully_shard`), the teacher frozen.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: "full" frees a block's gathered weights after its forward and gathers them again for the
+    # backward (least memory); "grad_op" keeps them until the backward (less communication).
+    sharding: Literal["full", "grad_op"] = "full"
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     description: str = ""
@@ -172,6 +186,7 @@ class Recipe:
     stage1: Stage1 = field(default_factory=Stage1)
     stage2: Stage2 = field(default_factory=Stage2)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict[str, Any]:
         return _drop_none(typed.to_dict(self))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..swap import apply, check_plan, variant_processors
+from ..swap import apply, check_plan, self_attention_modules, variant_processors
 from ..errors import SurgeryError
 from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
 from ..lock import LOCK_NAME, check_not_busy, folder_lock
@@ -32,7 +32,9 @@ from ..model import conditioner, default_text_tokens, resolve_grid
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
-from ..data import StepSampler, build_dataset
+from ..data import StepSampler, build_dataset, split_batch
+from ..parallel import full_state_dict, is_sharded, shard
+from ..variants import VARIANTS
 from ..wan import layer_index, self_attention_fqn
 from .loop import run_stage, stage_progress
 from .transfer import attention_transfer_fn, loss_ends
@@ -67,6 +69,21 @@ def build_student(teacher, plan: Plan, recipe: Recipe, stage: int):
         if recipe.train.gradient_checkpointing:
             student.enable_gradient_checkpointing()
     return student
+
+
+def stage1_trainees(teacher, plan: Plan) -> torch.nn.Module:
+    """The planned layers' processors, built on the teacher's attention, in a module whose parameter names are
+    the student's (`blocks.N.attn1.processor.*`): what stage 1 trains, without a copy of a sharded teacher."""
+    holder = torch.nn.Module()
+    holder.blocks = torch.nn.ModuleList(torch.nn.Module() for _ in teacher.blocks)
+    attention = self_attention_modules(teacher)
+    for block in holder.blocks:
+        block.attn1 = torch.nn.Module()
+        block.attn1.processor = None
+    for fqn, choice in plan.layers.items():
+        index = layer_index(fqn)
+        holder.blocks[index].attn1.processor = VARIANTS[choice.variant].from_dense(attention[fqn], choice.config, index)
+    return holder.requires_grad_(True)
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -163,6 +180,10 @@ class OpenRun:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.recipe, self.accelerator)
+
     def sampler(self, stage: int) -> StepSampler:
         acc = self.accelerator
         return StepSampler(self.dataset, self.recipe.data.batch_size, self.recipe.train.seed, stage,
@@ -221,6 +242,7 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
         plan = Plan.load(out / "plan.json")
 
     accelerator = _accelerator(recipe)
+    split_batch(recipe.data.batch_size, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(spec).to(accelerator.device)
@@ -229,6 +251,8 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
+    if is_sharded(recipe, accelerator):
+        shard(teacher, accelerator, bf16=_bf16(recipe, accelerator))  # frozen: gathered per block, freed after it
     if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         for entry in out.iterdir():  # with `force`, the earlier run's files (the lock stays)
@@ -239,6 +263,10 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "finished": False,
                                              "stage2_mode": recipe.stage2.mode})
     return OpenRun(out, spec, recipe, plan, teacher, dataset, accelerator)
+
+
+def _bf16(recipe: Recipe, accelerator) -> bool:
+    return recipe.train.mixed_precision == "bf16" and accelerator.device.type == "cuda"
 
 
 def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
@@ -258,9 +286,10 @@ def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:
     """Attention transfer where the new attention has parameters, starting from the plan's stage-1 weights
     where it has them (the planner's trained candidates); the result is kept in stage1.safetensors, so a
-    resumed run skips a finished stage 1. Returns (student, final loss or None, steps run here)."""
+    resumed run skips a finished stage 1. Returns (student, final loss or None, steps run here); with a sharded
+    teacher the student is its trained processors only (`stage1_trainees`), the rest being the teacher's."""
     recipe, acc = run.recipe, run.accelerator
-    student = build_student(run.teacher, run.plan, recipe, stage=1)
+    student = stage1_trainees(run.teacher, run.plan) if run.sharded else build_student(run.teacher, run.plan, recipe, 1)
     done = run.out / "stage1.safetensors"
     acc.wait_for_everyone()
     if done.exists():
@@ -293,12 +322,18 @@ def train_stage2(run: OpenRun, stage1_student, progress=None, stop_after: int | 
     """The student end to end (LoRA or full), starting from stage 1's attention. Returns (student, final loss)."""
     recipe, acc = run.recipe, run.accelerator
     stage1_state = {k: v.detach().clone() for k, v in trainable(stage1_student).items()}
-    student = build_student(run.teacher, run.plan, recipe, stage=2)
+    # A sharded teacher cannot be copied whole: the student starts from the same weights, loaded again.
+    base = load_model(run.spec) if run.sharded else run.teacher
+    student = build_student(base, run.plan, recipe, stage=2)
     with torch.no_grad():
         for name, tensor in stage1_state.items():
             student.get_parameter(name).copy_(tensor)
     student.train()
-    student = acc.prepare(student)
+    if run.sharded:
+        student = shard(student, acc, reshard_after_forward=recipe.parallel.sharding == "full",
+                        bf16=_bf16(recipe, acc))
+    else:
+        student = acc.prepare(student)
     dtype = next(run.teacher.parameters()).dtype
     step = stage2_step_fn(run.teacher, student, run.sampler(2), recipe, acc.device, dtype, run.plan, acc)
     last, _ = run_stage(
@@ -310,11 +345,15 @@ def train_stage2(run: OpenRun, stage1_student, progress=None, stop_after: int | 
 
 def finish_run(run: OpenRun, student) -> None:
     """Write the student, drop the checkpoints and mark the run finished."""
+    state = student.state_dict()
+    if run.sharded:  # gathered onto the main process: every process takes part
+        trained_in_stage1 = not run.recipe.stage2.steps  # the processors only; the rest is the teacher's
+        state = {**full_state_dict(run.teacher), **state} if trained_in_stage1 else full_state_dict(student)
     if not run.accelerator.is_main_process:
         return
     recipe = run.recipe
     uses_lora = recipe.stage2.steps > 0 and recipe.stage2.mode == "lora"
-    atomic_save_safetensors(student.state_dict(), run.out / "student.safetensors")
+    atomic_save_safetensors(state, run.out / "student.safetensors")
     shutil.rmtree(run.out / "checkpoints", ignore_errors=True)
     atomic_write_json(run.out / "run.json", {"model": run.spec, "recipe": recipe.name, "finished": True,
                                              "stage2_mode": recipe.stage2.mode,
