@@ -1,4 +1,5 @@
-"""Many processes on one model: FSDP2 sharding of distillation's teacher and student.
+"""Many processes on one model: FSDP2 sharding of distillation's teacher and student, and context
+parallelism for sampling (`--cp N`).
 
 A launch (`accelerate launch`, `torchrun`) sets up the processes and the default process group; the
 recipe's `[parallel]` section picks what they share. With "fsdp" every transformer block is one
@@ -14,7 +15,11 @@ code path the GPUs run.
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from .errors import SurgeryError
 
 
 def is_sharded(recipe, accelerator) -> bool:
@@ -59,3 +64,37 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def check_context_parallel(degree: int, heads: int) -> None:
+    """Bad input before any work: `degree` must divide the heads (Ulysses gives each process H/N of them) and
+    match the launch's process count."""
+    if degree < 1 or heads % degree:
+        raise SurgeryError(f"--cp {degree} does not divide the model's {heads} attention heads")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if degree > 1 and world != degree:
+        raise SurgeryError(f"--cp {degree} runs on {degree} processes (torchrun --nproc_per_node {degree} or "
+                           f"accelerate launch --num_processes {degree}); this launch has {world}")
+
+
+def is_main_process() -> bool:
+    """Whether this process writes a command's files: the only one, or rank 0 of a launch."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def context_parallel(model, degree: int):
+    """Ulysses context parallelism over the launch's processes through diffusers' `enable_parallelism`: the
+    sequence is split before the first block and gathered after the last; each attention exchanges tokens
+    for heads (variants: `AttentionVariant._attend_head_group`). The video grid is recorded from the whole
+    input before the split, so every process's variants see the true grid. Returns `model`; 1 changes nothing.
+    Every process runs the same call with the same inputs and gets the same output."""
+    check_context_parallel(degree, model.config.num_attention_heads)
+    if degree == 1:
+        return model
+    from accelerate import PartialState
+    from diffusers import ContextParallelConfig
+
+    state = PartialState()  # the launch's process group, and this process's GPU where there are GPUs
+    model.to(state.device)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+    return model

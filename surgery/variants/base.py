@@ -148,17 +148,59 @@ class AttentionVariant(nn.Module):
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
         grid = self.grid_context.grid if self.grid_context is not None else None
-        if grid is None or grid.tokens != query.shape[1]:
+        cp = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
+        tokens = query.shape[1] * (cp.ulysses_degree if cp is not None else 1)
+        if grid is None or grid.tokens != tokens:
             raise SurgeryError(
-                f"{self.name} attention got {query.shape[1]} tokens but no matching video grid: "
+                f"{self.name} attention got {tokens} tokens but no matching video grid: "
                 "apply variants with surgery.apply(), which records the grid at each forward"
             )
-        out = self.attend(query, key, value, grid, x=hidden_states)
+        if cp is not None:
+            out = self._attend_head_group(query, key, value, grid, hidden_states, cp)
+        else:
+            out = self.attend(query, key, value, grid, x=hidden_states)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
+    def _attend_head_group(self, q, k, v, grid: VideoGrid, x, cp) -> torch.Tensor:
+        """Ulysses context parallelism (diffusers' `enable_parallelism`): q, k, v, x come split along the
+        sequence, [B, S/N, H, D]. diffusers exchanges heads for tokens only inside `dispatch_attention_fn`, which
+        variants do not call, so it happens here with diffusers' own all-to-all: this process gets every token of
+        its H/N heads, runs `attend` on them with those heads' slice of every parameter (each variant's
+        parameters are head-major along dim 0: [H, …] or [H·D, …]), and the output goes back to its tokens."""
+        import torch.distributed._functional_collectives as funcol
+        from diffusers.models.attention_dispatch import SeqAllToAllDim
+
+        if cp.ring_degree > 1:
+            raise SurgeryError(f"{self.name} runs under Ulysses context parallelism only, not ring attention")
+        group, n = cp._ulysses_mesh.get_group(), cp.ulysses_degree
+        rank = cp._ulysses_mesh.get_local_rank()
+        q, k, v = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (q, k, v))  # [B, S, H/N, D]
+        x = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=group)  # [B, S, dim]
+        if isinstance(x, funcol.AsyncCollectiveTensor):
+            x = x.wait()
+        params = {f"variant.{name}": p.narrow(0, rank * (p.shape[0] // n), p.shape[0] // n)
+                  for name, p in self.named_parameters()}
+        heads, self.heads = self.heads, self.heads // n
+        try:
+            out = torch.func.functional_call(_Attend(self), params, (q, k, v, grid, x))
+        finally:
+            self.heads = heads
+        return SeqAllToAllDim.apply(group, out.contiguous(), 1, 2)  # [B, S/N, H, D]
+
     def extra_repr(self) -> str:
         return f"{self.config}, heads={self.heads}, head_dim={self.head_dim}, layer={self.layer_index}"
+
+
+class _Attend(nn.Module):
+    """`variant.attend` as a module's forward, so that `torch.func.functional_call` can run it on other parameters."""
+
+    def __init__(self, variant: AttentionVariant):
+        super().__init__()
+        self.variant = variant
+
+    def forward(self, q, k, v, grid, x):
+        return self.variant.attend(q, k, v, grid, x)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
