@@ -194,13 +194,14 @@ def generate(
     plan: opt.TrainingFreePlan = None,
     force: opt.Force = False,
     verify: opt.Verify = False,
+    cp: opt.ContextParallel = 1,
 ):
     """Generate a video with a (retrofitted) model."""
     from surgery.evaluate import generate as run_generate
 
     with output.progress("sampling") as update:
         path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps,
-                                   seed=seed, force=force, verify=verify, progress=update, plan=plan)
+                                   seed=seed, force=force, verify=verify, progress=update, plan=plan, cp=cp)
     output.console.print(f"wrote {path} ({count} frames)")
 
 
@@ -213,6 +214,7 @@ def eval_(
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
     verify: opt.Verify = False,
+    cp: opt.ContextParallel = 1,
     json: opt.Json = False,
 ):
     """Compare a student with its teacher on the same seeds: velocity error, latent error, PSNR/SSIM."""
@@ -220,7 +222,7 @@ def eval_(
 
     with output.progress("sampling") as update:
         report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed, verify=verify,
-                          progress=update)
+                          progress=update, cp=cp)
     output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 
@@ -238,6 +240,7 @@ def bench(
     video: Annotated[bool, typer.Option(help="Also time whole generations (text encoder, steps, VAE decode).")] = False,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps of --video.")] = 50,
     compile: Annotated[bool, typer.Option(help="Compile both models' blocks (torch.compile).")] = False,
+    cp: opt.ContextParallel = 1,
     json: opt.Json = False,
 ):
     """Time a denoising step (and with --video a whole video) of the stock model, the model with its attention
@@ -245,7 +248,7 @@ def bench(
     from surgery.benchmark import benchmark
 
     report = benchmark(model, student=student, plan=plan, frames=frames, height=height, width=width, repeats=repeats,
-                       guidance=guidance, video=video, video_steps=steps, compile=compile)
+                       guidance=guidance, video=video, video_steps=steps, compile=compile, cp=cp)
     output.print_json(report.to_dict()) if json else output.show_bench(report)
 
 

@@ -25,6 +25,10 @@ TrainingFreePlan = Annotated[
     Optional[Path],
     typer.Option("--plan", help="A plan JSON applied to --model with no distillation (training-free variants only)."),
 ]
+ContextParallel = Annotated[int, typer.Option(
+    "--cp", min=1,
+    help="Context-parallel processes (Ulysses): run under a launch of that many, e.g. torchrun --nproc_per_node N; "
+         "must divide the model's attention heads.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
 Verify = Annotated[
     bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")

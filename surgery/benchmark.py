@@ -23,6 +23,7 @@ import torch
 from .errors import SurgeryError
 from .loading import load_config, load_model
 from .model import PRESETS, conditioner, default_text_tokens, resolve_grid
+from .parallel import check_context_parallel, context_parallel
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free
 from .swap import apply, install_processors, self_attention_modules, variant_processors
@@ -63,6 +64,7 @@ class BenchReport:
     # under 2% of the step (a CPU toy run), as the ratio would be noise.
     saving_share: float | None = None
     predicted_speedup: float | None = None  # from a latency-planned plan, to set beside the measured one
+    context_parallel: int = 1  # processes each step is split over (Ulysses), all timed together
     video_steps: int | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -112,14 +114,16 @@ def _sdpa_cudnn(enabled: bool):
 
 def step_inputs(model_spec: str, config: dict, grid, guidance: bool, device, dtype) -> list[dict]:
     """The transformer's inputs for one denoising step at `grid`: one call per guidance branch (random
-    latents, the same for both; random text embeddings, one per branch; timestep 500)."""
+    latents, the same for both; random text embeddings, one per branch; timestep 500). Outputs come as tuples
+    (return_dict=False), which context parallelism's output hook requires."""
     pt, ph, pw = config["patch_size"]
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
     text_tokens = default_text_tokens(model_spec)
     texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
     return [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
-                 timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype))
+                 timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype),
+                 return_dict=False)
             for text in texts]
 
 
@@ -169,13 +173,20 @@ def benchmark(
     compile: bool = False,
     device=None,
     dtype=None,
+    cp: int = 1,
 ) -> BenchReport:
     """Time stock, skipped-core and student steps of `model_spec` on this device (see the module docstring).
 
     student: an export folder of `model_spec`'s architecture; or plan: a plan applied to `model_spec` itself
     (untrained learned variants are accepted here, for their speed only, with a note in the report).
+    cp: context-parallel processes (`surgery.parallel.context_parallel`); every process times the same steps.
     """
+    check_context_parallel(cp, load_config(model_spec)["num_attention_heads"])
     student_label, plan = _student_source(model_spec, student, plan)
+    if cp > 1:
+        from accelerate import PartialState
+
+        device = PartialState().device  # this process's GPU
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if video and model_spec == "toy":
@@ -194,7 +205,8 @@ def benchmark(
         student_processors = planned_processors(teacher, plan)
         student_model = None
     else:
-        student_model = load_model(student, device=device, dtype=dtype)
+        student_model = context_parallel(load_model(student, device=device, dtype=dtype), cp)
+    context_parallel(teacher, cp)  # after the plan's processors are built: they take its config when installed
     inputs = step_inputs(model_spec, config, grid, guidance, device, dtype)
     if compile:
         # Each distinct block (a variant, a setting) is its own compiled graph: allow a plan's worth of them.
@@ -229,6 +241,7 @@ def benchmark(
         guidance_branches=len(inputs), repeats=repeats, converted_layers=converted, attention_flops_ratio=ratio,
         rows=rows, **yardsticks(stock_ms, skipped_ms, student_ms, ratio),
         predicted_speedup=latency.get("predicted_speedup"), video_steps=video_steps if video else None, notes=notes,
+        context_parallel=cp,
     )
 
 

@@ -20,6 +20,7 @@ from .io import atomic_file, check_output_file
 from .loading import load_config, load_model, verify_model
 from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
 from .metrics import psnr, relative_l2, ssim
+from .parallel import check_context_parallel, context_parallel, is_main_process
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free, load_planned
 from .sampling import euler_sample
@@ -117,13 +118,16 @@ def evaluate(
     width: int | None = None,
     verify: bool = False,
     progress=None,
+    cp: int = 1,
 ) -> EvalReport:
     """Compare a student (an export, or with `plan` the teacher with a training-free plan applied) with its
     teacher on `samples` seeded generations.
 
-    verify: the student is an export; check its files' SHA-256 first. progress(done, total): sampling steps."""
+    verify: the student is an export; check its files' SHA-256 first. progress(done, total): sampling steps.
+    cp: context-parallel processes (`surgery.parallel.context_parallel`) for both models."""
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
+    check_context_parallel(cp, load_config(teacher_spec)["num_attention_heads"])
     grid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -136,8 +140,9 @@ def evaluate(
             raise SurgeryError(
                 f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
         student = load_model(student_spec, verify=verify)
-    return compare(student, load_model(teacher_spec), teacher_spec, grid, samples=samples, steps=steps, seed=seed,
-                   student_name=student_spec, progress=progress)
+    teacher = context_parallel(load_model(teacher_spec), cp)
+    return compare(context_parallel(student, cp), teacher, teacher_spec, grid, samples=samples, steps=steps,
+                   seed=seed, student_name=student_spec, progress=progress)
 
 
 def compare(
@@ -212,10 +217,11 @@ def _video_path(path: str | Path) -> Path:
 
 def generate(spec: str, prompt: str, out: str | Path, *, force: bool = False, **options) -> tuple[Path, int]:
     """`generate_video` written to `out` (.mp4 or .gif); returns (path, frames). The destination is checked
-    before sampling: an existing file is overwritten only with `force`."""
+    before sampling: an existing file is overwritten only with `force`. Under context parallelism every process
+    samples the same video and the main one writes it."""
     check_output_file(_video_path(out), force=force)
     video = generate_video(spec, prompt, **options)
-    return write_video(video, out), len(video)
+    return write_video(video, out) if is_main_process() else _video_path(out), len(video)
 
 
 def write_video(frames, path: str | Path, fps: int = 8) -> Path:
@@ -248,6 +254,7 @@ def generate_video(
     verify: bool = False,
     progress=None,
     plan: Plan | str | Path | None = None,
+    cp: int = 1,
 ):
     """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
 
@@ -256,11 +263,13 @@ def generate_video(
     (surgery.toy.sample, uint8 frames); a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
     verify: `spec` is an export; check its files' SHA-256 first. progress(done, total): denoising steps.
     plan: a training-free plan applied to the transformer first.
+    cp: context-parallel processes (`surgery.parallel.context_parallel`) for the transformer.
     """
     from diffusers import WanPipeline
 
     from .pipeline import TEXT_TOKENS, build_tiny_pipeline
 
+    check_context_parallel(cp, load_config(spec)["num_attention_heads"])
     if plan is not None:
         plan = plan if isinstance(plan, Plan) else Plan.load(plan)
         check_training_free(plan)
@@ -273,10 +282,12 @@ def generate_video(
         pipe, text_tokens = WanPipeline.from_pretrained(path), 512
         if plan is not None:
             apply(pipe.transformer, plan)
+        context_parallel(pipe.transformer, cp)
     else:
         transformer = load_model(spec, verify=verify)
         if plan is not None:
             apply(transformer, plan)
+        context_parallel(transformer, cp)
         if is_toy(dict(transformer.config)):
             from . import toy
 
@@ -300,6 +311,7 @@ def generate_video(
         return tensors
 
     pipe.set_progress_bar_config(disable=True)  # progress goes through `progress`, in the CLI's style
+    pipe.to(pipe.transformer.device)  # under context parallelism: this process's device
     result = pipe(
         prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance_scale, max_sequence_length=text_tokens, output_type="np",

@@ -118,6 +118,8 @@ def install_processors(model, processors: dict) -> dict:
     for fqn, processor in processors.items():
         if isinstance(processor, AttentionVariant):
             processor.grid_context = ctx
+            # A model under context parallelism (diffusers' enable_parallelism) gives new processors its config too.
+            processor._parallel_config = getattr(model, "_parallel_config", None)
         replaced[fqn] = targets[fqn].processor
         targets[fqn].set_processor(processor)
     return replaced

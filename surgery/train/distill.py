@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +242,9 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
         spec = run_info["model"]
         plan = Plan.load(out / "plan.json")
 
+    # Before the processes meet: every one of them rejects a batch that does not split over the launch.
+    split_batch(recipe.data.batch_size, int(os.environ.get("WORLD_SIZE", "1")))
     accelerator = _accelerator(recipe)
-    split_batch(recipe.data.batch_size, accelerator.num_processes)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(spec).to(accelerator.device)

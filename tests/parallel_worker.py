@@ -1,0 +1,49 @@
+"""One process of the 2-process launch that tests/test_parallel.py starts (torchrun -m tests.parallel_worker, gloo on CPU).
+
+Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP stopped after a stage-2
+checkpoint, and the resume of a run that one process started; then a context-parallel forward. The test
+compares what they write with single-process runs. argv[1]: the folder holding job.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from surgery.plan import Plan
+from surgery.recipe import load_recipe
+from surgery.train import distill
+from surgery.train.loop import StopRequested
+
+
+def main(folder: Path) -> None:
+    job = json.loads((folder / "job.json").read_text())
+    plan = Plan.load(folder / "plan.json")
+    for strategy in ("ddp", "fsdp"):
+        recipe = load_recipe("hybrid", job["recipe"] + [f"parallel.strategy={strategy}"])
+        distill("tiny", recipe, folder / strategy, plan=plan)
+    try:
+        distill("tiny", load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp"]), folder / "fsdp-stopped",
+                plan=plan, stop_after=job["stop_after"])
+    except StopRequested:
+        pass
+    distill("tiny", load_recipe("hybrid"), folder / "one-stopped", resume=True)
+
+    from tests.test_parallel import cp_model_and_inputs
+
+    # diffusers derives a device index from the accelerator count, which is 0 on a machine without one.
+    torch.accelerator.device_count = lambda: 1
+    from surgery.parallel import context_parallel, is_main_process
+
+    model, inputs = cp_model_and_inputs()
+    context_parallel(model, 2)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    if is_main_process():
+        save_file({"out": out.contiguous()}, folder / "cp.safetensors")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
