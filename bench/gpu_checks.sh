@@ -8,6 +8,9 @@
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
 # R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# Groups for 2 or more GPUs of one host: distill2 (distillation throughput of 1.3B/480p, hybrid R=8 on every layer,
+# on 1 GPU and on 2 with DDP and with FSDP), cp720 (one denoising step of 1.3B at 720p, stock and the same plan, on 1
+# GPU and with --cp 2), fsdp14b (one stage-1 and one stage-2 step of the 14B preset at 480p, FSDP over every GPU).
 # Wheels in .whl/ (the peer kernels, or packages a machine without a package index lacks) are installed
 # first into /tmp/site, offline.
 set -euo pipefail
@@ -18,6 +21,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+
+# The multi-GPU groups run the CLI (python -m surgery), which needs the package installed.
+cli() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null; }
+plans() {
+  python3 - "$OUT" <<'PY'
+import sys
+import surgery
+from surgery.plan import Plan
+for spec in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b"):
+    plan = Plan.uniform(spec, surgery.load_config(spec), "hybrid", {"rate": 8})
+    plan.grid = surgery.video_grid(81, 480, 832)
+    plan.save(f"{sys.argv[1]}/plan-{spec}.json")
+PY
+}
+DISTILL13="--model wan2.1-t2v-1.3b --plan $OUT/plan-wan2.1-t2v-1.3b.json --set stage1.steps=6 --set stage2.steps=6
+  --set data.samples=8 --set train.checkpoint_every=1000 --set train.gradient_checkpointing=true --force"
+BENCH13="--model wan2.1-t2v-1.3b --plan $OUT/plan-wan2.1-t2v-1.3b.json --height 720 --width 1280 --repeats 3 --json"
 
 failed=()
 for group in "$@"; do
@@ -38,7 +58,33 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
       python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy)" >&2
+    distill2)
+      cli && plans
+      accelerate launch --config_file configs/accelerate/1gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=1 --out "$OUT/distill-1gpu"
+      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=2 --out "$OUT/distill-2gpu-ddp"
+      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=2 --set parallel.strategy=fsdp --out "$OUT/distill-2gpu-fsdp"
+      python3 bench/distill_throughput.py "$OUT/distill-1gpu" "$OUT/distill-2gpu-ddp" "$OUT/distill-2gpu-fsdp" \
+        --json "$OUT/distill2.json" 2>&1 | tee "$OUT/distill2.txt" ;;
+    cp720)
+      cli && plans
+      python3 -m surgery bench $BENCH13 > "$OUT/bench-720p-cp1.json"
+      torchrun --standalone --nproc_per_node 2 -m surgery bench $BENCH13 --cp 2 > "$OUT/bench-720p-cp2.json"
+      python3 -c "import json, sys; a, b = (json.load(open(f))['rows'] for f in sys.argv[1:])
+for x, y in zip(a, b): print(f\"{x['name']}: {x['step_ms']:.0f} ms on 1 GPU, {y['step_ms']:.0f} ms with --cp 2: {x['step_ms'] / y['step_ms']:.2f}x\")" \
+        "$OUT/bench-720p-cp1.json" "$OUT/bench-720p-cp2.json" 2>&1 | tee "$OUT/cp720.txt" ;;
+    fsdp14b)
+      cli && plans
+      gpus=$(nvidia-smi -L | wc -l)
+      accelerate launch --multi_gpu --num_processes "$gpus" --mixed_precision bf16 -m surgery distill \
+        --model wan2.1-t2v-14b --plan "$OUT/plan-wan2.1-t2v-14b.json" --set stage1.steps=1 --set stage2.steps=1 \
+        --set parallel.strategy=fsdp --set train.gradient_checkpointing=true --set data.samples="$gpus" \
+        --set data.batch_size="$gpus" --force --out "$OUT/distill-14b-fsdp" 2>&1 | tee "$OUT/fsdp14b.txt"
+      python3 bench/distill_throughput.py "$OUT/distill-14b-fsdp" --json "$OUT/fsdp14b.json" 2>&1 | tee -a "$OUT/fsdp14b.txt" ;;
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy," \
+            "distill2, cp720, fsdp14b)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done

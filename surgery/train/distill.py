@@ -44,6 +44,10 @@ from .transfer import attention_transfer_fn, loss_ends
 def _accelerator(recipe: Recipe):
     from accelerate import Accelerator
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate would wrap the student its own way while the recipe shards teacher and student (surgery.parallel).
+        raise SurgeryError("this accelerate config turns FSDP on; distill takes its strategy from the recipe: launch "
+                           "with a config that only sets processes (configs/accelerate/) and set parallel.strategy")
     on_gpu = torch.cuda.is_available()
     return Accelerator(cpu=not on_gpu, mixed_precision=recipe.train.mixed_precision if on_gpu else "no")
 
@@ -247,7 +251,7 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     accelerator = _accelerator(recipe)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
-    teacher = load_model(spec).to(accelerator.device)
+    teacher = load_model(spec, dtype=_sharded_dtype(recipe, accelerator)).to(accelerator.device)
     teacher.requires_grad_(False)
     plan = plan if plan is not None else _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
@@ -269,6 +273,12 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
 
 def _bf16(recipe: Recipe, accelerator) -> bool:
     return recipe.train.mixed_precision == "bf16" and accelerator.device.type == "cuda"
+
+
+def _sharded_dtype(recipe: Recipe, accelerator) -> torch.dtype | None:
+    """bf16 weights for sharded bf16 runs (blocks compute in bf16 anyway; `shard` keeps trainable ones fp32):
+    every process builds the whole model before sharding it, so this halves each one's host memory."""
+    return torch.bfloat16 if is_sharded(recipe, accelerator) and _bf16(recipe, accelerator) else None
 
 
 def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
@@ -325,7 +335,7 @@ def train_stage2(run: OpenRun, stage1_student, progress=None, stop_after: int | 
     recipe, acc = run.recipe, run.accelerator
     stage1_state = {k: v.detach().clone() for k, v in trainable(stage1_student).items()}
     # A sharded teacher cannot be copied whole: the student starts from the same weights, loaded again.
-    base = load_model(run.spec) if run.sharded else run.teacher
+    base = load_model(run.spec, dtype=_sharded_dtype(recipe, acc)) if run.sharded else run.teacher
     student = build_student(base, run.plan, recipe, stage=2)
     with torch.no_grad():
         for name, tensor in stage1_state.items():

@@ -228,6 +228,8 @@ def run_stage(
         optimizer.zero_grad(set_to_none=True)
         metrics = {"stage": name, "step": step + 1, "lr": schedule.lr_at(step), **metrics,
                    "seconds": time.perf_counter() - began}
+        if torch.cuda.is_available():
+            metrics["peak_memory_gib"] = _peak_memory_gib(accelerator)
         if accelerator is None or accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -264,6 +266,14 @@ def _over_processes(metrics: dict, accelerator) -> dict:
         else:
             out.setdefault(key, {})[sub] = value
     return out
+
+
+def _peak_memory_gib(accelerator) -> float:
+    """The largest peak of allocated GPU memory over the processes since they started, GiB."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device="cuda")
+    if accelerator is not None and accelerator.num_processes > 1:
+        peak = accelerator.gather(peak)
+    return peak.max().item()
 
 
 def stage_progress(progress: Callable[[str, int, int, dict], None] | None, stage: str):
