@@ -1,7 +1,8 @@
 """One process of the 2-process launch that tests/test_parallel.py starts (torchrun -m tests.parallel_worker, gloo on CPU).
 
-Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP stopped after a stage-2
-checkpoint, and the resume of a run that one process started; then a context-parallel forward. The test
+Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP and no stage 2, with FSDP
+(weights kept gathered until the backward) stopped after a stage-2 checkpoint, and the resume of a run that one
+process started; then a context-parallel forward. The test
 compares what they write with single-process runs. argv[1]: the folder holding job.json.
 """
 
@@ -24,9 +25,12 @@ def main(folder: Path) -> None:
     for strategy in ("ddp", "fsdp"):
         recipe = load_recipe("hybrid", job["recipe"] + [f"parallel.strategy={strategy}"])
         distill("tiny", recipe, folder / strategy, plan=plan)
+    # Stage 1 alone: the student is the sharded teacher's weights with the trained attention.
+    distill("tiny", load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp", "stage2.steps=0"]),
+            folder / "fsdp-stage1", plan=plan)
     try:
-        distill("tiny", load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp"]), folder / "fsdp-stopped",
-                plan=plan, stop_after=job["stop_after"])
+        recipe = load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp", "parallel.sharding=grad_op"])
+        distill("tiny", recipe, folder / "fsdp-stopped", plan=plan, stop_after=job["stop_after"])
     except StopRequested:
         pass
     distill("tiny", load_recipe("hybrid"), folder / "one-stopped", resume=True)

@@ -81,6 +81,7 @@ def runs(tmp_path_factory, one_thread):
     (folder / "job.json").write_text(json.dumps({"recipe": RECIPE, "stop_after": STOP_AFTER}))
     recipe = load_recipe("hybrid", RECIPE)
     distill("tiny", recipe, folder / "single", plan=small_plan())
+    distill("tiny", load_recipe("hybrid", RECIPE + ["stage2.steps=0"]), folder / "single-stage1", plan=small_plan())
     with pytest.raises(StopRequested):  # FSDP is its recipe's strategy: ignored here, used by the launch that resumes it
         distill("tiny", load_recipe("hybrid", RECIPE + ["parallel.strategy=fsdp"]), folder / "one-stopped",
                 plan=small_plan(), stop_after=STOP_AFTER)
@@ -110,6 +111,10 @@ def test_two_processes_train_as_one_on_the_same_global_batch(runs, strategy):
     # Only the main process logs: one line per step, with the global batch's sample count.
     samples = [json.loads(line)["samples"] for line in (runs / strategy / "metrics.jsonl").read_text().splitlines()]
     assert samples == [2, 2, 2, 2]
+
+
+def test_a_stage1_only_run_on_a_sharded_teacher_writes_the_whole_student(runs):
+    assert_same_run(runs / "fsdp-stage1", runs / "single-stage1")
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process_and_a_whole_one_on_two(runs):

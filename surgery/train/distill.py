@@ -88,7 +88,7 @@ def stage1_trainees(teacher, plan: Plan) -> torch.nn.Module:
     for fqn, choice in plan.layers.items():
         index = layer_index(fqn)
         holder.blocks[index].attn1.processor = VARIANTS[choice.variant].from_dense(attention[fqn], choice.config, index)
-    return holder.requires_grad_(True)
+    return holder.float().requires_grad_(True)  # fp32 master weights, whatever the teacher's dtype
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
