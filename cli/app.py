@@ -276,7 +276,8 @@ def run(
     loaded = load_recipe(recipe, overrides)
     with output.resumable("run", out), output.training_progress() as progress:
         summary = run_all(model, loaded, out, resume=resume, force=force, progress=progress)
-    output.show_run(summary)
+    if summary is not None:  # None: a process of a launch other than the main one
+        output.show_run(summary)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from .evaluate import EvalReport, evaluate
 from .exporting import export
 from .io import atomic_write_json, check_output_folder
 from .lock import folder_lock
+from .parallel import is_main_process
 from .plan import Plan
 from .recipe import Recipe
 from .train import distill
@@ -37,14 +38,16 @@ class RunSummary:
 
 
 def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1, eval_steps: int = 6,
-            resume: bool = False, force: bool = False, progress=None) -> RunSummary:
+            resume: bool = False, force: bool = False, progress=None) -> RunSummary | None:
     """Write out/{plan.json, metrics.jsonl, student.safetensors, …}, out/exported/, out/eval.json and
     out/summary.json.
 
     resume: continue an interrupted `run_all` in `out` — its distillation where it stopped (or not at
     all, if it finished), then the export unless it was written, then eval. force: replace an earlier
-    run in `out`.
+    run in `out`. In a multi-process launch the processes distill together, then only the main one exports
+    and evaluates; the others return None.
     """
+
     out = Path(out)
     if resume:
         info, recipe = saved_run(out)  # the run's own model and recipe
@@ -58,6 +61,8 @@ def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1
             distilled = distill_summary(out)
         else:
             distilled = distill(spec, recipe, out, resume=resume, force=force, progress=progress)
+        if not is_main_process():
+            return None
         if not exported.is_dir():  # an export appears whole or not at all
             export(out, exported)
         report = evaluate(str(exported), spec, samples=eval_samples, steps=eval_steps, seed=recipe.train.seed,

@@ -1,6 +1,7 @@
 """One process of the 2-process launch that tests/test_parallel.py starts (torchrun -m tests.parallel_worker, gloo on CPU).
 
-Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP and no stage 2, with FSDP
+Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP and no stage 2, with DDP
+planning first, with FSDP
 (weights kept gathered until the backward) stopped after a stage-2 checkpoint, and the resume of a run that one
 process started; then a context-parallel forward. The test
 compares what they write with single-process runs. argv[1]: the folder holding job.json.
@@ -28,6 +29,7 @@ def main(folder: Path) -> None:
     # Stage 1 alone: the student is the sharded teacher's weights with the trained attention.
     distill("tiny", load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp", "stage2.steps=0"]),
             folder / "fsdp-stage1", plan=plan)
+    distill("tiny", load_recipe("hybrid", job["recipe"] + job["planned"]), folder / "planned")  # planned here
     try:
         recipe = load_recipe("hybrid", job["recipe"] + ["parallel.strategy=fsdp", "parallel.sharding=grad_op"])
         distill("tiny", recipe, folder / "fsdp-stopped", plan=plan, stop_after=job["stop_after"])

@@ -27,6 +27,8 @@ from surgery.train.loop import StopRequested
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["stage1.steps=2", "stage2.steps=2", "train.checkpoint_every=1", "data.samples=4", "data.batch_size=2"]
+# A run that plans before it trains (calibration only: quick).
+PLANNED = ["plan.distill_errors=false", "plan.samples=1", "stage1.steps=1", "stage2.steps=0"]
 STOP_AFTER = 3  # both stage-1 steps and one of stage 2: the newest checkpoint is a sharded one under FSDP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,10 +80,11 @@ def runs(tmp_path_factory, one_thread):
     resumed inside it, and the launch's stopped FSDP run is resumed here, on one process."""
     folder = tmp_path_factory.mktemp("parallel")
     small_plan().save(folder / "plan.json")
-    (folder / "job.json").write_text(json.dumps({"recipe": RECIPE, "stop_after": STOP_AFTER}))
+    (folder / "job.json").write_text(json.dumps({"recipe": RECIPE, "stop_after": STOP_AFTER, "planned": PLANNED}))
     recipe = load_recipe("hybrid", RECIPE)
     distill("tiny", recipe, folder / "single", plan=small_plan())
     distill("tiny", load_recipe("hybrid", RECIPE + ["stage2.steps=0"]), folder / "single-stage1", plan=small_plan())
+    distill("tiny", load_recipe("hybrid", RECIPE + PLANNED), folder / "single-planned")
     with pytest.raises(StopRequested):  # FSDP is its recipe's strategy: ignored here, used by the launch that resumes it
         distill("tiny", load_recipe("hybrid", RECIPE + ["parallel.strategy=fsdp"]), folder / "one-stopped",
                 plan=small_plan(), stop_after=STOP_AFTER)
@@ -115,6 +118,11 @@ def test_two_processes_train_as_one_on_the_same_global_batch(runs, strategy):
 
 def test_a_stage1_only_run_on_a_sharded_teacher_writes_the_whole_student(runs):
     assert_same_run(runs / "fsdp-stage1", runs / "single-stage1")
+
+
+def test_processes_that_plan_first_train_the_plan_one_process_makes(runs):
+    assert Plan.load(runs / "planned" / "plan.json").to_dict() == Plan.load(runs / "single-planned" / "plan.json").to_dict()
+    assert_same_run(runs / "planned", runs / "single-planned")
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process_and_a_whole_one_on_two(runs):

@@ -69,8 +69,8 @@ def test_teacher_object_is_untouched_by_distillation(tmp_path, monkeypatch):
     seen = {}
     real_load = distill_module.load_model
 
-    def remember(spec):
-        seen["teacher"] = real_load(spec)
+    def remember(spec, **options):
+        seen["teacher"] = real_load(spec, **options)
         seen["before"] = {k: v.clone() for k, v in seen["teacher"].state_dict().items()}
         return seen["teacher"]
 

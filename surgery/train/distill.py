@@ -253,7 +253,13 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     torch.manual_seed(recipe.train.seed)
     teacher = load_model(spec, dtype=_sharded_dtype(recipe, accelerator)).to(accelerator.device)
     teacher.requires_grad_(False)
-    plan = plan if plan is not None else _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
+    if plan is None:
+        plan = _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            # Every process plans the same way at once; all then take the main one's, so rounding can't split them.
+            plan = broadcast_object_list([plan])[0]
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)

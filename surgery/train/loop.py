@@ -233,7 +233,7 @@ def run_stage(
         if accelerator is None or accelerator.is_main_process:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-        if progress:
+        if progress and (accelerator is None or accelerator.is_main_process):
             progress(name, step + 1, schedule.steps, metrics)
         done_here += 1
         finished = step + 1 == schedule.steps
