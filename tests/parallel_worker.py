@@ -3,7 +3,7 @@
 Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP and no stage 2, with DDP
 planning first, with FSDP
 (weights kept gathered until the backward) stopped after a stage-2 checkpoint, and the resume of a run that one
-process started; then a context-parallel forward. The test
+process started; then with context parallelism a forward, a generation and a bench. The test
 compares what they write with single-process runs. argv[1]: the folder holding job.json.
 """
 
@@ -37,7 +37,9 @@ def main(folder: Path) -> None:
         pass
     distill("tiny", load_recipe("hybrid"), folder / "one-stopped", resume=True)
 
-    from tests.test_parallel import cp_model_and_inputs
+    from surgery.benchmark import benchmark
+    from surgery.evaluate import generate_video
+    from tests.test_parallel import CP_VIDEO, cp_model_and_inputs
 
     # diffusers derives a device index from the accelerator count, which is 0 on a machine without one.
     torch.accelerator.device_count = lambda: 1
@@ -47,8 +49,11 @@ def main(folder: Path) -> None:
     context_parallel(model, 2)
     with torch.no_grad():
         out = model(**inputs, return_dict=False)[0]
+    video = generate_video("tiny", "a cat", cp=2, **CP_VIDEO)
+    report = benchmark("tiny", plan=Plan.load(folder / "cp-plan.json"), repeats=1, guidance=False, cp=2)
     if is_main_process():
-        save_file({"out": out.contiguous()}, folder / "cp.safetensors")
+        save_file({"out": out.contiguous(), "video": torch.from_numpy(video).contiguous()}, folder / "cp.safetensors")
+        (folder / "cp-bench.json").write_text(json.dumps(report.to_dict()))
 
 
 if __name__ == "__main__":

@@ -44,15 +44,23 @@ def small_plan() -> Plan:
     return plan
 
 
-def cp_model_and_inputs():
-    """The tiny model with a variant of each kind with parameters (hybrid, vsa's gate, linear) and full, every
-    processor's parameters random (seeded), and one input; the same in every process."""
+CP_VIDEO = dict(frames=5, height=64, width=64, steps=2, seed=0)  # 2×4×4 tokens: they split in 2
+
+
+def cp_plan() -> Plan:
+    """A variant of each kind with parameters (hybrid, vsa's gate, linear) and full."""
     config = surgery.load_config("tiny")
     plan = Plan.uniform("tiny", config, "hybrid", {"rate": 4})
     plan.layers["blocks.1.attn1"] = Plan.uniform("tiny", config, "vsa", {"sparsity": 0.5}).layers["blocks.1.attn1"]
     plan.layers["blocks.2.attn1"] = Plan.uniform("tiny", config, "linear").layers["blocks.2.attn1"]
     plan.layers["blocks.3.attn1"] = Plan.uniform("tiny", config, "full").layers["blocks.3.attn1"]
-    model = surgery.apply(surgery.load_model("tiny"), plan)
+    return plan
+
+
+def cp_model_and_inputs():
+    """The tiny model with `cp_plan`, every processor's parameters random (seeded), and one input; the same in
+    every process."""
+    model = surgery.apply(surgery.load_model("tiny"), cp_plan())
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -80,6 +88,7 @@ def runs(tmp_path_factory, one_thread):
     resumed inside it, and the launch's stopped FSDP run is resumed here, on one process."""
     folder = tmp_path_factory.mktemp("parallel")
     small_plan().save(folder / "plan.json")
+    cp_plan().save(folder / "cp-plan.json")
     (folder / "job.json").write_text(json.dumps({"recipe": RECIPE, "stop_after": STOP_AFTER, "planned": PLANNED}))
     recipe = load_recipe("hybrid", RECIPE)
     distill("tiny", recipe, folder / "single", plan=small_plan())
@@ -135,6 +144,16 @@ def test_a_context_parallel_forward_equals_the_single_process_one(runs):
     with torch.no_grad():
         expected = model(**inputs, return_dict=False)[0]
     torch.testing.assert_close(load_file(runs / "cp.safetensors")["out"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_context_parallel_generation_and_bench_run_the_pipeline_and_every_row(runs):
+    from surgery.evaluate import generate_video
+
+    expected = torch.from_numpy(generate_video("tiny", "a cat", **CP_VIDEO))
+    torch.testing.assert_close(load_file(runs / "cp.safetensors")["video"], expected, rtol=1e-5, atol=1e-5)
+    report = json.loads((runs / "cp-bench.json").read_text())
+    assert report["context_parallel"] == 2
+    assert [row["name"] for row in report["rows"]] == ["stock (SDPA default)", "attention core skipped", "student"]
 
 
 def test_a_resume_on_a_process_count_that_does_not_split_the_batch_is_one_line(tmp_path, monkeypatch):
