@@ -16,6 +16,7 @@ code path the GPUs run.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -44,6 +45,9 @@ def shard(model, accelerator, *, reshard_after_forward: bool = True, bf16: bool 
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    # The transformer returns a view of its output (an unflatten); distillation never changes it in place, the
+    # case this warning, printed on every forward, is about.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
     # The root's own weights are used at both ends of the forward: keep them gathered between.

@@ -180,3 +180,14 @@ def test_cp_that_does_not_divide_the_heads_is_one_line(tmp_path):
         assert result.exit_code == 2, result.output
         assert result.output.strip().splitlines() == ["error: --cp 3 does not divide the model's 2 attention heads"]
     assert not (tmp_path / "v.gif").exists()
+
+
+def test_an_accelerate_config_that_turns_fsdp_on_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from surgery.cli.app import app
+
+    small_plan().save(tmp_path / "plan.json")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for such a config
+    result = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "run"), "--plan", str(tmp_path / "plan.json")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "turns FSDP on" in result.output
+    assert not (tmp_path / "run").exists()
