@@ -251,7 +251,10 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     accelerator = _accelerator(recipe)
     accelerator.wait_for_everyone()  # every process has checked `out` before the main one writes to it
     torch.manual_seed(recipe.train.seed)
-    teacher = load_model(spec, dtype=_sharded_dtype(recipe, accelerator)).to(accelerator.device)
+    sharded = is_sharded(recipe, accelerator)
+    teacher = load_model(spec, dtype=_sharded_dtype(recipe, accelerator))
+    if not sharded or plan is None:  # sharding moves a teacher block by block; planning needs it whole on the device
+        teacher.to(accelerator.device)
     teacher.requires_grad_(False)
     if plan is None:
         plan = _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
@@ -263,7 +266,7 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
-    if is_sharded(recipe, accelerator):
+    if sharded:
         shard(teacher, accelerator, bf16=_bf16(recipe, accelerator))  # frozen: gathered per block, freed after it
     if not resume and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -343,6 +346,9 @@ def train_stage2(run: OpenRun, stage1_student, progress=None, stop_after: int | 
     # A sharded teacher cannot be copied whole: the student starts from the same weights, loaded again.
     base = load_model(run.spec, dtype=_sharded_dtype(recipe, acc)) if run.sharded else run.teacher
     student = build_student(base, run.plan, recipe, stage=2)
+    if run.sharded:  # fp32 master weights (as `shard` keeps them) before stage 1's are copied in, not after
+        for param in trainable(student).values():
+            param.data = param.data.float()
     with torch.no_grad():
         for name, tensor in stage1_state.items():
             student.get_parameter(name).copy_(tensor)
