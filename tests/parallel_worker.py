@@ -3,7 +3,7 @@
 Every process runs the same calls, in order: distill with DDP, with FSDP, with FSDP and no stage 2, with DDP
 planning first, with FSDP
 (weights kept gathered until the backward) stopped after a stage-2 checkpoint, and the resume of a run that one
-process started; then with context parallelism a forward, a generation and a bench. The test
+process started; then with context parallelism a forward, a generation, a bench and an eval. The test
 compares what they write with single-process runs. argv[1]: the folder holding job.json.
 """
 
@@ -38,8 +38,8 @@ def main(folder: Path) -> None:
     distill("tiny", load_recipe("hybrid"), folder / "one-stopped", resume=True)
 
     from surgery.benchmark import benchmark
-    from surgery.evaluate import generate_video
-    from tests.test_parallel import CP_VIDEO, cp_model_and_inputs
+    from surgery.evaluate import evaluate, generate_video
+    from tests.test_parallel import CP_EVAL, CP_VIDEO, cp_model_and_inputs, training_free_plan
 
     # diffusers derives a device index from the accelerator count, which is 0 on a machine without one.
     torch.accelerator.device_count = lambda: 1
@@ -51,9 +51,11 @@ def main(folder: Path) -> None:
         out = model(**inputs, return_dict=False)[0]
     video = generate_video("tiny", "a cat", cp=2, **CP_VIDEO)
     report = benchmark("tiny", plan=Plan.load(folder / "cp-plan.json"), repeats=1, guidance=False, cp=2)
+    evaluation = evaluate(None, "tiny", plan=training_free_plan(), cp=2, **CP_EVAL)
     if is_main_process():
         save_file({"out": out.contiguous(), "video": torch.from_numpy(video).contiguous()}, folder / "cp.safetensors")
         (folder / "cp-bench.json").write_text(json.dumps(report.to_dict()))
+        (folder / "cp-eval.json").write_text(json.dumps(evaluation.to_dict()))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,18 @@ def small_plan() -> Plan:
 CP_VIDEO = dict(frames=5, height=64, width=64, steps=2, seed=0)  # 2×4×4 tokens: they split in 2
 
 
+CP_EVAL = dict(samples=1, steps=2, frames=5, height=64, width=64)
+
+
+def training_free_plan() -> Plan:
+    """vsa (its gate at zero) on layers 0 and 2, the others full: what eval --plan takes."""
+    config = surgery.load_config("tiny")
+    plan = Plan.uniform("tiny", config, "full")
+    for fqn in ("blocks.0.attn1", "blocks.2.attn1"):
+        plan.layers[fqn] = Plan.uniform("tiny", config, "vsa", {"sparsity": 0.5}).layers[fqn]
+    return plan
+
+
 def cp_plan() -> Plan:
     """A variant of each kind with parameters (hybrid, vsa's gate, linear) and full."""
     config = surgery.load_config("tiny")
@@ -154,6 +166,15 @@ def test_context_parallel_generation_and_bench_run_the_pipeline_and_every_row(ru
     report = json.loads((runs / "cp-bench.json").read_text())
     assert report["context_parallel"] == 2
     assert [row["name"] for row in report["rows"]] == ["stock (SDPA default)", "attention core skipped", "student"]
+
+
+def test_context_parallel_eval_gives_the_single_process_report(runs):
+    from surgery.evaluate import evaluate
+
+    expected = evaluate(None, "tiny", plan=training_free_plan(), **CP_EVAL).to_dict()
+    got = json.loads((runs / "cp-eval.json").read_text())
+    for key in ("velocity_error_mean", "final_latent_rel_error", "psnr_db", "ssim"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
 def test_a_resume_on_a_process_count_that_does_not_split_the_batch_is_one_line(tmp_path, monkeypatch):
