@@ -92,8 +92,8 @@ def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], state: str, ma
 
 def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimizer) -> dict:
     """Restore params and AdamW state saved by `save_checkpoint`, whole or sharded, into the layout of
-    `params` (whole tensors, or this process's shards); returns the state JSON. A collective where
-    processes run. Everything is read and checked before anything is restored, so a bad checkpoint
+    `params` (whole tensors, or this process's shards); returns the state JSON. A collective for sharded
+    params. Everything is read and checked before anything is restored, so a bad checkpoint
     changes nothing."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -111,7 +111,8 @@ def load_checkpoint(folder: Path, params: dict[str, torch.nn.Parameter], optimiz
     read = {name: torch.zeros_like(param.detach()) for name, param in params.items()}
     read |= {key: torch.zeros_like(params[key.split("::")[0]].detach()) for key in stored if "::" in key}
     try:
-        dcp.load(read, storage_reader=HuggingFaceStorageReader(str(folder)))
+        # Whole tensors: each process reads on its own (no collective, as in a planner's private run).
+        dcp.load(read, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not _sharded(read.values()))
     except Exception as e:
         raise SurgeryError(f"cannot read checkpoint {folder}: {_first_line(e)}") from None
     with torch.no_grad():
