@@ -5,7 +5,7 @@ A launch (`accelerate launch`, `torchrun`) sets up the processes and the default
 recipe's `[parallel]` section picks what they share. With "fsdp" every transformer block is one
 `fully_shard` unit and the root holds the rest (patch and text embeddings, time projection, head):
 a block's weights are gathered for its forward (and again for its backward) and freed after it. Both the
-frozen teacher and the student are sharded, so neither is ever whole on one device.
+frozen teacher and the student are sharded, so neither has to fit whole on one device.
 
 torch's `fully_shard` is called here, not through accelerate's FSDP plugin: accelerate applies FSDP only
 on CUDA launches (a CPU launch stays DDP), takes one model per `prepare` and wants its optimizer in the
