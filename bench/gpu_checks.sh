@@ -4,7 +4,8 @@
 #   bash bench/gpu_checks.sh tests kernels      # groups run in the order given; logs and JSON under $OUT
 #
 # Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and
-# 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), video (whole 480p generations, stock and
+# 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the
+# quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
 # R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
@@ -21,9 +22,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# The CLI and the shipped recipes import (as surgery.cli, surgery.recipes) only from an installed package.
+python3 -c "import surgery.recipes" 2>/dev/null ||
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
 
-# The multi-GPU groups run the CLI (python -m surgery), which needs the package installed.
-cli() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null; }
+# The plans the multi-GPU groups distill and time: hybrid R=8 on every layer, at 480p.
 plans() {
   python3 - "$OUT" <<'PY'
 import sys
@@ -44,13 +47,15 @@ for group in "$@"; do
   echo "== $group ($(date -u +%H:%M:%S))"
   # A group that fails is reported at the end; the groups after it still run.
   if ! case $group in
-    # The GPU-marked tests; the others need the CLI, which imports as surgery.cli only once installed.
-    tests) python3 -m pytest -m gpu -q -s -p no:warnings tests/kernels tests/test_compile.py 2>&1 | tee "$OUT/gpu-tests.txt" ;;
+    # Every GPU-marked test.
+    tests) python3 -m pytest -m gpu -q -s -p no:warnings tests 2>&1 | tee "$OUT/gpu-tests.txt" ;;
     compile) python3 -m pytest -m gpu -q -s -p no:warnings tests/test_compile.py 2>&1 | tee "$OUT/gpu-compile.txt" ;;
     e2e480) python3 bench/e2e.py --out "$OUT/e2e-480p.json" 2>&1 | tee "$OUT/e2e-480p.txt" ;;
     e2e720) python3 bench/e2e.py --height 720 --width 1280 --out "$OUT/e2e-720p.json" 2>&1 | tee "$OUT/e2e-720p.txt" ;;
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
     compiled) python3 bench/e2e.py --budgets 0.15 --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
+    quality) python3 bench/quality.py --device cuda --out runs/quality --doc docs/quality.md --plot docs/quality.png \
+      2>&1 | tee "$OUT/quality.txt" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
     hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;
     variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
@@ -58,33 +63,7 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
       python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
-    distill2)
-      cli && plans
-      accelerate launch --config_file configs/accelerate/1gpu.yaml -m surgery distill $DISTILL13 \
-        --set data.batch_size=1 --out "$OUT/distill-1gpu"
-      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
-        --set data.batch_size=2 --out "$OUT/distill-2gpu-ddp"
-      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
-        --set data.batch_size=2 --set parallel.strategy=fsdp --out "$OUT/distill-2gpu-fsdp"
-      python3 bench/distill_throughput.py "$OUT/distill-1gpu" "$OUT/distill-2gpu-ddp" "$OUT/distill-2gpu-fsdp" \
-        --json "$OUT/distill2.json" 2>&1 | tee "$OUT/distill2.txt" ;;
-    cp720)
-      cli && plans
-      python3 -m surgery bench $BENCH13 > "$OUT/bench-720p-cp1.json"
-      torchrun --standalone --nproc_per_node 2 -m surgery bench $BENCH13 --cp 2 > "$OUT/bench-720p-cp2.json"
-      python3 -c "import json, sys; a, b = (json.load(open(f))['rows'] for f in sys.argv[1:])
-for x, y in zip(a, b): print(f\"{x['name']}: {x['step_ms']:.0f} ms on 1 GPU, {y['step_ms']:.0f} ms with --cp 2: {x['step_ms'] / y['step_ms']:.2f}x\")" \
-        "$OUT/bench-720p-cp1.json" "$OUT/bench-720p-cp2.json" 2>&1 | tee "$OUT/cp720.txt" ;;
-    fsdp14b)
-      cli && plans
-      gpus=$(nvidia-smi -L | wc -l)
-      accelerate launch --multi_gpu --num_processes "$gpus" --mixed_precision bf16 -m surgery distill \
-        --model wan2.1-t2v-14b --plan "$OUT/plan-wan2.1-t2v-14b.json" --set stage1.steps=1 --set stage2.steps=1 \
-        --set parallel.strategy=fsdp --set train.gradient_checkpointing=true --set data.samples="$gpus" \
-        --set data.batch_size="$gpus" --force --out "$OUT/distill-14b-fsdp" 2>&1 | tee "$OUT/fsdp14b.txt"
-      python3 bench/distill_throughput.py "$OUT/distill-14b-fsdp" --json "$OUT/fsdp14b.json" 2>&1 | tee -a "$OUT/fsdp14b.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy," \
-            "distill2, cp720, fsdp14b)" >&2
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, kernels, hybrid, variants, train, toy)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done

@@ -125,5 +125,6 @@ def test_planning_inside_distill_reports_progress(tmp_path):
     seen = []
     recipe = load_recipe("hybrid", ["plan.samples=2", "stage1.steps=1", "stage2.steps=1", "data.samples=1"])
     distill("tiny", recipe, tmp_path / "run", progress=lambda stage, step, total, metrics: seen.append((stage, step, total)))
-    assert seen[:2] == [("calibrating", 1, 2), ("calibrating", 2, 2)]
+    # The planner's one stage-1 step of the learned candidates, then its two calibration inputs.
+    assert seen[:3] == [("calibrating", 1, 3), ("calibrating", 2, 3), ("calibrating", 3, 3)]
     assert {stage for stage, _, _ in seen} >= {"calibrating", "stage2"}
