@@ -212,3 +212,13 @@ def test_an_accelerate_config_that_turns_fsdp_on_is_refused_before_anything_is_w
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "turns FSDP on" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_parallel_section_is_typed_like_every_other():
+    from surgery.errors import SurgeryError
+
+    assert load_recipe("hybrid").to_dict()["parallel"] == {"strategy": "ddp", "sharding": "full"}
+    with pytest.raises(SurgeryError, match="parallel.strategy must be one of 'ddp', 'fsdp', got 'zero3'"):
+        load_recipe("hybrid", ["parallel.strategy=zero3"])
+    with pytest.raises(SurgeryError, match="parallel: unknown key 'shards'"):
+        load_recipe("hybrid", ["parallel.shards=2"])
