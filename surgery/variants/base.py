@@ -11,6 +11,9 @@ with the model. It owns four things:
 - `training_free`: whether it is usable as built, before any distillation (a plan of such variants can be
   exported and run without a distill run).
 
+Its parameters are head-major along dim 0 ([H, …] or [H·D, …]): under context parallelism each process runs
+the variant on its share of the heads with that slice of every parameter.
+
 Everything else — projections, RMS norms, rotary embedding, output projection — is Wan's own
 self-attention path, reproduced exactly in `forward`.
 """
@@ -149,7 +152,7 @@ class AttentionVariant(nn.Module):
             key = apply_rotary_emb(key, *rotary_emb)
         grid = self.grid_context.grid if self.grid_context is not None else None
         cp = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
-        tokens = query.shape[1] * (cp.ulysses_degree if cp is not None else 1)
+        tokens = query.shape[1] * (cp.ulysses_degree * cp.ring_degree if cp is not None else 1)
         if grid is None or grid.tokens != tokens:
             raise SurgeryError(
                 f"{self.name} attention got {tokens} tokens but no matching video grid: "
@@ -175,6 +178,10 @@ class AttentionVariant(nn.Module):
             raise SurgeryError(f"{self.name} runs under Ulysses context parallelism only, not ring attention")
         group, n = cp._ulysses_mesh.get_group(), cp.ulysses_degree
         rank = cp._ulysses_mesh.get_local_rank()
+        for name, p in self.named_parameters():
+            if p.shape[0] % self.heads:
+                raise SurgeryError(f"{self.name}: parameter {name} {tuple(p.shape)} is not head-major, so it cannot "
+                                   "be split over context-parallel processes")
         q, k, v = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (q, k, v))  # [B, S, H/N, D]
         x = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=group)  # [B, S, dim]
         if isinstance(x, funcol.AsyncCollectiveTensor):
