@@ -222,3 +222,34 @@ def test_the_parallel_section_is_typed_like_every_other():
         load_recipe("hybrid", ["parallel.strategy=zero3"])
     with pytest.raises(SurgeryError, match="parallel: unknown key 'shards'"):
         load_recipe("hybrid", ["parallel.shards=2"])
+
+
+def _variant_cases():
+    from surgery.variants import VARIANTS
+
+    return [pytest.param(name, params, id=f"{name}-{json.dumps(params, sort_keys=True)}")
+            for name, cls in VARIANTS.items() for params in cls.plan_candidates]
+
+
+@pytest.mark.parametrize("name,params", _variant_cases())
+def test_every_variant_on_a_group_of_heads_gives_those_heads_of_the_whole(tiny_model, name, params):
+    """What context parallelism relies on (no processes needed): each head group with its slice of the parameters."""
+    from surgery.variants import VARIANTS
+
+    cls = VARIANTS[name]
+    processor = cls.from_dense(tiny_model.blocks[1].attn1, cls.Config.from_dict(params), layer_index=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in processor.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.2)
+    grid = surgery.VideoGrid(2, 4, 4)
+    q, k, v = (torch.randn(1, grid.tokens, processor.heads, processor.head_dim, generator=g) for _ in range(3))
+    x = torch.randn(1, grid.tokens, processor.dim, generator=g)
+    with torch.no_grad():
+        whole = processor.attend(q, k, v, grid, x)
+        for index in range(processor.heads):
+            heads = slice(index, index + 1)
+            part = processor.attend_head_group(q[:, :, heads], k[:, :, heads], v[:, :, heads], grid, x, index,
+                                               processor.heads)
+            torch.testing.assert_close(part, whole[:, :, heads], rtol=1e-5, atol=1e-6)
+    assert processor.heads == 2

@@ -169,31 +169,36 @@ class AttentionVariant(nn.Module):
         """Ulysses context parallelism (diffusers' `enable_parallelism`): q, k, v, x come split along the
         sequence, [B, S/N, H, D]. diffusers exchanges heads for tokens only inside `dispatch_attention_fn`, which
         variants do not call, so it happens here with diffusers' own all-to-all: this process gets every token of
-        its H/N heads, runs `attend` on them with those heads' slice of every parameter (each variant's
-        parameters are head-major along dim 0: [H, …] or [H·D, …]), and the output goes back to its tokens."""
+        its H/N heads, runs them through `attend_head_group`, and the output goes back to its tokens."""
         import torch.distributed._functional_collectives as funcol
         from diffusers.models.attention_dispatch import SeqAllToAllDim
 
         if cp.ring_degree > 1:
             raise SurgeryError(f"{self.name} runs under Ulysses context parallelism only, not ring attention")
         group, n = cp._ulysses_mesh.get_group(), cp.ulysses_degree
-        rank = cp._ulysses_mesh.get_local_rank()
-        for name, p in self.named_parameters():
-            if p.shape[0] % self.heads:
-                raise SurgeryError(f"{self.name}: parameter {name} {tuple(p.shape)} is not head-major, so it cannot "
-                                   "be split over context-parallel processes")
         q, k, v = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (q, k, v))  # [B, S, H/N, D]
         x = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=group)  # [B, S, dim]
         if isinstance(x, funcol.AsyncCollectiveTensor):
             x = x.wait()
-        params = {f"variant.{name}": p.narrow(0, rank * (p.shape[0] // n), p.shape[0] // n)
-                  for name, p in self.named_parameters()}
-        heads, self.heads = self.heads, self.heads // n
+        out = self.attend_head_group(q, k, v, grid, x, cp._ulysses_mesh.get_local_rank(), n)
+        return SeqAllToAllDim.apply(group, out.contiguous(), 1, 2)  # [B, S/N, H, D]
+
+    def attend_head_group(self, q, k, v, grid: VideoGrid, x, index: int, groups: int) -> torch.Tensor:
+        """`attend` on the `index`-th of `groups` equal groups of heads alone: q, k, v [B, S, H/groups, D] of those
+        heads, x [B, S, dim]; every parameter is sliced to those heads (head-major along dim 0). Returns
+        [B, S, H/groups, D], those heads of what `attend` gives on all of them."""
+        params = {}
+        for name, p in self.named_parameters():
+            if p.shape[0] % self.heads:
+                raise SurgeryError(f"{self.name}: parameter {name} {tuple(p.shape)} is not head-major, so it cannot "
+                                   "be split over context-parallel processes")
+            size = p.shape[0] // groups
+            params[f"variant.{name}"] = p.narrow(0, index * size, size)
+        heads, self.heads = self.heads, self.heads // groups
         try:
-            out = torch.func.functional_call(_Attend(self), params, (q, k, v, grid, x))
+            return torch.func.functional_call(_Attend(self), params, (q, k, v, grid, x))
         finally:
             self.heads = heads
-        return SeqAllToAllDim.apply(group, out.contiguous(), 1, 2)  # [B, S/N, H, D]
 
     def extra_repr(self) -> str:
         return f"{self.config}, heads={self.heads}, head_dim={self.head_dim}, layer={self.layer_index}"
