@@ -177,7 +177,7 @@ class AttentionVariant(nn.Module):
             raise SurgeryError(f"{self.name} runs under Ulysses context parallelism only, not ring attention")
         group, n = cp._ulysses_mesh.get_group(), cp.ulysses_degree
         q, k, v = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (q, k, v))  # [B, S, H/N, D]
-        x = funcol.all_gather_tensor_autograd(x.contiguous(), gather_dim=1, group=group)  # [B, S, dim]
+        x = funcol.all_gather_single(x.contiguous(), gather_dim=1, group=group)  # [B, S, dim], with autograd
         if isinstance(x, funcol.AsyncCollectiveTensor):
             x = x.wait()
         out = self.attend_head_group(q, k, v, grid, x, cp._ulysses_mesh.get_local_rank(), n)
