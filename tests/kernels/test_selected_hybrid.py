@@ -6,6 +6,7 @@ reference in fp64. GPU tests (`-m gpu`) use real shapes in bf16, relative error 
 fp32 on the same bf16 inputs.
 """
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from surgery.grid import VideoGrid, block_layout
 from surgery.kernels.selected_hybrid import selected_hybrid_attention, selected_hybrid_attention_reference
+from surgery.variants.hybrid_selected import HybridSelectedAttention, HybridSelectedConfig
 
 from .conftest import deterministic_algorithms
 from .test_block_sparse import DEVICE, gpu, needs_cuda, random_selection, rel_err
@@ -107,6 +109,43 @@ def test_rejects_bad_arguments():
         selected_hybrid_attention(q, q, q, q, den, index, count * 0, layout.offsets, layout.offsets, 16, 16)
 
 
+@pytest.mark.parametrize(
+    "grid,config",
+    [((3, 5, 6), HybridSelectedConfig(tile=(2, 2, 4), top_k=3)),
+     ((5, 6, 7), HybridSelectedConfig(top_k=3, feature_dim=8, hidden_dim=4)),
+     ((2, 4, 4), HybridSelectedConfig(tile=(2, 2, 2), top_k=8))],
+    ids=["partial-2x2x4-k3", "partial-4x4x4-k3-hidden", "every-tile"],
+)
+def test_variant_kernel_path_matches_reference(grid, config):
+    """`hybrid_selected`'s kernel path (tile order, fp32 selection, tile summaries, the op) against its reference
+    in fp64: output and the gradients of q, k, v and every feature-map parameter, fp32, relative error ≤ 1e-3."""
+    grid, heads, head_dim = VideoGrid(*grid), 2, 16
+    torch.manual_seed(0)
+    variant = HybridSelectedAttention(config, heads=heads, head_dim=head_dim, dim=heads * head_dim)
+    with torch.no_grad():  # a trained-looking map: away from the identity init
+        for p in variant.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    q, k, v = (torch.randn(2, grid.tokens, heads, head_dim) for _ in range(3))
+    upstream = torch.randn(2, grid.tokens, heads, head_dim)
+    params = list(variant.parameters())
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = variant.attend_kernel(*leaves, grid)
+    grads = torch.autograd.grad(out, leaves + params, upstream, allow_unused=True, materialize_grads=True)
+    reference = copy.deepcopy(variant).double()
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference.attend_reference(*ref_leaves, grid)
+    ref_grads = torch.autograd.grad(ref, ref_leaves + list(reference.parameters()), upstream.double(),
+                                    allow_unused=True, materialize_grads=True)
+    assert rel_err(out, ref) <= 1e-3
+    names = ["q", "k", "v", *(name for name, _ in variant.named_parameters())]
+    for name, g, r in zip(names, grads, ref_grads):
+        if r.abs().max() == 0:  # every tile selected: the feature maps take no part
+            assert g.abs().max() == 0, name
+        else:
+            assert rel_err(g, r) <= 1e-3, name
+
+
 # ---- GPU -------------------------------------------------------------------------------------------
 def wan_frame_case(sparsity, dtype, seed):
     """Wan2.1-1.3B's frame size (30×52) over 9 frames, 4×4×4 tiles, 4 heads × 128, top-k key tiles."""
@@ -135,6 +174,34 @@ def test_gpu_wan_tiles_bf16(poisoned_empty, sparsity):
 def test_gpu_fp32_head_dim_128(poisoned_empty):
     q, k, v, num, den, args = wan_frame_case(0.875, torch.float32, 6)
     print(check_against_reference(q, k, v, num, den, args, {}, 1e-3))
+
+
+@gpu
+@needs_cuda
+def test_gpu_variant_kernel_path_matches_reference_bf16(poisoned_empty):
+    """Wan's heads at a grid with partial 4×4×4 tiles, small enough for the reference's [S, S] scores; bf16 inputs
+    and parameters, the reference in fp32 from the same values: relative error ≤ 1e-2."""
+    grid, heads, head_dim = VideoGrid(9, 15, 18), 12, 128
+    torch.manual_seed(0)
+    variant = HybridSelectedAttention(HybridSelectedConfig(sparsity=0.875), heads=heads, head_dim=head_dim,
+                                      dim=heads * head_dim).cuda()
+    with torch.no_grad():
+        for p in variant.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    variant = variant.bfloat16()
+    q, k, v = (torch.randn(1, grid.tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    upstream = torch.randn_like(q)
+    leaves = [q, k, v, *variant.parameters()]
+    out = variant.attend_kernel(q, k, v, grid)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    ref = variant.attend_reference(q, k, v, grid)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream)
+    errors = {"out": rel_err(out, ref)}
+    names = ["q", "k", "v", *(name for name, _ in variant.named_parameters())]
+    errors.update({name: rel_err(g, r) for name, g, r in zip(names, grads, ref_grads)})
+    print(errors)
+    assert all(e <= 1e-2 for e in errors.values()), errors
 
 
 @gpu
