@@ -121,7 +121,7 @@ def plan(
 
 @command
 def distill(
-    recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, hybrid-selected, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
     model: opt.Model = "tiny",
     out: Annotated[
         Path, typer.Option(help="Run folder to write (plan, metrics, checkpoints, student); new or empty, "

@@ -8,7 +8,7 @@ from surgery.recipe import Recipe, load_recipe, shipped_recipes
 
 
 def test_shipped_recipes_all_parse():
-    assert {"hybrid", "linear", "vsa", "vmoba", "mixed"} <= set(shipped_recipes())
+    assert {"hybrid", "hybrid-selected", "linear", "vsa", "vmoba", "mixed"} <= set(shipped_recipes())
     for name in shipped_recipes():
         recipe = load_recipe(name)
         assert recipe.name == name and 0 < recipe.plan.budget <= 1
