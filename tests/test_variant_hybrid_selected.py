@@ -63,8 +63,9 @@ def naive_hybrid_selected(processor, grid):
         (VideoGrid(3, 5, 6), (2, 2, 4), 2, HybridSelectedConfig(tile=(2, 2, 4), top_k=3)),
         (VideoGrid(4, 4, 6), (2, 2, 2), 1, HybridSelectedConfig(tile=(2, 2, 2), top_k=1, hidden_dim=3)),
         (VideoGrid(5, 6, 7), (4, 4, 4), 2, HybridSelectedConfig(top_k=5, feature_dim=5)),
+        (VideoGrid(3, 5, 6), (2, 2, 4), 1, HybridSelectedConfig(tile=(2, 2, 4), top_k=2, kind="polynomial")),
     ],
-    ids=["3x5x6-partial-k3", "4x4x6-exact-k1-hidden", "5x6x7-t4-k5"],
+    ids=["3x5x6-partial-k3", "4x4x6-exact-k1-hidden", "5x6x7-t4-k5", "3x5x6-k2-polynomial"],
 )
 def test_matches_explicit_formula_fp64(grid, tile, batch, config):
     processor = random_processor(HybridSelectedAttention, config, HEADS, HEAD_DIM)
@@ -106,7 +107,8 @@ def test_selection_matrix_marks_the_listed_tiles():
 
 
 @pytest.mark.parametrize("config", [HybridSelectedConfig(tile=(2, 2, 2), top_k=3),
-                                    HybridSelectedConfig(tile=(2, 3, 4), sparsity=0.5, feature_dim=4, hidden_dim=2)])
+                                    HybridSelectedConfig(tile=(2, 3, 4), sparsity=0.5, feature_dim=4, hidden_dim=2),
+                                    HybridSelectedConfig(tile=(2, 2, 2), top_k=2, kind="polynomial", degree=3)])
 def test_cost_model_counts_the_pairs_and_the_matmuls(config):
     """On a grid the tile shape divides: 4·D per exactly attended pair, the tile means and their scores, and the
     matmuls that the feature maps and the complement sums run."""

@@ -16,8 +16,8 @@ neighbourhoods, exact softmax draws their peaks, and the linear term keeps the l
 attention, makes the same split).
 
 The complement costs about what linear attention costs: per key tile a summary Σ_{j∈tile} φ_k(k_j)ᵀ[v_j, 1]
-([2F, D+1]); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for every query tile at
-once as one [n, n] × [n, 2F·(D+1)] product with the 0/1 selection matrix. No query×key matrix: per query only
+([M, D+1], M = φ's features); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for every
+query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix. No query×key matrix: per query only
 φ_q(q_i)·C_t. The reference forms the masked [S, S] scores of the softmax branch (as `vsa`'s does); the kernel
 path walks only the selected tiles (`kernels/selected_hybrid.py`).
 """
@@ -90,7 +90,7 @@ def _tile_slots(grid: VideoGrid, tile: tuple[int, int, int], device: torch.devic
 def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: bool):
     """The linear term over each query's unselected keys: numerator [B, S, H, D] and denominator [B, S, H].
 
-    phi_q, phi_k: [B, S, H, 2F]; v: [B, S, H, D]; all in raster order, or in tile order with `tile_order`;
+    phi_q, phi_k: [B, S, H, M]; v: [B, S, H, D]; all in raster order, or in tile order with `tile_order`;
     selected: [B, H, n, n] 0/1 in their dtype, query tile × key tile. Computes in the inputs' dtype.
     """
     source, slot_of_token = _tile_slots(layout.grid, layout.block, phi_q.device, tile_order)
@@ -99,7 +99,7 @@ def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: 
         return _TileSlots.apply(x, source, slot_of_token, True).unflatten(1, (layout.num_blocks, -1))
 
     tile_sums = torch.einsum("bnthf,bnthe->bhnfe", by_tile(phi_k), by_tile(F.pad(v, (0, 1), value=1.0)))
-    # [B, H, n, 2F, D+1]: Σφ_k(k)ᵀ[v, 1] of each key tile
+    # [B, H, n, M, D+1]: Σφ_k(k)ᵀ[v, 1] of each key tile
     complement = tile_sums.sum(2, keepdim=True) - torch.einsum("bhij,bhjfe->bhife", selected, tile_sums)
     sums = torch.einsum("bnthf,bhnfe->bnthe", by_tile(phi_q), complement)  # [B, n, T, H, D+1]
     sums = _TileSlots.apply(sums.flatten(1, 2), slot_of_token, source, False)  # [B, S, H, D+1]
@@ -119,8 +119,8 @@ class HybridSelectedAttention(FeatureMapAttention):
 
     @classmethod
     def flops(cls, config: HybridSelectedConfig, grid: VideoGrid, heads: int, head_dim: int) -> float:
-        """Per video, with S tokens, n tiles, k = tiles kept, W = heads·head_dim, F = feature_dim, h = hidden_dim,
-        e = 2F·(D+1):
+        """Per video, with S tokens, n tiles, k = tiles kept, W = heads·head_dim, h = hidden_dim, ψ of width F'
+        and φ of M features (`psi_width`, `feature_count`: F and 2F, or P·F for the polynomial), e = M·(D+1):
 
         - pooling q and k: 2·S·W; tile scores Q̄K̄ᵀ: 2·H·n²·D;
         - softmax over the selected tiles: 4·W·S²·k/n (the average tile size, as `vsa` assumes);
@@ -135,9 +135,8 @@ class HybridSelectedAttention(FeatureMapAttention):
         softmax_branch = 4 * width * tokens * tokens * kept / tiles
         if kept == tiles:
             return float(selection + softmax_branch)
-        features = config.features(head_dim)
-        summary = 2 * features * (head_dim + 1)
-        maps = feature_map_flops(2 * tokens, heads, head_dim, features, config.hidden_dim)
+        summary = config.feature_count(head_dim) * (head_dim + 1)
+        maps = feature_map_flops(2 * tokens, heads, head_dim, config.psi_width(head_dim), config.hidden_dim)
         linear_branch = maps + 2 * heads * summary * (2 * tokens + tiles * tiles)
         return float(selection + softmax_branch + linear_branch)
 

@@ -113,8 +113,9 @@ def test_rejects_bad_arguments():
     "grid,config",
     [((3, 5, 6), HybridSelectedConfig(tile=(2, 2, 4), top_k=3)),
      ((5, 6, 7), HybridSelectedConfig(top_k=3, feature_dim=8, hidden_dim=4)),
-     ((2, 4, 4), HybridSelectedConfig(tile=(2, 2, 2), top_k=8))],
-    ids=["partial-2x2x4-k3", "partial-4x4x4-k3-hidden", "every-tile"],
+     ((2, 4, 4), HybridSelectedConfig(tile=(2, 2, 2), top_k=8)),
+     ((3, 5, 6), HybridSelectedConfig(tile=(2, 2, 4), top_k=2, kind="polynomial"))],
+    ids=["partial-2x2x4-k3", "partial-4x4x4-k3-hidden", "every-tile", "polynomial"],
 )
 def test_variant_kernel_path_matches_reference(grid, config):
     """`hybrid_selected`'s kernel path (tile order, fp32 selection, tile summaries, the op) against its reference
