@@ -123,7 +123,9 @@ def test_cost_model_counts_the_pairs_and_the_matmuls(config):
         selected = torch.rand(1, HEADS, tiles, tiles, dtype=torch.float64)
         complement_sums(processor.feature_map_q(q), processor.feature_map_k(k), v, selected, layout, False)
     tokens, width = grid.tokens, HEADS * HEAD_DIM
-    expected = 4 * HEAD_DIM * pairs + 2 * tokens * width + 2 * HEADS * tiles**2 * HEAD_DIM + counter.get_total_flops()
+    key_sums = 2 * HEADS * tokens * config.feature_count(HEAD_DIM)  # Σφ_k(k) per tile: a sum, the model's matmul
+    expected = (4 * HEAD_DIM * pairs + 2 * tokens * width + 2 * HEADS * tiles**2 * HEAD_DIM + counter.get_total_flops()
+                + key_sums)
     assert HybridSelectedAttention.flops(config, grid, HEADS, HEAD_DIM) == pytest.approx(expected, rel=1e-12)
     assert HybridSelectedAttention.density(config, grid) == pytest.approx(pairs / (HEADS * tokens**2), rel=1e-12)
 

@@ -29,7 +29,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..grid import BlockLayout, VideoGrid, block_layout
 from .base import softmax_scale
@@ -91,19 +90,25 @@ def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: 
     """The linear term over each query's unselected keys: numerator [B, S, H, D] and denominator [B, S, H].
 
     phi_q, phi_k: [B, S, H, M]; v: [B, S, H, D]; all in raster order, or in tile order with `tile_order`;
-    selected: [B, H, n, n] 0/1 in their dtype, query tile × key tile. Computes in the inputs' dtype.
+    selected: [B, H, n, n] 0/1 in their dtype, query tile × key tile. Computes in the inputs' dtype. The
+    numerator's and denominator's sums stay apart: rows of D + 1 would put the matmuls on unaligned rows.
     """
     source, slot_of_token = _tile_slots(layout.grid, layout.block, phi_q.device, tile_order)
 
     def by_tile(x):  # [B, S, ...] → [B, n, T, ...]
         return _TileSlots.apply(x, source, slot_of_token, True).unflatten(1, (layout.num_blocks, -1))
 
-    tile_sums = torch.einsum("bnthf,bnthe->bhnfe", by_tile(phi_k), by_tile(F.pad(v, (0, 1), value=1.0)))
-    # [B, H, n, M, D+1]: Σφ_k(k)ᵀ[v, 1] of each key tile
-    complement = tile_sums.sum(2, keepdim=True) - torch.einsum("bhij,bhjfe->bhife", selected, tile_sums)
-    sums = torch.einsum("bnthf,bhnfe->bnthe", by_tile(phi_q), complement)  # [B, n, T, H, D+1]
-    sums = _TileSlots.apply(sums.flatten(1, 2), slot_of_token, source, False)  # [B, S, H, D+1]
-    return sums[..., :-1], sums[..., -1]
+    def unselected(tile_sums):  # [B, H, n, ...] per key tile → per query tile: all tiles' sum − the selected ones'
+        flat = tile_sums.flatten(3)
+        return (flat.sum(2, keepdim=True) - selected @ flat).view_as(tile_sums)
+
+    phi_k_tiles, phi_q_tiles = by_tile(phi_k), by_tile(phi_q)  # [B, n, T, H, M]
+    tile_numerators = torch.einsum("bnthf,bnthd->bhnfd", phi_k_tiles, by_tile(v))  # Σφ_k(k)ᵀv per key tile
+    tile_denominators = phi_k_tiles.sum(2).transpose(1, 2)  # Σφ_k(k): [B, H, n, M]
+    numerator = torch.einsum("bnthf,bhnfd->bnthd", phi_q_tiles, unselected(tile_numerators))
+    denominator = torch.einsum("bnthf,bhnf->bnth", phi_q_tiles, unselected(tile_denominators))
+    return (_TileSlots.apply(numerator.flatten(1, 2), slot_of_token, source, False),  # [B, S, H, D]
+            _TileSlots.apply(denominator.flatten(1, 2), slot_of_token, source, False))  # [B, S, H]
 
 
 def selection_matrix(key_tiles: torch.Tensor, num_tiles: int, dtype: torch.dtype) -> torch.Tensor:
@@ -126,7 +131,7 @@ class HybridSelectedAttention(FeatureMapAttention):
         - softmax over the selected tiles: 4·W·S²·k/n (the average tile size, as `vsa` assumes);
         - when k < n, the linear term: φ_q and φ_k over S tokens each (`feature_map_flops`), the tile summaries
           φ(K)ᵀ[V, 1] 2·H·S·e, the selected tiles' sums 2·H·n²·e (one product with the 0/1 selection matrix) and
-          φ_q·C 2·H·S·e.
+          φ_q·C 2·H·S·e; the ones column counted as the matmul column it stands for (the code sums Σφ(k) apart).
         Softmax, top-k, the exponentials and the final division are not counted, as in dense attention's count.
         """
         tokens, tiles, width = grid.tokens, block_count(grid, config.tile), heads * head_dim
