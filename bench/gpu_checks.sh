@@ -7,7 +7,7 @@
 # 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
-# R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
 # Wheels in .whl/ (the peer kernels, or packages a machine without a package index lacks) are installed
 # first into /tmp/site, offline.
 set -euo pipefail
@@ -36,7 +36,9 @@ for group in "$@"; do
     variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
     train)
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
-      python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
+      python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt"
+      python3 bench/train_step.py --variant hybrid_selected --params '{"sparsity": 0.875}' 2>&1 \
+        | tee "$OUT/train-hybrid-selected.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
     *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy)" >&2
        exit 2 ;;
