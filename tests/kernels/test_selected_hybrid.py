@@ -148,10 +148,10 @@ def test_variant_kernel_path_matches_reference(grid, config):
 
 
 # ---- GPU -------------------------------------------------------------------------------------------
-def wan_frame_case(sparsity, dtype, seed):
+def wan_frame_case(sparsity, dtype, seed, grid=VideoGrid(9, 30, 52)):
     """Wan2.1-1.3B's frame size (30×52) over 9 frames, 4×4×4 tiles, 4 heads × 128, top-k key tiles."""
     g = torch.Generator().manual_seed(seed)
-    layout = block_layout(VideoGrid(9, 30, 52), (4, 4, 4), "cuda")
+    layout = block_layout(grid, (4, 4, 4), "cuda")
     n, S, H = layout.num_blocks, layout.order.numel(), 4
     top_k = math.ceil((1 - sparsity) * n)
     index = torch.rand(1, H, n, n, generator=g).topk(top_k, dim=-1).indices.int().cuda()
@@ -173,7 +173,8 @@ def test_gpu_wan_tiles_bf16(poisoned_empty, sparsity):
 @gpu
 @needs_cuda
 def test_gpu_fp32_head_dim_128(poisoned_empty):
-    q, k, v, num, den, args = wan_frame_case(0.875, torch.float32, 6)
+    """fp32 (launch settings fitted to shared memory) on a smaller grid: the reference runs in fp64."""
+    q, k, v, num, den, args = wan_frame_case(0.75, torch.float32, 6, VideoGrid(5, 8, 16))
     print(check_against_reference(q, k, v, num, den, args, {}, 1e-3))
 
 
