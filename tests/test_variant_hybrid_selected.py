@@ -19,7 +19,8 @@ from surgery.variants.hybrid_selected import (HybridSelectedAttention, HybridSel
 
 from .conftest import model_inputs
 from .test_cli import assert_one_line_error, run
-from .test_variant_linear import assert_matches_naive, linear_kernel_matrix, qkv, random_processor
+from .test_variant_linear import (assert_matches_naive, assert_no_token_by_token_tensor, linear_kernel_matrix, qkv,
+                                  random_processor)
 from .test_variant_vsa import full_attention, naive_block_ids, naive_means
 
 HEADS, HEAD_DIM = 3, 8
@@ -99,6 +100,11 @@ def test_complement_sums_match_explicit_masks_under_random_selections(tile_order
     weights = torch.einsum("bihf,bjhf->bhij", phi_q, phi_k) * complement
     assert torch.allclose(numerator, torch.einsum("bhij,bjhd->bihd", weights, v), rtol=1e-12, atol=1e-12)
     assert torch.allclose(denominator, weights.sum(-1).transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_never_forms_a_token_by_token_matrix():
+    processor = HybridSelectedAttention(HybridSelectedConfig(tile=(2, 2, 4), top_k=2), heads=2, head_dim=8, dim=16)
+    assert_no_token_by_token_tensor(processor, VideoGrid(3, 5, 6), 2, 8)
 
 
 def test_selection_matrix_marks_the_listed_tiles():

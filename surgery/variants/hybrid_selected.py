@@ -18,8 +18,8 @@ attention, makes the same split).
 The complement costs about what linear attention costs: per key tile a summary Σ_{j∈tile} φ_k(k_j)ᵀ[v_j, 1]
 ([M, D+1], M = φ's features); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for every
 query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix. No query×key matrix: per query only
-φ_q(q_i)·C_t. The reference forms the masked [S, S] scores of the softmax branch (as `vsa`'s does); the kernel
-path walks only the selected tiles (`kernels/selected_hybrid.py`).
+φ_q(q_i)·C_t. Nor in the softmax branch: the reference scores each query tile against its gathered selected key
+tiles ([B, H, n, T, k·T]), the kernel path walks them (`kernels/selected_hybrid.py`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..grid import BlockLayout, VideoGrid, block_layout
 from .base import softmax_scale
 from .block_select import block_count, mean_pool_blocks
 from .feature_maps import FeatureMapAttention, FeatureMapConfig, feature_map_flops, promoted
-from .vsa import TileSelection, select_key_tiles, tile_block_mask
+from .vsa import TileSelection, select_key_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,37 @@ def _tile_slots(grid: VideoGrid, tile: tuple[int, int, int], device: torch.devic
     return source, slot_of_token
 
 
+def _by_tile(x, layout: BlockLayout, tile_order: bool):
+    """[B, S, ...] (raster or tile order) → [B, n, T, ...], each tile's tokens then zeros (`_TileSlots`)."""
+    source, slot_of_token = _tile_slots(layout.grid, layout.block, x.device, tile_order)
+    return _TileSlots.apply(x, source, slot_of_token, True).unflatten(1, (layout.num_blocks, -1))
+
+
+def _from_tiles(x, layout: BlockLayout, tile_order: bool):
+    """[B, n, T, ...] → [B, S, ...], the inverse of `_by_tile` (the empty slots dropped)."""
+    source, slot_of_token = _tile_slots(layout.grid, layout.block, x.device, tile_order)
+    return _TileSlots.apply(x.flatten(1, 2), slot_of_token, source, False)
+
+
+def selected_softmax_sums(q, k, v, key_tiles, layout: BlockLayout):
+    """The softmax branch in units where each row's largest weight is 1: Σ_{j∈K_i} exp(s_ij − c_i) v_j [B, S, H, D]
+    and Σ_{j∈K_i} exp(s_ij − c_i) [B, S, H], for q, k, v [B, S, H, D] in raster order and the key tile lists
+    [B, H, n, k]. Each query tile scores only its k selected key tiles: [B, H, n, T, k·T] scores, never [S, S]."""
+    q_tiles, k_tiles, v_tiles = (_by_tile(t, layout, False).permute(0, 3, 1, 2, 4) for t in (q, k, v))
+    # [B, H, n, T, D]
+    batch, heads = q.shape[0], q.shape[2]
+    b = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+    k_selected, v_selected = (t[b, h, key_tiles].flatten(3, 4) for t in (k_tiles, v_tiles))  # [B, H, n, k·T, D]
+    source, _ = _tile_slots(layout.grid, layout.block, q.device, False)
+    real = (source < layout.grid.tokens).view(layout.num_blocks, -1)[key_tiles].flatten(3)  # [B, H, n, k·T]
+    scores = torch.einsum("bhitd,bhiud->bhitu", q_tiles, k_selected) * softmax_scale(q.shape[-1])
+    scores = scores.masked_fill(~real.unsqueeze(3), float("-inf"))  # the empty slots of partial tiles
+    weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # [B, H, n, T, k·T]
+    numerator = torch.einsum("bhitu,bhiud->bithd", weights, v_selected)  # [B, n, T, H, D]
+    return _from_tiles(numerator, layout, False), _from_tiles(weights.sum(-1).permute(0, 2, 3, 1), layout, False)
+
+
 def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: bool):
     """The linear term over each query's unselected keys: numerator [B, S, H, D] and denominator [B, S, H].
 
@@ -93,22 +124,18 @@ def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: 
     selected: [B, H, n, n] 0/1 in their dtype, query tile × key tile. Computes in the inputs' dtype. The
     numerator's and denominator's sums stay apart: rows of D + 1 would put the matmuls on unaligned rows.
     """
-    source, slot_of_token = _tile_slots(layout.grid, layout.block, phi_q.device, tile_order)
-
-    def by_tile(x):  # [B, S, ...] → [B, n, T, ...]
-        return _TileSlots.apply(x, source, slot_of_token, True).unflatten(1, (layout.num_blocks, -1))
-
     def unselected(tile_sums):  # [B, H, n, ...] per key tile → per query tile: all tiles' sum − the selected ones'
         flat = tile_sums.flatten(3)
         return (flat.sum(2, keepdim=True) - selected @ flat).view_as(tile_sums)
 
-    phi_k_tiles, phi_q_tiles = by_tile(phi_k), by_tile(phi_q)  # [B, n, T, H, M]
-    tile_numerators = torch.einsum("bnthf,bnthd->bhnfd", phi_k_tiles, by_tile(v))  # Σφ_k(k)ᵀv per key tile
+    phi_k_tiles, phi_q_tiles = _by_tile(phi_k, layout, tile_order), _by_tile(phi_q, layout, tile_order)
+    # [B, n, T, H, M]
+    tile_numerators = torch.einsum("bnthf,bnthd->bhnfd", phi_k_tiles, _by_tile(v, layout, tile_order))
+    # Σφ_k(k)ᵀv per key tile
     tile_denominators = phi_k_tiles.sum(2).transpose(1, 2)  # Σφ_k(k): [B, H, n, M]
     numerator = torch.einsum("bnthf,bhnfd->bnthd", phi_q_tiles, unselected(tile_numerators))
     denominator = torch.einsum("bnthf,bhnf->bnth", phi_q_tiles, unselected(tile_denominators))
-    return (_TileSlots.apply(numerator.flatten(1, 2), slot_of_token, source, False),  # [B, S, H, D]
-            _TileSlots.apply(denominator.flatten(1, 2), slot_of_token, source, False))  # [B, S, H]
+    return _from_tiles(numerator, layout, tile_order), _from_tiles(denominator, layout, tile_order)
 
 
 def selection_matrix(key_tiles: torch.Tensor, num_tiles: int, dtype: torch.dtype) -> torch.Tensor:
@@ -161,12 +188,7 @@ class HybridSelectedAttention(FeatureMapAttention):
             q_tiles, k_tiles = mean_pool_blocks(q32, layout), mean_pool_blocks(k32, layout)
             tile_scores = torch.einsum("bihd,bjhd->bhij", q_tiles, k_tiles) * softmax_scale(q.shape[-1])
             key_tiles = select_key_tiles(tile_scores, kept)  # [B, H, n, k]
-            allowed = tile_block_mask(key_tiles, layout)[..., layout.block_of_token]  # [B, H, S, S]
-            scores = torch.einsum("bshd,bthd->bhst", q32, k32) * softmax_scale(q.shape[-1])
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()  # the largest weight of each row is 1
-            numerator = torch.einsum("bhst,bthd->bshd", weights, v32)  # [B, S, H, D]
-            denominator = weights.sum(-1).transpose(1, 2)  # [B, S, H]
+            numerator, denominator = selected_softmax_sums(q32, k32, v32, key_tiles, layout)
             if kept < layout.num_blocks:
                 selected = selection_matrix(key_tiles, layout.num_blocks, q32.dtype)
                 linear_numerator, linear_denominator = complement_sums(
