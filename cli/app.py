@@ -114,7 +114,8 @@ def plan(
     with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
-            params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
+            params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
+            samples=samples, seed=seed, data=data, cost=cost,
             timing=timing, progress=update, measure=measure,
         )
     result.save(out)

@@ -178,10 +178,10 @@ class FeatureMapAttention(AttentionVariant):
         return sums[..., :-1], sums[..., -1:]
 
     def linear_summary(self, k, v, kernel: bool = False, skip_every: int = 0) -> torch.Tensor:
-        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, M, D+1] (M features) for linear keys and values k, v [B, L, H, D]; skip_every = R > 0
-        leaves out the keys at multiples of R. The column of ones makes Σφ(k) ride along in the matmul of
-        Σφ(k)ᵀv. kernel: the fused op (`kernels/linear_attention.py` `linear_summary`, φ_k never stored) where it
-        applies, else φ_k through `FeatureMap.forward_kernel`."""
+        """Σ_j φ_k(k_j)ᵀ[v_j, 1]: [B, H, M, D+1] (M features) for linear keys and values k, v [B, L, H, D];
+        skip_every = R > 0 leaves out the keys at multiples of R. The column of ones makes Σφ(k) ride along in the
+        matmul of Σφ(k)ᵀv. kernel: the fused op (`kernels/linear_attention.py` `linear_summary`, φ_k never stored)
+        where it applies, else φ_k through `FeatureMap.forward_kernel`."""
         feature_map = self.feature_map_k
         if kernel:
             from ..kernels.linear_attention import linear_summary, unsupported_reason

@@ -16,10 +16,10 @@ neighbourhoods, exact softmax draws their peaks, and the linear term keeps the l
 attention, makes the same split).
 
 The complement costs about what linear attention costs: per key tile a summary Σ_{j∈tile} φ_k(k_j)ᵀ[v_j, 1]
-([M, D+1], M = φ's features); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for every
-query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix. No query×key matrix: per query only
-φ_q(q_i)·C_t. Nor in the softmax branch: the reference scores each query tile against its gathered selected key
-tiles ([B, H, n, T, k·T]), the kernel path walks them (`kernels/selected_hybrid.py`).
+([M, D+1], M = φ's features); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for
+every query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix. No query×key
+matrix: per query only φ_q(q_i)·C_t. Nor in the softmax branch: the reference scores each query tile against
+its gathered selected key tiles ([B, H, n, T, k·T]), the kernel path walks them (`kernels/selected_hybrid.py`).
 """
 
 from __future__ import annotations
@@ -129,10 +129,9 @@ def complement_sums(phi_q, phi_k, v, selected, layout: BlockLayout, tile_order: 
         return (flat.sum(2, keepdim=True) - selected @ flat).view_as(tile_sums)
 
     phi_k_tiles, phi_q_tiles = _by_tile(phi_k, layout, tile_order), _by_tile(phi_q, layout, tile_order)
-    # [B, n, T, H, M]
+    # [B, n, T, H, M]. Each key tile's Σφ_k(k)ᵀv [B, H, n, M, D] and Σφ_k(k) [B, H, n, M]:
     tile_numerators = torch.einsum("bnthf,bnthd->bhnfd", phi_k_tiles, _by_tile(v, layout, tile_order))
-    # Σφ_k(k)ᵀv per key tile
-    tile_denominators = phi_k_tiles.sum(2).transpose(1, 2)  # Σφ_k(k): [B, H, n, M]
+    tile_denominators = phi_k_tiles.sum(2).transpose(1, 2)
     numerator = torch.einsum("bnthf,bhnfd->bnthd", phi_q_tiles, unselected(tile_numerators))
     denominator = torch.einsum("bnthf,bhnf->bnth", phi_q_tiles, unselected(tile_denominators))
     return _from_tiles(numerator, layout, tile_order), _from_tiles(denominator, layout, tile_order)
