@@ -110,7 +110,7 @@ def sweep(grid, log):
     idx, cnt, _ = selection(1, n, math.ceil(0.125 * n), seed=0)
     q, k, v, do = (torch.randn(1, S, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(4))
     args = (idx, cnt, layout.offsets, layout.offsets, 64, 64, HEAD_DIM ** -0.5)
-    o, lse = bs.block_sparse_attn_fwd(q, k, v, *args)
+    o, lse, _, _ = bs.block_sparse_attn_fwd(q, k, v, *args)
     # 8 warps lost everywhere in earlier sweeps (bench/NOTES.md); one is kept as a check.
     configs = [dict(num_warps=4, num_stages=s) for s in (2, 3, 4)] + [dict(num_warps=8, num_stages=3)]
     calls = {"fwd": lambda: bs.block_sparse_attn_fwd(q, k, v, *args),

@@ -8,7 +8,7 @@
 # quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
-# R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
 # Groups for 2 or more GPUs of one host: distill2 (distillation throughput of 1.3B/480p, hybrid R=8 on every layer,
 # on 1 GPU and on 2 with DDP and with FSDP), cp720 (one denoising step of 1.3B at 720p, stock and the same plan, on 1
 # GPU and with --cp 2), fsdp14b (one stage-1 and one stage-2 step of the 14B preset at 480p, FSDP over every GPU).
@@ -61,7 +61,9 @@ for group in "$@"; do
     variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
     train)
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
-      python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
+      python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt"
+      python3 bench/train_step.py --variant hybrid_selected --params '{"sparsity": 0.875}' 2>&1 \
+        | tee "$OUT/train-hybrid-selected.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
     *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, kernels, hybrid, variants, train, toy)" >&2
        exit 2 ;;

@@ -89,7 +89,8 @@ def plan(
         help="Measure learned candidates (feature maps) at their init (fast), not after stage 1 as distill trains them.",
     )] = False,
     recipe: Annotated[str, typer.Option(
-        help="Recipe (name or .toml) whose stage-1 settings train the learned candidates before they are measured.",
+        help="Recipe (name or .toml) whose stage-1 settings train the learned candidates before they are measured, "
+             "and whose [plan] params_by_variant set the candidates' settings.",
     )] = "mixed",
     force: opt.Force = False,
     json: opt.Json = False,
@@ -100,19 +101,21 @@ def plan(
     from surgery.io import check_output_file
     from surgery.planner import make_plan
 
+    from surgery.recipe import load_recipe
+
     check_output_file(out, force=force)
+    loaded = load_recipe(recipe)
     measure = None
     if not no_distill_errors:
-        from surgery.recipe import load_recipe
         from surgery.train.distilled_errors import DistilledErrors
 
-        loaded = load_recipe(recipe)
         measure = DistilledErrors(loaded.stage1, loaded.data.samples)
     started = time.perf_counter()
     with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
         result = make_plan(
             model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
-            frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
+            params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
+            samples=samples, seed=seed, data=data, cost=cost,
             timing=timing, progress=update, measure=measure,
         )
     result.save(out)
@@ -121,7 +124,7 @@ def plan(
 
 @command
 def distill(
-    recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
+    recipe: Annotated[str, typer.Option(help="A shipped recipe name (hybrid, hybrid-selected, linear, vsa, vmoba, mixed) or a .toml path.")] = "hybrid",
     model: opt.Model = "tiny",
     out: Annotated[
         Path, typer.Option(help="Run folder to write (plan, metrics, checkpoints, student); new or empty, "

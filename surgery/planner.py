@@ -115,6 +115,7 @@ def make_plans(
     *,
     variants: list[str] | None = None,
     keep_full: list[int] | None = None,
+    params_by_variant: dict[str, dict] | None = None,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -128,6 +129,9 @@ def make_plans(
     measure=None,
 ):
     """One plan per budget (a fraction of dense in (0, 1], or FASTEST), from one calibration.
+
+    params_by_variant: per variant, settings laid over each of its `plan_candidates` (a recipe's
+    `[plan] params_by_variant`, e.g. a feature map).
 
     cost="flops" (default): attention FLOPs from the variants' cost models at the target grid, never timing.
     cost="latency": the predicted step time — the step with its attention core skipped plus each layer's
@@ -158,7 +162,7 @@ def make_plans(
         from .latency import require_gpu
 
         require_gpu()
-    candidates = default_candidates(variants)
+    candidates = default_candidates(variants, params_by_variant)
     if model is None:
         on_gpu = torch.cuda.is_available()
         model = load_model(spec, device="cuda" if on_gpu else None, dtype=torch.bfloat16 if on_gpu else None)

@@ -42,6 +42,9 @@ class PlanSection:
     path: str | None = None  # an existing plan JSON instead of planning
     # Measure learned candidates (feature maps) after this recipe's stage 1, not at their init.
     distill_errors: bool = True
+    # Per variant, settings laid over each of its planner candidates, e.g. the feature map that Attention
+    # Surgery used: { hybrid_selected = { kind = "polynomial" } }.
+    params_by_variant: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self):
         if not 0 < self.budget <= 1:
@@ -49,6 +52,13 @@ class PlanSection:
         _at_least(self, samples=(1, False))
         if any(layer < 0 for layer in self.keep_full):
             raise ValueError(f"keep_full holds layer indices (≥ 0), got {self.keep_full}")
+        from .variants import VARIANTS
+
+        for name, params in self.params_by_variant.items():
+            if name not in VARIANTS:
+                raise ValueError(f"params_by_variant: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
+            for candidate in VARIANTS[name].plan_candidates:  # each candidate as the planner will build it
+                VARIANTS[name].Config.from_dict({**candidate, **params}, where=f"plan.params_by_variant.{name}")
 
 
 @dataclass(frozen=True)

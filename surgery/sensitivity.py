@@ -31,14 +31,17 @@ class Candidate:
         return f"{self.variant}({params})" if params else self.variant
 
 
-def default_candidates(variants: list[str] | None = None) -> list[Candidate]:
-    """Every registered variant's `plan_candidates` settings; `full` is always a candidate."""
+def default_candidates(variants: list[str] | None = None,
+                       params_by_variant: dict[str, dict] | None = None) -> list[Candidate]:
+    """Every registered variant's `plan_candidates` settings, each with `params_by_variant[variant]` laid over it
+    (a recipe's `[plan] params_by_variant`); `full` is always a candidate."""
     names = list(VARIANTS) if variants is None else ["full", *(v for v in variants if v != "full")]
-    unknown = [n for n in names if n not in VARIANTS]
+    overrides = params_by_variant or {}
+    unknown = [n for n in [*names, *overrides] if n not in VARIANTS]
     if unknown:
         raise SurgeryError(f"unknown attention variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     return [
-        Candidate(name, VARIANTS[name].Config.from_dict(params, where=name))
+        Candidate(name, VARIANTS[name].Config.from_dict({**params, **overrides.get(name, {})}, where=name))
         for name in names
         for params in VARIANTS[name].plan_candidates
     ]

@@ -8,7 +8,7 @@ from surgery.recipe import Recipe, load_recipe, shipped_recipes
 
 
 def test_shipped_recipes_all_parse():
-    assert {"hybrid", "linear", "vsa", "vmoba", "mixed"} <= set(shipped_recipes())
+    assert {"hybrid", "hybrid-selected", "linear", "vsa", "vmoba", "mixed"} <= set(shipped_recipes())
     for name in shipped_recipes():
         recipe = load_recipe(name)
         assert recipe.name == name and 0 < recipe.plan.budget <= 1
@@ -90,3 +90,23 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
 def test_stage1_lr_by_variant_scales_the_schedule():
     recipe = load_recipe("hybrid", ["stage1.lr=0.02", "stage1.lr_by_variant.vsa=0.001"])
     assert recipe.stage1.lr_scale("vsa") == pytest.approx(0.05) and recipe.stage1.lr_scale("hybrid") == 1.0
+
+
+def test_params_by_variant_reach_every_candidate_of_the_variant():
+    from surgery.sensitivity import default_candidates
+
+    recipe = load_recipe("hybrid-selected", ["plan.params_by_variant.hybrid_selected.kind=polynomial"])
+    candidates = default_candidates(recipe.plan.variants, recipe.plan.params_by_variant)
+    selected = [c.config for c in candidates if c.variant == "hybrid_selected"]
+    assert [c.sparsity for c in selected] == [0.5, 0.75, 0.875] and {c.kind for c in selected} == {"polynomial"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("plan.params_by_variant.hybrd.kind=polynomial", "params_by_variant: unknown variant 'hybrd'"),
+    ("plan.params_by_variant.hybrid_selected.kind=elu", "plan.params_by_variant.hybrid_selected: kind must be one of"),
+    ("plan.params_by_variant.hybrid_selected.top_k=0", "set exactly one of top_k and sparsity"),
+])
+def test_bad_params_by_variant_are_one_line_errors(override, message):
+    with pytest.raises(SurgeryError) as info:
+        load_recipe("hybrid-selected", [override])
+    assert message in str(info.value) and "\n" not in str(info.value)

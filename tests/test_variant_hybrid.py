@@ -51,8 +51,9 @@ def naive_hybrid(processor, rate):
         (VideoGrid(2, 3, 4), 1, 2, 6, HybridConfig(rate=24)),
         (VideoGrid(1, 2, 3), 2, 2, 4, HybridConfig(rate=8)),
         (VideoGrid(2, 3, 4), 2, 2, 6, HybridConfig(rate=1)),
+        (VideoGrid(3, 5, 7), 2, 2, 8, HybridConfig(rate=4, kind="polynomial")),
     ],
-    ids=["3x5x7-R2", "3x5x7-R4-hidden", "2x3x4-R5", "one-softmax-key", "rate-above-tokens", "R1"],
+    ids=["3x5x7-R2", "3x5x7-R4-hidden", "2x3x4-R5", "one-softmax-key", "rate-above-tokens", "R1", "R4-polynomial"],
 )
 def test_hybrid_matches_explicit_formula_fp64(grid, batch, heads, head_dim, config):
     processor = random_processor(HybridAttention, config, heads, head_dim)

@@ -38,7 +38,8 @@ def qkv(batch, grid, heads, head_dim, dtype=torch.float64):
 
 
 def naive_feature_map(feature_map, x):
-    """φ(x) written head by head with plain matmuls. x: [B, S, H, D] → [B, S, H, 2F]."""
+    """φ(x) written head by head with plain matmuls. x: [B, S, H, D] → [B, S, H, 2F], or [B, S, H, P·F] for the
+    polynomial: its P slices of ψ raised to the powers 1 … P, side by side."""
     per_head = []
     for h in range(x.shape[2]):
         x_h = x[:, :, h]  # [B, S, D]
@@ -46,7 +47,12 @@ def naive_feature_map(feature_map, x):
         if feature_map.hidden_dim:
             hidden = F.gelu(x_h @ feature_map.hidden_weight[h] + feature_map.hidden_bias[h])
             psi = psi + hidden @ feature_map.hidden_out[h]
-        per_head.append(torch.softmax(torch.cat([psi, -psi], dim=-1), dim=-1))
+        if feature_map.kind == "polynomial":
+            width = psi.shape[-1] // feature_map.degree
+            powers = [psi[..., (p - 1) * width: p * width] ** p for p in range(1, feature_map.degree + 1)]
+            per_head.append(torch.cat(powers, dim=-1))
+        else:
+            per_head.append(torch.softmax(torch.cat([psi, -psi], dim=-1), dim=-1))
     return torch.stack(per_head, dim=2)
 
 
@@ -131,8 +137,9 @@ def naive_linear(processor):
         (VideoGrid(3, 5, 7), 2, 3, 8, LinearConfig()),
         (VideoGrid(2, 3, 4), 2, 2, 6, LinearConfig(feature_dim=5, hidden_dim=4)),
         (VideoGrid(1, 1, 1), 1, 2, 4, LinearConfig(feature_dim=7)),
+        (VideoGrid(2, 3, 4), 2, 2, 6, LinearConfig(kind="polynomial", degree=3, hidden_dim=2)),
     ],
-    ids=["3x5x7", "2x3x4-hidden", "single-token"],
+    ids=["3x5x7", "2x3x4-hidden", "single-token", "2x3x4-polynomial"],
 )
 def test_linear_matches_explicit_formula_fp64(grid, batch, heads, head_dim, config):
     processor = random_processor(LinearAttention, config, heads, head_dim)
@@ -147,6 +154,23 @@ def test_feature_maps_start_at_hedgehog_identity(feature_dim, hidden_dim):
     psi = F.pad(x, (0, max((feature_dim or head_dim) - head_dim, 0)))[..., : feature_dim or head_dim]
     expected = torch.cat([psi, -psi], dim=-1).softmax(dim=-1)
     for feature_map in (processor.feature_map_q, processor.feature_map_k):
+        assert torch.allclose(feature_map(x), expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("feature_dim, degree", [(None, 2), (4, 3), (10, 4)])
+def test_polynomial_maps_start_at_their_even_powers(feature_dim, degree):
+    """Attention Surgery's φ = [ψ_1, ψ_2², …]: at init the even powers' slices hold x (zero-padded or truncated to
+    F), the odd ones zero, so every feature starts ≥ 0."""
+    head_dim = 6
+    config = LinearConfig(feature_dim, kind="polynomial", degree=degree)
+    processor = LinearAttention(config, heads=2, head_dim=head_dim, dim=12)
+    x = torch.randn(2, 5, 2, head_dim)
+    width = feature_dim or head_dim
+    psi = F.pad(x, (0, max(width - head_dim, 0)))[..., :width]
+    expected = torch.cat([psi**p if p % 2 == 0 else torch.zeros_like(psi) for p in range(1, degree + 1)], dim=-1)
+    assert config.feature_count(head_dim) == degree * width == config.psi_width(head_dim)
+    for feature_map in (processor.feature_map_q, processor.feature_map_k):
+        assert not feature_map.fused
         assert torch.allclose(feature_map(x), expected, atol=1e-7)
 
 
@@ -180,7 +204,9 @@ def test_bf16_inputs_are_summed_in_fp32():
 
 
 @pytest.mark.parametrize(
-    "config", [LinearConfig(), LinearConfig(feature_dim=24, hidden_dim=16)], ids=["default", "hidden"]
+    "config", [LinearConfig(), LinearConfig(feature_dim=24, hidden_dim=16),
+               LinearConfig(feature_dim=16, hidden_dim=8, kind="polynomial", degree=3)],
+    ids=["default", "hidden", "polynomial"]
 )
 def test_linear_flops_equal_counted_matmuls(config):
     assert_flops_equal_counted_matmuls(LinearAttention, config)
@@ -206,6 +232,8 @@ def test_linear_never_forms_a_token_by_token_matrix():
         ({"feature_dim": 2.5}, "feature_dim must be an int ≥ 1"),
         ({"hidden_dim": -1}, "hidden_dim must be an int ≥ 0"),
         ({"hidden_dim": True}, "hidden_dim must be an int ≥ 0"),
+        ({"kind": "elu"}, "kind must be one of 'hedgehog', 'polynomial'"),
+        ({"kind": "polynomial", "degree": 1}, "degree must be an int ≥ 2"),
     ],
 )
 def test_bad_linear_settings_are_refused(params, message):
@@ -216,6 +244,8 @@ def test_bad_linear_settings_are_refused(params, message):
 def test_linear_config_round_trips_through_dict():
     config = LinearConfig(feature_dim=16, hidden_dim=8)
     assert LinearConfig.from_dict(config.to_dict()) == config
+    polynomial = LinearConfig(kind="polynomial", degree=3)
+    assert LinearConfig.from_dict(polynomial.to_dict()) == polynomial
     assert VARIANTS["linear"] is LinearAttention
     with pytest.raises(SurgeryError, match="feature_dim must be an int"):
         LinearConfig.from_dict({"feature_dim": -3})

@@ -73,14 +73,17 @@ def _query_tile(q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs
 @triton.jit
 def block_sparse_attn_fwd_kernel(
     q, k_rows, v_rows, k_half, v_half, o, lse, kv_ranges, kv_count, kv_long, q_offsets, scale,
-    stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
+    lin_num, lin_den, den, amax,
+    stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_nb, stride_ns, stride_nh,
     H, S, NQ, MAXK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_LINEAR: tl.constexpr,
 ):
     # K/V load through TMA descriptors (`row_blocks`): k_rows, v_rows in BLOCK_N-row steps, k_half, v_half in
     # HALF_N-row ones. Against pointer loads on an H100, −9% at 87.5% and 75% of tiles skipped; the backward
     # kernels, which load the same way, −5 to −7% (bench/NOTES.md "Block-sparse op").
+    # HAS_LINEAR (`selected_hybrid.py`): a linear numerator and denominator join the softmax sums under one
+    # normaliser; the walk then tracks each row's argmax key, and den and amax are stored for the backward.
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     qk_scale = scale * LOG2E
@@ -88,27 +91,35 @@ def block_sparse_attn_fwd_kernel(
     # A row whose list is empty keeps m = -inf and l = 0: its output is 0 and its lse -inf.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    no_argmax = tl.zeros([BLOCK_M], tl.int32)
+    a_i = tl.zeros([BLOCK_M], tl.int32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if FITTED:
         # Each listed block is one tile of ≤ BLOCK_N keys: flat loops, which Triton pipelines, each step masked
         # to its block's end. Its token range comes straight from kv_ranges: the K/V loads then hang on a
         # single load, not a chain.
         for s in range(0, n_long):
-            m_i, l_i, no_argmax, acc = online_softmax_step(
+            m_i, l_i, a_i, acc = online_softmax_step(
                 b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1), qk_scale,
-                m_i, l_i, no_argmax, acc, BLOCK_N, D, PRECISION, False, True)
+                m_i, l_i, a_i, acc, BLOCK_N, D, PRECISION, HAS_LINEAR, True)
         if HALF_N > 0:
             for s in range(n_long, n_slots):
-                m_i, l_i, no_argmax, acc = online_softmax_step(
+                m_i, l_i, a_i, acc = online_softmax_step(
                     b_q, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s), tl.load(rng_base + 2 * s + 1),
-                    qk_scale, m_i, l_i, no_argmax, acc, HALF_N, D, PRECISION, False, True)
+                    qk_scale, m_i, l_i, a_i, acc, HALF_N, D, PRECISION, HAS_LINEAR, True)
     else:
         for s in range(0, n_slots):
-            m_i, l_i, no_argmax, acc = slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
-                                                   tl.load(rng_base + 2 * s + 1), qk_scale, m_i, l_i, no_argmax,
-                                                   acc, BLOCK_N, D, PRECISION, False)
+            m_i, l_i, a_i, acc = slot_steps(b_q, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
+                                             tl.load(rng_base + 2 * s + 1), qk_scale, m_i, l_i, a_i, acc, BLOCK_N,
+                                             D, PRECISION, HAS_LINEAR)
 
+    if HAS_LINEAR:
+        # m_i is now the row's max score c: the linear terms, in units where that key's weight is 1, join unscaled.
+        row = i_bh.to(tl.int64) * S + offs_m
+        acc += tl.load(lin_num + i_b.to(tl.int64) * stride_nb + i_h * stride_nh + offs_m[:, None] * stride_ns
+                       + offs_d[None, :], mask=m_ok[:, None], other=0.).to(tl.float32)
+        l_i += tl.load(lin_den + row, mask=m_ok, other=0.)
+        tl.store(den + row, l_i, mask=m_ok)
+        tl.store(amax + row, a_i, mask=m_ok)
     acc = acc / tl.where(l_i == 0., 1., l_i)[:, None]
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              acc.to(o.dtype.element_ty), mask=m_ok[:, None])
@@ -117,43 +128,52 @@ def block_sparse_attn_fwd_kernel(
 
 @triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale,
+    q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale, dc, amax,
     stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_LINEAR: tl.constexpr,
 ):
-    # K/V through TMA descriptors, as in the forward.
+    # K/V through TMA descriptors, as in the forward. HAS_LINEAR: the shared normaliser's gradient dc goes to
+    # each row's argmax key.
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
     b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
+    b_dc = None
+    b_a = None
+    if HAS_LINEAR:
+        b_dc = tl.load(dc + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
+        b_a = tl.load(amax + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=-1)  # [BM]
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     if FITTED:
         for s in range(0, n_long):
             b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
-                                 tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True)
+                                 tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True, b_dc, b_a)
         if HALF_N > 0:
             for s in range(n_long, n_slots):
                 b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s),
-                                     tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True)
+                                     tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True, b_dc,
+                                     b_a)
     else:
         for s in range(0, n_slots):
             b_dq = dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
-                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION)
+                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, b_dc, b_a)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
 def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk, b_dv, qk_scale,
-                   ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                   ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, offs_n=None, dc_base=None,
+                   amax_base=None):
     """`dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in ROWS rows, its
-    q and dO through `row_blocks` descriptors (rows past the tile's end count nothing)."""
+    q and dO through `row_blocks` descriptors (rows past the tile's end count nothing). dc_base, amax_base (with
+    the keys' positions offs_n): the rows' normaliser gradients and argmax keys of a hybrid."""
     start = tl.load(rng_base + 2 * i)
     offs_m = start + tl.arange(0, ROWS)
     m_ok = offs_m < tl.load(rng_base + 2 * i + 1)
@@ -161,22 +181,33 @@ def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h,
     b_do = do_rows.load([i_b, start, i_h, 0]).reshape(ROWS, D)
     b_lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.) * LOG2E
     b_delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.)
-    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
+    b_dc = None
+    b_a = None
+    if dc_base is not None:
+        b_dc = tl.load(dc_base + offs_m, mask=m_ok, other=0.)
+        b_a = tl.load(amax_base + offs_m, mask=m_ok, other=-1)
+    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION, offs_n, b_dc, b_a)
 
 
 @triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
     q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+    dc, amax,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     H, S, NK, L,
     D: tl.constexpr, BLOCK_M: tl.constexpr, HALF_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_LINEAR: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
     i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     lse_base = lse + i_bh.to(tl.int64) * S
     delta_base = delta + i_bh.to(tl.int64) * S
+    dc_base = None
+    amax_base = None
+    if HAS_LINEAR:  # the normaliser's gradient, as in the dq kernel
+        dc_base = dc + i_bh.to(tl.int64) * S
+        amax_base = amax + i_bh.to(tl.int64) * S
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (2 * NK + 1) + 2 * kb
     rng_base = q_tile_ranges + i_bh.to(tl.int64) * (2 * L)
     # Visitors of kb: full-width query tiles lo..mid, then the short ones mid..hi (`invert_block_index`).
@@ -192,11 +223,11 @@ def block_sparse_attn_bwd_dkv_kernel(
     # q and dO through TMA descriptors: q_rows, do_rows in BLOCK_M-row tiles, q_half, do_half in HALF_M-row ones.
     for i in range(lo, mid):
         b_dk, b_dv = _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
-                                    b_dv, qk_scale, BLOCK_M, D, PRECISION)
+                                    b_dv, qk_scale, BLOCK_M, D, PRECISION, offs_n, dc_base, amax_base)
     if HALF_M > 0:
         for i in range(mid, hi):
             b_dk, b_dv = _dkv_tile_step(rng_base, i, q_half, do_half, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
-                                        b_dv, qk_scale, HALF_M, D, PRECISION)
+                                        b_dv, qk_scale, HALF_M, D, PRECISION, offs_n, dc_base, amax_base)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -302,26 +333,39 @@ def _fitted_configs(kind: str, max_kv_block: int, dtype: torch.dtype) -> dict:
 
 
 def block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block,
-                          scale):
+                          scale, linear=None):
+    """o, lse; and with `linear` = (N [B, S, H, D], E [B, H, S] fp32), the terms a hybrid adds to the numerator
+    and denominator (`selected_hybrid.py`), also each row's denominator [B, H, S] fp32 and argmax key [B, H, S]
+    int32 (else None, None)."""
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
     config = _fitted_configs("fwd", max_kv_block, q.dtype)
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    if linear is not None:
+        lin_num, lin_den = linear
+        den, amax = torch.empty_like(lse), torch.empty(B, H, S, device=q.device, dtype=torch.int32)
+    else:  # placeholders the kernel never reads
+        lin_num, lin_den, den, amax = o, lse, None, None
     k_rows, v_rows = (row_blocks(t, config["BLOCK_N"]) for t in (k, v))
     k_half, v_half = (row_blocks(t, half_n) for t in (k, v)) if half_n else (k_rows, v_rows)
     block_sparse_attn_fwd_kernel[(NQ, B * H)](
         q, k_rows, v_rows, k_half, v_half, o, lse, ranges, kv_block_count, n_long, q_offsets, scale,
+        lin_num, lin_den, lse if den is None else den, lse if amax is None else amax,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lin_num.stride(0), lin_num.stride(1), lin_num.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=_tile(max_q_tile), HALF_N=half_n, FITTED=fitted, PRECISION=input_precision(q.dtype), **config,
+        D=D, BLOCK_M=_tile(max_q_tile), HALF_N=half_n, FITTED=fitted, PRECISION=input_precision(q.dtype),
+        HAS_LINEAR=linear is not None, **config,
     )
-    return o, lse
+    return o, lse, den, amax
 
 
 def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
-                          max_kv_block, scale):
+                          max_kv_block, scale, linear=None):
+    """dq, dk, dv; and with `linear` = (N, E, den, amax) as the forward took and gave them, the gradients of N and E
+    (else None, None)."""
     B, S, H, D = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
@@ -334,17 +378,20 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
         D=D, BLOCK_M=64,
     )
+    dc, amax, dnum, dden = _normaliser_grads(do, delta, linear) if linear is not None else (lse, lse, None, None)
+    has_linear = linear is not None
     dq = torch.empty_like(q)
     # Recomputed rather than saved from the forward: saving costs ~50 MB a layer at 720p.
     fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
     k_rows, v_rows = (row_blocks(t, dq_config["BLOCK_N"]) for t in (k, v))
     k_half, v_half = (row_blocks(t, half_n) for t in (k, v)) if half_n else (k_rows, v_rows)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
+        q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale, dc,
+        amax,
         q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, **dq_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, HAS_LINEAR=has_linear, **dq_config,
     )
     half_m = _half(BLOCK_M)
     q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK, half_m)
@@ -354,18 +401,31 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     q_half, do_half = (row_blocks(t, half_m) for t in (q, do)) if half_m else (q_rows, do_rows)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
         q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+        dc, amax,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, S, NK, q_tile_ranges.shape[1],
-        D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, **dkv_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, HAS_LINEAR=has_linear,
+        **dkv_config,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dnum, dden
+
+
+def _normaliser_grads(do, delta, linear):
+    """For out = (A + N)/(l + E) with A, l in units of exp(s − c) (`selected_hybrid.py`): the gradient of the row max
+    c, dc = (do·N − Δ·E)/den [B, H, S] fp32, which the score passes send to the argmax key; the argmax [B, H, S];
+    dN = do/den in N's dtype and dE = −Δ/den [B, H, S] fp32, with Δ = rowsum(do∘o)."""
+    lin_num, lin_den, den, amax = linear
+    inv_den = den.reciprocal()
+    dc = (torch.einsum("bshd,bshd->bhs", do.float(), lin_num.float()) - delta * lin_den) * inv_den
+    dnum = (do.float() * inv_den.transpose(1, 2).unsqueeze(-1)).to(lin_num.dtype)
+    return dc, amax, dnum, -delta * inv_den
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block, scale):
-        o, lse = block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile,
-                                       max_kv_block, scale)
+        o, lse, _, _ = block_sparse_attn_fwd(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets,
+                                             max_q_tile, max_kv_block, scale)
         ctx.save_for_backward(q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets)
         ctx.max_q_tile, ctx.max_kv_block, ctx.scale = max_q_tile, max_kv_block, scale
         ctx.mark_non_differentiable(lse)
@@ -376,8 +436,8 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets, kv_offsets = ctx.saved_tensors
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
-                                           kv_offsets, ctx.max_q_tile, ctx.max_kv_block, ctx.scale)
+        dq, dk, dv, _, _ = block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q_offsets,
+                                                 kv_offsets, ctx.max_q_tile, ctx.max_kv_block, ctx.scale)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -444,6 +504,13 @@ def block_sparse_attention_reference(
     """`block_sparse_attention` in plain PyTorch, through a dense [B, H, S, S_kv] mask; same arguments and
     results. Computes in fp32 (or fp64 for fp64 inputs); differentiable in q, k, v."""
     _check(q, k, v, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block)
+    allowed = listed_blocks_mask(q, k, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block)
+    return masked_attention_reference(q, k, v, allowed, scale)
+
+
+def listed_blocks_mask(q, k, kv_block_index, kv_block_count, q_offsets, kv_offsets, max_q_tile, max_kv_block):
+    """The dense [B, H, S, S_kv] bool mask of which keys each query visits under the block lists (the references'
+    view of `block_sparse_attention`'s arguments), after checking the offsets against the tensors and bounds."""
     B, S, H, _ = q.shape
     NQ, MAXK = kv_block_index.shape[-2:]
     NK = kv_offsets.numel() - 1
@@ -460,8 +527,7 @@ def block_sparse_attention_reference(
     visits = torch.zeros(B, H, NQ, NK + 1, dtype=torch.bool, device=device)
     visits.scatter_(-1, torch.where(used, kv_block_index.long(), NK), True)  # [B, H, NQ, n_kv + 1]
     allowed = visits[:, :, tile_of_query, :NK]  # [B, H, S, n_kv]
-    allowed = allowed[..., block_of_key]  # [B, H, S, S_kv]
-    return masked_attention_reference(q, k, v, allowed, scale)
+    return allowed[..., block_of_key]  # [B, H, S, S_kv]
 
 
-__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "invert_block_index"]
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference", "invert_block_index", "listed_blocks_mask"]

@@ -299,7 +299,7 @@ def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
     from .distilled_errors import DistilledErrors
 
     return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
-                     seed=recipe.train.seed, model=teacher,
+                     params_by_variant=p.params_by_variant, seed=recipe.train.seed, model=teacher,
                      data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
                      measure=DistilledErrors(recipe.stage1, recipe.data.samples) if p.distill_errors else None)
 

@@ -6,6 +6,7 @@ from ..errors import SurgeryError
 from .base import AttentionVariant, VariantConfig, dense_attention_flops
 from .full import FullAttention
 from .hybrid import HybridAttention
+from .hybrid_selected import HybridSelectedAttention
 from .linear import LinearAttention
 from .vmoba import VideoMixtureOfBlockAttention
 from .vsa import VideoSparseAttention
@@ -13,6 +14,7 @@ from .vsa import VideoSparseAttention
 VARIANTS: dict[str, type[AttentionVariant]] = {
     FullAttention.name: FullAttention,
     HybridAttention.name: HybridAttention,
+    HybridSelectedAttention.name: HybridSelectedAttention,
     LinearAttention.name: LinearAttention,
     VideoSparseAttention.name: VideoSparseAttention,
     VideoMixtureOfBlockAttention.name: VideoMixtureOfBlockAttention,

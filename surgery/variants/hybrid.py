@@ -97,7 +97,8 @@ class HybridAttention(FeatureMapAttention):
 
     @classmethod
     def flops(cls, config: HybridConfig, grid: VideoGrid, heads: int, head_dim: int) -> float:
-        """Per video, with S tokens, S' = |T_S| = ⌈S/R⌉, L = S − S', F = feature_dim, h = hidden_dim:
+        """Per video, with S tokens, S' = |T_S| = ⌈S/R⌉, L = S − S', F = feature_dim, h = hidden_dim
+        (for the polynomial map read P·F for F and for 2F, `FeatureMapConfig.psi_width`, `feature_count`):
 
         4·H·S·S'·D for the softmax branch (QK_Sᵀ and PV_S), plus, when L > 0, the linear branch
         2·H·(S + L)·(D·F + h·(D+F) + 2F·(D+1)): φ_q over all S queries, φ_k over the L linear keys,

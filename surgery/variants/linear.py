@@ -28,7 +28,8 @@ class LinearAttention(FeatureMapAttention):
 
     @classmethod
     def flops(cls, config: LinearConfig, grid: VideoGrid, heads: int, head_dim: int) -> float:
-        """Per video, with S tokens, F = feature_dim, h = hidden_dim:
+        """Per video, with S tokens, F = feature_dim, h = hidden_dim
+        (for the polynomial map read P·F for F and for 2F, `FeatureMapConfig.psi_width`, `feature_count`):
 
         4·H·S·(D·F + h·(D+F) + 2F·(D+1)) — φ_q and φ_k over S tokens each, the summary
         φ(K)ᵀ[V, 1] and its application to φ(Q) (see `linear_attention_flops`). The final division
@@ -50,14 +51,15 @@ class LinearAttention(FeatureMapAttention):
     def attend_kernel(self, q, k, v, grid, x=None):
         """The CUDA path: the fused linear-attention op (`kernels/linear_attention.py`), which computes φ_q and
         φ_k inside its kernels and never writes them (nor the [B, S, H, D+1] sums) to memory. Where it does not
-        apply — a second feature-map layer (hidden_dim > 0), or a dtype, head dim, F or device it does not take —
-        φ goes through the fused feature-map op and the summary φ(K)ᵀ[V, 1] and its application to φ(Q) through
-        two batched matmuls in q's dtype (fp32 sums inside them), with the division in fp32."""
+        apply — a map it does not compute (`FeatureMap.fused`: a second layer, the polynomial), or a dtype, head
+        dim, F or device it does not take — φ goes through the fused feature-map op where it applies and the
+        summary φ(K)ᵀ[V, 1] and its application to φ(Q) through two batched matmuls in q's dtype (fp32 sums inside
+        them), with the division in fp32."""
         from ..kernels.linear_attention import linear_attention, unsupported_reason  # Triton only where it runs
 
         maps = (self.feature_map_q, self.feature_map_k)
         with torch.autocast(q.device.type, enabled=False):
-            if not self.config.hidden_dim and not unsupported_reason(q, self.feature_map_q.weight):
+            if self.feature_map_q.fused and not unsupported_reason(q, self.feature_map_q.weight):
                 return linear_attention(q, k, v, *(p.to(q.dtype) for m in maps for p in (m.weight, m.bias)))
             numerator, denominator = self.linear_attention_sums(q, k, v, kernel=True)
         return (numerator.float() / denominator.float()).to(q.dtype)

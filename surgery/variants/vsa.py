@@ -26,10 +26,11 @@ from .block_select import attend_selected_blocks, block_count, compute_dtype, me
 
 
 @dataclasses.dataclass(frozen=True)
-class VSAConfig(VariantConfig):
+class TileSelection:
     """Tile shape (frames, height, width) and exactly one of `top_k` (key tiles per query tile) or
     `sparsity` (top_k = clamp(ceil((1 − sparsity)·tiles), 1, tiles), as FastVideo computes it).
-    A top_k above a grid's tile count keeps every tile."""
+    A top_k above a grid's tile count keeps every tile. Shared by the variants that keep each query
+    tile's top-k key tiles (`vsa`, `hybrid_selected`)."""
 
     tile: tuple[int, int, int] = (4, 4, 4)
     top_k: int | None = None
@@ -50,6 +51,11 @@ class VSAConfig(VariantConfig):
         if self.top_k is not None:
             return min(self.top_k, num_tiles)
         return min(max(math.ceil((1.0 - self.sparsity) * num_tiles), 1), num_tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class VSAConfig(TileSelection, VariantConfig):
+    """`TileSelection`'s settings: VSA has no others."""
 
 
 def coarse_attention(q_tiles, k_tiles, v_tiles) -> tuple[torch.Tensor, torch.Tensor]:

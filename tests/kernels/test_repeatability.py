@@ -24,8 +24,9 @@ GRID, HEADS, HEAD_DIM = VideoGrid(21, 30, 52), 12, 128  # Wan2.1-1.3B's self-att
     ("vsa", {"sparsity": 0.875}, 0),
     ("vmoba", {"select": "threshold", "threshold": 0.25}, 2),
     ("hybrid", {"rate": 8}, 0),
+    ("hybrid_selected", {"sparsity": 0.875}, 0),
     ("linear", {}, 0),
-], ids=["vsa", "vmoba-3d", "hybrid-r8", "linear"])
+], ids=["vsa", "vmoba-3d", "hybrid-r8", "hybrid-selected", "linear"])
 def test_kernel_path_is_repeatable_bit_for_bit(name, params, layer):
     cls = VARIANTS[name]
     torch.manual_seed(0)
