@@ -90,6 +90,12 @@ def show_info(info) -> None:
             ("self-attention FLOPs / forward", human_flops(info.self_attention_flops)),
             ("forward FLOPs", human_flops(info.forward_flops)),
             ("self-attention share", f"{info.self_attention_share:.1%}"),
+            ("latent channels, VAE scale", f"{info.latent_channels}, {'×'.join(map(str, info.vae_scale))}"),
+            ("image input", f"{info.image}" + (f" ({info.image_tokens} CLIP tokens)" if info.image_tokens else "")
+             if info.image else "none (text to video)"),
+            *[(f"expert {name}", f"{e['layers']} layers, timesteps {e['timesteps'][0]:g}–{e['timesteps'][1]:g}, "
+                                 f"self-attention {human_flops(e['self_attention_flops'])} / forward")
+              for name, e in info.experts.items() if len(info.experts) > 1],
         ],
     )
 

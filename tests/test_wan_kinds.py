@@ -1,0 +1,80 @@
+"""Every Wan checkpoint kind: Wan2.1 image-to-video, Wan2.2's two experts and TI2V-5B, as presets (the published
+configs) and tiny forms built in code."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from typer.testing import CliRunner
+
+import surgery
+from surgery.cli.app import app
+from surgery.errors import ModelLoadError
+from surgery.grid import VideoGrid
+from surgery.info import forward_flops, model_info
+from surgery.model import model_kind, timestep_band
+
+
+def test_presets_match_the_published_configs():
+    i2v = surgery.load_config("wan2.1-i2v-14b-480p")
+    assert surgery.load_config("wan2.1-i2v-14b-720p") == i2v
+    assert (i2v["in_channels"], i2v["out_channels"], i2v["image_dim"], i2v["added_kv_proj_dim"]) == (36, 16, 1280, 5120)
+    assert (i2v["num_layers"], i2v["num_attention_heads"], i2v["attention_head_dim"]) == (40, 40, 128)
+    for name, ratio, channels in (("wan2.2-t2v-a14b", 0.875, 16), ("wan2.2-i2v-a14b", 0.9, 36)):
+        config, kind = surgery.load_config(name), model_kind(name)
+        assert kind.experts == ("transformer", "transformer_2") and kind.boundary_ratio == ratio
+        assert (config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]) == (40, 5120)
+        assert (config["in_channels"], config["out_channels"], config["image_dim"]) == (channels, 16, None)
+    ti2v, kind = surgery.load_config("wan2.2-ti2v-5b"), model_kind("wan2.2-ti2v-5b")
+    assert (ti2v["num_layers"], ti2v["num_attention_heads"], ti2v["attention_head_dim"], ti2v["ffn_dim"]) == \
+        (30, 24, 128, 14336)
+    assert (ti2v["in_channels"], ti2v["out_channels"]) == (48, 48)
+    assert kind.vae_scale == (4, 16, 16) and kind.expand_timesteps and kind.image == "optional"
+    assert model_kind("wan2.1-i2v-14b-720p").image == "required" and model_kind("wan2.1-t2v-14b").image is None
+
+
+def test_info_of_each_preset_at_its_native_size():
+    ti2v = model_info("wan2.2-ti2v-5b")  # 121×704×1280 through the 16× VAE
+    assert ti2v.grid == {"frames": 31, "height": 22, "width": 40} and ti2v.tokens == 27_280
+    i2v = model_info("wan2.1-i2v-14b-480p")
+    assert i2v.tokens == 32_760 and i2v.image_tokens == 257 and i2v.image == "required"
+    result = CliRunner().invoke(app, ["info", "--model", "wan2.2-t2v-a14b", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["tokens"] == 75_600  # 720p, 81 frames
+    assert set(info["experts"]) == {"transformer", "transformer_2"}
+    high, low = info["experts"]["transformer"], info["experts"]["transformer_2"]
+    assert high["layers"] == low["layers"] == 40 and high["timesteps"] == [875, 1000] and low["timesteps"] == [0, 875]
+    # 4·H·S²·D per layer, 40 layers
+    assert high["self_attention_flops"] == low["self_attention_flops"] == 40 * 4 * 40 * 75_600**2 * 128
+
+
+def test_forward_flops_of_image_models_match_torch_flop_counter():
+    grid = VideoGrid(2, 3, 4)
+    for spec, image_tokens, per_token in (("tiny-wan2.1-i2v", 5, False), ("tiny-wan2.2-ti2v", 0, True)):
+        model = surgery.load_model(spec)
+        config = dict(model.config)
+        pt, ph, pw = config["patch_size"]
+        inputs = dict(
+            hidden_states=torch.randn(1, config["in_channels"], grid.frames * pt, grid.height * ph, grid.width * pw),
+            timestep=torch.full((1, grid.tokens) if per_token else (1,), 500.0),
+            encoder_hidden_states=torch.randn(1, 512, config["text_dim"]),
+        )
+        if image_tokens:
+            inputs["encoder_hidden_states_image"] = torch.randn(1, image_tokens, config["image_dim"])
+        with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            model(**inputs)
+        assert counter.get_total_flops() == forward_flops(config, grid, 512, image_tokens, per_token)["total"]
+
+
+def test_two_expert_models_load_one_expert_at_a_time():
+    high, low = surgery.load_model("tiny-wan2.2@transformer"), surgery.load_model("tiny-wan2.2@transformer_2")
+    assert not torch.equal(high.blocks[0].attn1.to_q.weight, low.blocks[0].attn1.to_q.weight)
+    assert timestep_band("tiny-wan2.2@transformer") == (0.875, 1.0)
+    assert timestep_band("tiny-wan2.2@transformer_2") == (0.0, 0.875)
+    with pytest.raises(ModelLoadError, match="has two experts"):
+        surgery.load_model("tiny-wan2.2")
+    with pytest.raises(ModelLoadError, match="has one transformer"):
+        surgery.load_model("tiny@transformer_2")
