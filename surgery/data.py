@@ -24,11 +24,14 @@ import torch
 from .errors import SurgeryError
 from .grid import VideoGrid
 from .recipe import DataSection
+from .model import image_embeddings
 from .wan import latent_channels
 
 
-def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int):
-    """A `datasets.Dataset` with `latents` and `text_embeddings` columns, in torch format."""
+def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int,
+                  image_tokens: int | None = None):
+    """A `datasets.Dataset` with `latents` and `text_embeddings` columns, in torch format; for a model that
+    attends to CLIP image tokens (Wan2.1 I2V), also `image_embeddings` (random ones for the "noise" source)."""
     import datasets
 
     if data.source == "dataset":
@@ -48,8 +51,11 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
     shape = (latent_channels(model_config), grid.frames * pt, grid.height * ph, grid.width * pw)
     latents = torch.randn(data.samples, *shape, generator=g)
     text = torch.randn(data.samples, text_tokens, model_config["text_dim"], generator=g)
-    dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
-    return dataset.with_format("torch")
+    columns = {"latents": latents.numpy(), "text_embeddings": text.numpy()}
+    images = image_embeddings(model_config, image_tokens, data.samples, g)
+    if images is not None:
+        columns["image_embeddings"] = images.numpy()
+    return datasets.Dataset.from_dict(columns).with_format("torch")
 
 
 def _toy_dataset(samples: int, model_config: dict, latent_size: tuple[int, int, int], seed: int):
@@ -75,17 +81,19 @@ class Batch:
     text: torch.Tensor  # [B, L, text_dim]
     clean: torch.Tensor  # [B, C, F, H, W] x0
     noise: torch.Tensor  # [B, C, F, H, W] ε
+    image: torch.Tensor | None = None  # [B, image_tokens, image_dim] CLIP image tokens (Wan2.1 I2V)
 
 
 class StepSampler:
-    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s)."""
+    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s), t uniform
+    over `band` (fractions of 1000: one expert of two trains on the timesteps it serves)."""
 
     def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1,
-                 condition=None):
+                 condition=None, band: tuple[float, float] = (0.0, 1.0)):
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
-        self.rank, self.world = rank, world
-        # x_t → the transformer's input (surgery.model.conditioner); None: x_t as it is.
-        self.condition = condition or (lambda noisy: noisy)
+        self.rank, self.world, self.band = rank, world, band
+        # (x_t, first clean frame) → the transformer's input (surgery.model.conditioner); None: x_t as it is.
+        self.condition = condition or (lambda noisy, image=None: noisy)
 
     def _indices(self, step: int) -> list[int]:
         n = len(self.dataset)
@@ -101,11 +109,14 @@ class StepSampler:
         rows = self.dataset[self._indices(step)]
         clean = rows["latents"].to(torch.float32)
         g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + self.rank)
-        t = torch.rand(clean.shape[0], generator=g)
+        low, high = self.band
+        t = low + (high - low) * torch.rand(clean.shape[0], generator=g)
         noise = torch.randn(clean.shape, generator=g)
         sigma = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * clean + sigma * noise
+        # Image-to-video: the clip's own first frame is the image it is conditioned on.
+        image = rows["image_embeddings"].to(device, dtype) if "image_embeddings" in rows else None
         return Batch(
-            self.condition(noisy).to(device, dtype), (t * 1000).to(device), rows["text_embeddings"].to(device, dtype),
-            clean.to(device, dtype), noise.to(device, dtype),
+            self.condition(noisy, clean[:, :, :1]).to(device, dtype), (t * 1000).to(device),
+            rows["text_embeddings"].to(device, dtype), clean.to(device, dtype), noise.to(device, dtype), image,
         )

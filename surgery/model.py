@@ -418,14 +418,33 @@ def is_toy(config: dict) -> bool:
     return fingerprint(config) == fingerprint(PRESETS["toy"].config)
 
 
-def conditioner(config: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    """noisy latents [B, latent_channels, F, H, W] → the transformer's input. A model that reads more
-    channels than it predicts gets them appended: the toy its pixel coordinates
-    (surgery.toy.with_positions), any other (Wan image-to-video: an image's latents and mask) zeros,
-    that is no image."""
+def conditioner(config: dict) -> Callable[..., torch.Tensor]:
+    """condition(noisy, image=None): noisy latents [B, latent_channels, F, H, W] → the transformer's input.
+    A model that reads more channels than it predicts gets them appended: the toy its pixel coordinates
+    (surgery.toy.with_positions); Wan image-to-video a mask of the given frames (one per VAE time step of the
+    first latent frame) and the image's latents `image` [B, latent_channels, 1, H, W] as the first frame,
+    zeros after it, as diffusers' WanImageToVideoPipeline builds them; without an image, zeros."""
     if is_toy(config):
-        return toy.with_positions
+        return lambda noisy, image=None: toy.with_positions(noisy)
     extra = config["in_channels"] - latent_channels(config)
     if extra <= 0:
-        return lambda noisy: noisy
-    return lambda noisy: torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], 1)
+        return lambda noisy, image=None: noisy
+
+    def condition(noisy, image=None):
+        b, c, f, h, w = noisy.shape
+        if image is None:
+            return torch.cat([noisy, noisy.new_zeros(b, extra, f, h, w)], 1)
+        mask = noisy.new_zeros(b, extra - c, f, h, w)
+        mask[:, :, 0] = 1
+        latents = torch.cat([image.to(noisy), noisy.new_zeros(b, c, f - 1, h, w)], 2)
+        return torch.cat([noisy, mask, latents], 1)
+
+    return condition
+
+
+def image_embeddings(config: dict, image_tokens: int | None, batch: int, generator=None) -> torch.Tensor | None:
+    """Random CLIP image tokens [B, image_tokens, image_dim] for a model that attends to them (Wan2.1 I2V):
+    what a random latent is to an image, for calibration and self-distillation; None for any other model."""
+    if not config.get("image_dim"):
+        return None
+    return torch.randn(batch, image_tokens or 257, config["image_dim"], generator=generator)
