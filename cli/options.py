@@ -28,6 +28,10 @@ TrainingFreePlan = Annotated[
     Optional[Path],
     typer.Option("--plan", help="A plan JSON applied to --model with no distillation (training-free variants only)."),
 ]
+BudgetPerExpert = Annotated[bool, typer.Option(
+    "--budget-per-expert",
+    help="Two-expert models: the budget holds for each expert alone, not for the sampling run (where each "
+         "expert's attention counts by the steps it serves).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
 Verify = Annotated[
     bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")

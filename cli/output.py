@@ -100,6 +100,21 @@ def show_info(info) -> None:
     )
 
 
+def show_expert_plans(plans, path, seconds: float) -> None:
+    for name, plan in plans.plans.items():
+        console.print(f"[bold]{name}[/bold]")
+        show_plan(plan)
+    served = plans.meta["steps_served"]
+    console.print(
+        f"two experts switched at boundary ratio {plans.boundary_ratio:g}: of {served['steps']} steps "
+        f"(flow shift {served['shift']:g}) transformer serves {served['transformer']}, transformer_2 "
+        f"{served['transformer_2']}; attention FLOPs over the sampling run {plans.meta['flops_ratio']:.1%} of dense "
+        f"(budget {plans.budget:g} {plans.meta['budget_scope'] == 'per expert' and 'per expert' or 'for the run'}); "
+        f"planned in {seconds:.0f} s"
+    )
+    console.print(f"wrote {path}", soft_wrap=True)
+
+
 @contextlib.contextmanager
 def progress(description: str):
     """Yield a `(done, total)` callback that drives a transient rich progress bar on stderr.
@@ -239,7 +254,8 @@ def show_eval(report) -> None:
 
 
 def show_run(summary) -> None:
-    show_distill(summary.distill)
+    for distilled in summary.distill.values() if isinstance(summary.distill, dict) else [summary.distill]:
+        show_distill(distilled)
     show_eval(summary.eval)
     counts: dict[str, int] = {}
     for variant in summary.variants.values():

@@ -24,6 +24,8 @@ from .plan import Plan
 from .planned import check_plan_grid, check_training_free, load_planned
 from .sampling import euler_sample
 from .swap import apply
+from .experts import ExpertPlans, TwoExperts, load_denoiser, load_plan_for
+from .model import EXPERTS, expert_spec, image_embeddings, model_kind, split_expert
 from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
@@ -51,16 +53,18 @@ class EvalReport:
         return asdict(self)
 
 
-def sample_latents(model, noise, text, steps: int, reference=None, on_step=None):
+def sample_latents(model, noise, text, steps: int, reference=None, on_step=None, image=None, image_embeds=None):
     """Euler flow-matching sampling from `noise` on the σ schedule of Wan's FlowMatchEulerDiscreteScheduler;
-    with `reference`, also the reference's velocity error per step along `model`'s trajectory.
+    with `reference`, also the reference's velocity error per step along `model`'s trajectory. Image-to-video:
+    `image` the image's latents [B, C, F', H, W] (surgery.model.conditioner), `image_embeds` its CLIP tokens.
     Returns (latents, [errors])."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
     scheduler.set_timesteps(steps)
-    return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=conditioner(dict(model.config)),
-                        reference=reference, on_step=on_step)
+    condition = conditioner(dict(model.config))
+    return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=lambda x: condition(x, image),
+                        reference=reference, on_step=on_step, extra={"encoder_hidden_states_image": image_embeds})
 
 
 def _step_counter(progress, total: int):
@@ -83,10 +87,11 @@ def _decoder(spec: str):
         from .toy import decode_unit
 
         return decode_unit
-    if spec == "tiny":
-        from .pipeline import build_tiny_pipeline
+    from .pipeline import TINY_FORMS, build_tiny_pipeline
 
-        vae = build_tiny_pipeline().vae
+    spec = split_expert(spec)[0]
+    if spec == "tiny" or spec in TINY_FORMS:
+        vae = build_tiny_pipeline(spec=spec).vae
     elif Path(spec).is_dir() and (Path(spec) / "vae").is_dir():
         from diffusers import AutoencoderKLWan
 
@@ -125,18 +130,34 @@ def evaluate(
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
     grid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
+    kind = model_kind(teacher_spec)
     if plan is not None:
-        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        check_training_free(plan)
-        check_plan_grid(plan, grid)
-        student, student_spec = load_planned(teacher_spec, plan), f"{teacher_spec} + plan"
+        plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(teacher_spec, plan)
+        plans = plan.plans if isinstance(plan, ExpertPlans) else {None: plan}
+        for one in plans.values():
+            check_training_free(one)
+            check_plan_grid(one, grid)
+        if isinstance(plan, ExpertPlans):
+            plan.check_for(teacher_spec)
+            student = TwoExperts(*(load_planned(expert_spec(teacher_spec, name), plans[name]) for name in EXPERTS),
+                                 kind.boundary_ratio)
+        else:
+            student = load_planned(teacher_spec, plan)
+        student_spec = f"{teacher_spec} + plan"
     else:
         # Compare architectures from the configs first: loading a mismatched full-size model is slow.
         if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
             raise SurgeryError(
                 f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
-        student = load_model(student_spec, verify=verify)
-    return compare(student, load_model(teacher_spec), teacher_spec, grid, samples=samples, steps=steps, seed=seed,
+        student_experts = model_kind(student_spec).experts if split_expert(student_spec)[1] is None else EXPERTS[:1]
+        teacher_experts = kind.experts if split_expert(teacher_spec)[1] is None else EXPERTS[:1]
+        if len(student_experts) != len(teacher_experts):
+            raise SurgeryError(f"{student_spec} has {len(student_experts)} transformer(s) and {teacher_spec} "
+                               f"{len(teacher_experts)}: eval needs a student of the teacher, expert for expert")
+        if verify:
+            verify_model(student_spec)
+        student = load_denoiser(student_spec)
+    return compare(student, load_denoiser(teacher_spec), teacher_spec, grid, samples=samples, steps=steps, seed=seed,
                    student_name=student_spec, progress=progress)
 
 
@@ -171,17 +192,26 @@ def compare(
     elif prompts is not None:
         raise SurgeryError(f"{teacher_spec} has no caption encoder here: prompts apply to the toy teacher only")
     on_step = _step_counter(progress, 2 * samples * steps)  # two trajectories per sample
+    config, kind = dict(teacher.config), model_kind(teacher_spec)
     per_step, latent_errors, psnrs, ssims = [], [], [], []
     for i in range(samples):
-        noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
+        noise = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw,
                             generator=g)
         if toy_text is None:
             text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
         else:
             text = toy_text[i : i + 1]
+        image = image_embeds = None
+        if kind.image == "required":
+            # Image-to-video: a random first-frame latent and CLIP tokens, as text embeddings are random.
+            image = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=g).to(device)
+            image_embeds = image_embeddings(config, kind.image_tokens, 1, g)
+            image_embeds = None if image_embeds is None else image_embeds.to(device)
         noise, text = noise.to(device), text.to(device)
-        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step)
-        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step)
+        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step,
+                                           image=image, image_embeds=image_embeds)
+        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step, image=image,
+                                      image_embeds=image_embeds)
         per_step.append(errors)
         z_teacher, z_student = z_teacher.cpu(), z_student.cpu()  # decoders and metrics run on the CPU
         latent_errors.append(relative_l2(z_student, z_teacher))

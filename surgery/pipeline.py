@@ -18,6 +18,8 @@ _VOCAB = (
 ).split()
 TEXT_TOKENS = 16
 TEXT_DIM = 32  # the tiny transformer's text_dim
+# The tiny model in the shape of each other Wan kind: exported and sampled as whole pipelines.
+TINY_FORMS = ("tiny-wan2.1-i2v", "tiny-wan2.2", "tiny-wan2.2-i2v", "tiny-wan2.2-ti2v")
 
 
 def _tokenizer(max_length: int = TEXT_TOKENS):

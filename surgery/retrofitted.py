@@ -83,12 +83,12 @@ SurgeryWanTransformer3DModel.__init__.__signature__ = _wan_signature.replace(
 
 def export_root(folder: str | Path) -> tuple[Path, str]:
     """(the export's root folder, the transformer's folder inside it) for an export's root or its
-    pipeline's transformer/ folder."""
+    pipeline's transformer/ (or transformer_2/) folder."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder, "transformer"
-    if folder.name == "transformer" and (folder.parent / "model_index.json").is_file():
-        return folder.parent, "transformer"
+    if folder.name in ("transformer", "transformer_2") and (folder.parent / "model_index.json").is_file():
+        return folder.parent, folder.name
     return folder, ""
 
 

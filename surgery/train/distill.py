@@ -25,6 +25,7 @@ import torch
 
 from ..swap import apply, check_plan, variant_processors
 from ..errors import SurgeryError
+from ..experts import check_expert
 from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
 from ..lock import LOCK_NAME, check_not_busy, folder_lock
 from ..loading import load_model
@@ -228,6 +229,7 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
     teacher.requires_grad_(False)
     plan = plan if plan is not None else _plan_for(spec, recipe, teacher, stage_progress(progress, "calibrating"))
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
+    check_expert(plan, spec)
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
     dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed,
                             model_kind(spec).image_tokens)
