@@ -8,12 +8,16 @@ and `surgery.model.timestep_band` gives it its side of the boundary for calibrat
 
 A budget holds for the whole sampling run: each expert's attention FLOPs count by the share of the steps
 it serves (on the schedule of `steps` Euler steps at flow shift `shift`), one knapsack over both experts'
-layers. With `per_expert`, each expert gets the budget on its own.
+layers. With `per_expert`, each expert gets the budget on its own. Training steps (the planner's stage 1,
+distill's stages) are split between the experts by the same shares, so both together train as long as one
+model does with the same recipe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +76,17 @@ def steps_served(boundary_ratio: float, steps: int = SAMPLING_STEPS, shift: floa
     scheduler.set_timesteps(steps)
     high = sum(1 for t in scheduler.timesteps.tolist() if t >= boundary_ratio * 1000)
     return {EXPERTS[0]: high, EXPERTS[1]: steps - high}
+
+
+def _scaled(stage, share: float):
+    """Training settings with `share` of their steps (at least one, unless the stage is off)."""
+    steps = math.ceil(stage.steps * share) if stage.steps else 0
+    return dataclasses.replace(stage, steps=steps, warmup_steps=min(steps, round(stage.warmup_steps * share)))
+
+
+def expert_recipe(recipe, share: float):
+    """`recipe` for one expert serving `share` of the sampling steps: that share of its training steps."""
+    return dataclasses.replace(recipe, stage1=_scaled(recipe.stage1, share), stage2=_scaled(recipe.stage2, share))
 
 
 @dataclass
@@ -191,12 +206,16 @@ def make_expert_plans(spec: str, budget: float, *, per_expert: bool = False, ste
     if not kind.two_experts:
         raise SurgeryError(f"{spec} has one transformer: plan it with one budget (no experts to share it)")
     served = steps_served(kind.boundary_ratio, steps, shift)
+    measure = options.pop("measure", None)
+    stage1 = getattr(measure, "stage1", None)  # the planner's stage 1 of learned candidates (DistilledErrors)
+    options_for = {name: {**options, "measure": dataclasses.replace(measure, stage1=_scaled(stage1, served[name] / steps))
+                          if stage1 is not None else measure} for name in EXPERTS}
     meta = {"budget_scope": "per expert" if per_expert else "sampling run",
             "steps_served": {**served, "steps": steps, "shift": shift}}
     if per_expert:
-        plans = {name: make_plan(expert_spec(spec, name), budget, **options) for name in EXPERTS}
+        plans = {name: make_plan(expert_spec(spec, name), budget, **options_for[name]) for name in EXPERTS}
     else:
-        contexts = {name: calibrate(expert_spec(spec, name), **options) for name in EXPERTS}
+        contexts = {name: calibrate(expert_spec(spec, name), **options_for[name]) for name in EXPERTS}
         weights = {name: served[name] / steps for name in EXPERTS}
         # One knapsack over both experts' layers: costs and errors count as often as their expert runs.
         costs = [[c * weights[name] for c in row] for name in EXPERTS for row in contexts[name]["costs"]]
@@ -246,7 +265,8 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
                     force: bool = False, budget_per_expert: bool = False, progress=None) -> dict:
     """`distill` for a two-expert model: plan both experts (or take `plans`), then distill each against its own
     frozen teacher on the timesteps it serves, in out/transformer/ and out/transformer_2/ (run folders of their
-    own). out/ holds run.json, recipe.json and plan.json (both plans). Returns {expert: DistillSummary}."""
+    own, each with the recipe's share of training steps for the steps it serves: `expert_recipe`). out/ holds
+    run.json, recipe.json and plan.json (both plans). Returns {expert: DistillSummary}."""
     from .lock import LOCK_NAME, folder_lock
     from .train import distill
     from .train.distill import check_run_folder, distill_summary, is_run_folder, saved_run
@@ -273,12 +293,13 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
             plans.save(out / "plan.json")
             atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "experts": list(EXPERTS),
                                                  "finished": False})
+        served = plans.meta["steps_served"]
         for name in EXPERTS:
             sub = out / name
             if is_run_folder(sub) and saved_run(sub)[0].get("finished"):
                 continue
-            distill(expert_spec(spec, name), recipe, sub, plan=plans.plans[name], resume=is_run_folder(sub),
-                    progress=progress)
+            distill(expert_spec(spec, name), expert_recipe(recipe, served[name] / served["steps"]), sub,
+                    plan=plans.plans[name], resume=is_run_folder(sub), progress=progress)
         atomic_write_json(out / "run.json", {"model": spec, "recipe": recipe.name, "experts": list(EXPERTS),
                                              "finished": True})
     return {name: distill_summary(out / name) for name in EXPERTS}
