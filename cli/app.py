@@ -209,15 +209,16 @@ def generate(
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     plan: opt.TrainingFreePlan = None,
+    image: opt.Image = None,
     force: opt.Force = False,
     verify: opt.Verify = False,
 ):
-    """Generate a video with a (retrofitted) model."""
+    """Generate a video with a (retrofitted) model (image-to-video: from --image)."""
     from surgery.evaluate import generate as run_generate
 
     with output.progress("sampling") as update:
         path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps,
-                                   seed=seed, force=force, verify=verify, progress=update, plan=plan)
+                                   seed=seed, force=force, verify=verify, progress=update, plan=plan, image=image)
     output.console.print(f"wrote {path} ({count} frames)")
 
 
@@ -229,6 +230,7 @@ def eval_(
     samples: Annotated[int, typer.Option(min=1, help="Seeded generations to compare.")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
+    image: opt.Image = None,
     verify: opt.Verify = False,
     json: opt.Json = False,
 ):
@@ -237,7 +239,7 @@ def eval_(
 
     with output.progress("sampling") as update:
         report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed, verify=verify,
-                          progress=update)
+                          progress=update, image=image)
     output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 

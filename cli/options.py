@@ -32,6 +32,8 @@ BudgetPerExpert = Annotated[bool, typer.Option(
     "--budget-per-expert",
     help="Two-expert models: the budget holds for each expert alone, not for the sampling run (where each "
          "expert's attention counts by the steps it serves).")]
+Image = Annotated[Optional[Path], typer.Option(
+    help="The first frame (an image file) of an image-to-video model (required there) or of Wan2.2 TI2V (optional).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
 Verify = Annotated[
     bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")

@@ -422,8 +422,9 @@ def conditioner(config: dict) -> Callable[..., torch.Tensor]:
     """condition(noisy, image=None): noisy latents [B, latent_channels, F, H, W] → the transformer's input.
     A model that reads more channels than it predicts gets them appended: the toy its pixel coordinates
     (surgery.toy.with_positions); Wan image-to-video a mask of the given frames (one per VAE time step of the
-    first latent frame) and the image's latents `image` [B, latent_channels, 1, H, W] as the first frame,
-    zeros after it, as diffusers' WanImageToVideoPipeline builds them; without an image, zeros."""
+    first latent frame) and the image's latents `image` [B, latent_channels, F', H, W] (of the image and black
+    frames after it, as diffusers' WanImageToVideoPipeline encodes them; F' = 1: the first frame, zeros after it);
+    without an image, zeros."""
     if is_toy(config):
         return lambda noisy, image=None: toy.with_positions(noisy)
     extra = config["in_channels"] - latent_channels(config)
@@ -436,7 +437,7 @@ def conditioner(config: dict) -> Callable[..., torch.Tensor]:
             return torch.cat([noisy, noisy.new_zeros(b, extra, f, h, w)], 1)
         mask = noisy.new_zeros(b, extra - c, f, h, w)
         mask[:, :, 0] = 1
-        latents = torch.cat([image.to(noisy), noisy.new_zeros(b, c, f - 1, h, w)], 2)
+        latents = torch.cat([image.to(noisy), noisy.new_zeros(b, c, f - image.shape[2], h, w)], 2)
         return torch.cat([noisy, mask, latents], 1)
 
     return condition

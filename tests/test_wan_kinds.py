@@ -15,6 +15,7 @@ from surgery.errors import ModelLoadError
 from surgery.grid import VideoGrid
 from surgery.info import forward_flops, model_info
 from surgery.model import model_kind, timestep_band
+from surgery.wan import fingerprint
 
 
 def test_presets_match_the_published_configs():
@@ -78,3 +79,55 @@ def test_two_expert_models_load_one_expert_at_a_time():
         surgery.load_model("tiny-wan2.2")
     with pytest.raises(ModelLoadError, match="has one transformer"):
         surgery.load_model("tiny@transformer_2")
+
+
+@pytest.mark.parametrize("spec", ["tiny-wan2.1-i2v", "tiny-wan2.2", "tiny-wan2.2-ti2v"])
+def test_a_pipeline_folder_of_each_kind_reads_as_its_preset(spec, tmp_path):
+    from surgery.pipeline import build_tiny_pipeline
+
+    build_tiny_pipeline(spec=spec).save_pretrained(tmp_path / "pipe")
+    folder, preset = str(tmp_path / "pipe"), model_kind(spec)
+    kind = model_kind(folder)
+    assert (kind.experts, kind.boundary_ratio, kind.image, kind.vae_scale, kind.expand_timesteps) == \
+        (preset.experts, preset.boundary_ratio, preset.image, preset.vae_scale, preset.expand_timesteps)
+    assert kind.image_tokens == preset.image_tokens
+    assert fingerprint(surgery.load_config(folder)) == fingerprint(surgery.load_config(spec))
+    name = f"{folder}@transformer_2" if kind.two_experts else folder
+    built = surgery.load_model(f"{spec}@transformer_2" if kind.two_experts else spec)
+    loaded = surgery.load_model(name)
+    assert torch.equal(loaded.blocks[0].attn1.to_q.weight, built.blocks[0].attn1.to_q.weight)
+
+
+def _image(path):
+    from PIL import Image
+
+    Image.fromarray(torch.arange(48 * 64 * 3).remainder(251).to(torch.uint8).reshape(48, 64, 3).numpy()).save(path)
+    return path
+
+
+def test_image_to_video_takes_an_image_and_text_to_video_refuses_one(tmp_path):
+    from surgery.evaluate import evaluate, generate
+
+    image = _image(tmp_path / "first.png")
+    path, count = generate("tiny-wan2.1-i2v", "a red square", tmp_path / "i2v.gif", image=image, frames=5, height=32,
+                           width=32, steps=1)
+    assert count == 5 and path.is_file()
+    report = evaluate("tiny-wan2.2-ti2v", "tiny-wan2.2-ti2v", image=image, samples=1, steps=2, frames=5, height=64,
+                      width=64)
+    assert report.velocity_error_mean == 0.0  # the teacher against itself, from the image's first frame
+    cli = CliRunner()
+    cases = [
+        (["generate", "--model", "tiny-wan2.2-i2v", "--prompt", "a", "--out", str(tmp_path / "a.gif")],
+         "is an image-to-video model: give its first frame with --image"),
+        (["generate", "--model", "tiny-wan2.2", "--prompt", "a", "--image", str(image), "--out", str(tmp_path / "b.gif")],
+         "is a text-to-video model: it takes no --image"),
+        (["eval", "--model", "tiny-wan2.1-i2v", "--student", "tiny-wan2.1-i2v", "--image", str(tmp_path / "none.png")],
+         "does not exist"),
+        (["generate", "--model", "tiny-wan2.1-i2v", "--prompt", "a", "--image", str(tmp_path / "i2v.gif.txt"),
+          "--out", str(tmp_path / "c.gif")], "does not exist"),
+    ]
+    for args, fragment in cases:
+        result = cli.invoke(app, args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+        assert fragment in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.png", "i2v.gif"]
