@@ -103,3 +103,35 @@ def test_bad_input_about_experts_is_one_line_and_writes_nothing(two_expert_run, 
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
         assert fragment in result.stderr, result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_community_lora_in_diffusers_wan_format_loads_onto_both_exported_experts(two_expert_run, tmp_path):
+    import torch
+    from diffusers import WanPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    out, _ = two_expert_run
+    # A LoRA trained (here: built at random) on the teacher, saved as diffusers saves Wan LoRAs.
+    teacher = surgery.load_model("tiny-wan2.2@transformer")
+    teacher.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    WanPipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(teacher))
+    assert all(k.startswith("transformer.") for k in load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+
+    pipe = WanPipeline.from_pretrained(out / "exported")
+    pipe.set_progress_bar_config(disable=True)
+
+    def video():
+        return torch.from_numpy(pipe("a red square", num_frames=5, height=32, width=32, num_inference_steps=2,
+                                     max_sequence_length=16, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).frames)
+
+    before = video()
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="style")
+    pipe.load_lora_weights(tmp_path / "lora", adapter_name="style", load_into_transformer_2=True)
+    for model in (pipe.transformer, pipe.transformer_2):
+        q = model.blocks[0].attn1.to_q  # self-attention keeps diffusers' projections, so the LoRA lands there too
+        assert "style" in q.lora_A and surgery.variant_processors(model)
+    assert (video() - before).abs().max() > 1e-3
