@@ -7,7 +7,9 @@
 # 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
-# R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# R=8 and linear at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy), wan22 (bench/e2e.py, what
+# `vsurgery bench` times, on the Wan2.2 TI2V-5B preset at its native 121×704×1280: stock, the attention-free
+# ceiling, FLOP budget 0.3 and the latency planner's fastest plan).
 # Wheels in .whl/ (the peer kernels, or packages a machine without a package index lacks) are installed
 # first into /tmp/site, offline.
 set -euo pipefail
@@ -38,7 +40,9 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid --params '{"rate": 8}' 2>&1 | tee "$OUT/train-hybrid.txt"
       python3 bench/train_step.py --variant linear --params '{}' 2>&1 | tee "$OUT/train-linear.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy)" >&2
+    wan22) python3 bench/e2e.py --model wan2.2-ti2v-5b --frames 121 --height 704 --width 1280 --budgets 0.3 \
+             --out "$OUT/e2e-wan22-5b.json" 2>&1 | tee "$OUT/e2e-wan22-5b.txt" ;;
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, video, compiled, kernels, hybrid, variants, train, toy, wan22)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done

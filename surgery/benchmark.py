@@ -22,7 +22,7 @@ import torch
 
 from .errors import SurgeryError
 from .loading import load_config, load_model
-from .model import PRESETS, conditioner, default_text_tokens, resolve_grid
+from .model import PRESETS, conditioner, default_text_tokens, image_embeddings, model_kind, resolve_grid
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free
 from .swap import apply, install_processors, self_attention_modules, variant_processors
@@ -112,14 +112,19 @@ def _sdpa_cudnn(enabled: bool):
 
 def step_inputs(model_spec: str, config: dict, grid, guidance: bool, device, dtype) -> list[dict]:
     """The transformer's inputs for one denoising step at `grid`: one call per guidance branch (random
-    latents, the same for both; random text embeddings, one per branch; timestep 500)."""
+    latents, the same for both; random text embeddings, one per branch; timestep 500) as the model's pipeline
+    makes them: one timestep per token for Wan2.2 TI2V, random CLIP image tokens for Wan2.1 I2V."""
     pt, ph, pw = config["patch_size"]
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
     text_tokens = default_text_tokens(model_spec)
     texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
-    return [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
-                 timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype))
+    kind = model_kind(model_spec)
+    timestep = torch.full((1, grid.tokens) if kind.expand_timesteps else (1,), 500.0, device=device)
+    image = image_embeddings(config, kind.image_tokens, 1, g)
+    image = None if image is None else image.to(device, dtype)
+    return [dict(hidden_states=conditioner(config)(latents).to(device, dtype), timestep=timestep,
+                 encoder_hidden_states=text.to(device, dtype), encoder_hidden_states_image=image)
             for text in texts]
 
 
@@ -263,7 +268,7 @@ def _pipeline_for(model_spec: str, transformer, device, dtype):
     if model_spec in PRESETS:
         from .pipeline import WAN_TEXT_TOKENS, build_random_pipeline
 
-        return build_random_pipeline(transformer, device=device, dtype=dtype), WAN_TEXT_TOKENS
+        return build_random_pipeline(transformer, device=device, dtype=dtype, spec=model_spec), WAN_TEXT_TOKENS
     raise SurgeryError(f"--video needs a pipeline: a preset, tiny or a diffusers pipeline folder, not {model_spec}")
 
 

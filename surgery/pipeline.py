@@ -96,12 +96,18 @@ def _tiny_image_encoder() -> dict:
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
                 feed_forward_proj="gated-gelu", vocab_size=256384)
 WAN_TEXT_TOKENS = 512
+# Wan2.2's VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers): 48 latent channels, 2×2 pixels folded into channels, 16× in space.
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
 
 
-def build_random_pipeline(transformer, *, device, dtype=torch.bfloat16, seed: int = 0):
-    """WanPipeline with Wan2.1's components at full size and random weights around `transformer` (a preset):
-    the text encoder in `dtype`, the VAE in fp32 as Wan's pipelines run it. For timing only: its videos
-    are noise. The tokenizer is the tiny word-level one, padded to Wan's 512 tokens."""
+def build_random_pipeline(transformer, *, device, dtype=torch.bfloat16, seed: int = 0, spec: str = "wan2.1-t2v-1.3b"):
+    """WanPipeline with Wan's components at full size and random weights around `transformer` (preset `spec`):
+    the text encoder in `dtype`, the VAE in fp32 as Wan's pipelines run it (Wan2.2's 48-channel one, with one
+    timestep per token, for TI2V). For timing only: its videos are noise. The tokenizer is the tiny word-level
+    one, padded to Wan's 512 tokens."""
+    from .model import model_kind
+
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -109,6 +115,7 @@ def build_random_pipeline(transformer, *, device, dtype=torch.bfloat16, seed: in
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL, pad_token_id=0, eos_token_id=1)).to(dtype).eval()
-        vae = AutoencoderKLWan().eval()
+        vae = AutoencoderKLWan(**WAN22_VAE).eval() if model_kind(spec).expand_timesteps else AutoencoderKLWan().eval()
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer,
+                       expand_timesteps=model_kind(spec).expand_timesteps)
