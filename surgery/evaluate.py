@@ -353,12 +353,14 @@ def generate_video(
     verify: `spec` is an export; check its files' SHA-256 first. progress(done, total): denoising steps.
     plan: a training-free plan (one per expert for two experts) applied to the transformers first.
     """
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers import WanPipeline
 
     from .pipeline import TEXT_TOKENS, TINY_FORMS, build_tiny_pipeline
 
     kind = model_kind(spec)
     picture = check_image(spec, image)
+    if picture is not None:
+        from diffusers import WanImageToVideoPipeline
     plans = {}
     if plan is not None:
         plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(spec, plan)
@@ -396,7 +398,7 @@ def generate_video(
         spec = "tiny"
     for name, one in plans.items():
         apply(getattr(pipe, name), one)
-    if picture is not None and not isinstance(pipe, WanImageToVideoPipeline):
+    if picture is not None and type(pipe) is not WanImageToVideoPipeline:
         # Wan2.2 TI2V: the same parts and settings, with a first frame
         pipe = WanImageToVideoPipeline(**pipe.components, boundary_ratio=pipe.config.boundary_ratio,
                                        expand_timesteps=pipe.config.expand_timesteps)

@@ -75,9 +75,9 @@ class ModelInfo:
 
 def model_info(spec: str, frames=None, height=None, width=None, text_tokens=None) -> ModelInfo:
     """Architecture, token grid and FLOP split of `spec` at a video size (model defaults fill gaps)."""
-    kind = model_kind(spec)
-    names = kind.experts if split_expert(spec)[1] is None else (split_expert(spec)[1],)
-    configs = {name: load_config(expert_spec(spec, name) if kind.two_experts else spec) for name in names}
+    kind, (base, expert) = model_kind(spec), split_expert(spec)
+    names = kind.experts if expert is None else (expert,)
+    configs = {name: load_config(expert_spec(base, name) if kind.two_experts else spec) for name in names}
     config = next(iter(configs.values()))
     grid = resolve_grid(spec, config, frames, height, width)
     text_tokens = text_tokens or default_text_tokens(spec)
@@ -86,7 +86,7 @@ def model_info(spec: str, frames=None, height=None, width=None, text_tokens=None
     experts = {}
     for name, expert_config in configs.items():
         expert_flops = forward_flops(expert_config, grid, text_tokens, image_tokens, kind.expand_timesteps)
-        band = timestep_band(expert_spec(split_expert(spec)[0], name)) if kind.two_experts else (0.0, 1.0)
+        band = timestep_band(expert_spec(base, name)) if kind.two_experts else (0.0, 1.0)
         experts[name] = {
             "fingerprint": fingerprint(expert_config), "layers": expert_config["num_layers"],
             "timesteps": [band[0] * 1000, band[1] * 1000],

@@ -40,7 +40,7 @@ def build_tiny_pipeline(transformer=None, seed: int = 0, spec: str = "tiny", tra
     encoder, Wan VAE (Wan2.2's 48-channel, 16× kind for TI2V), flow-match scheduler and the transformer (its
     two experts for Wan2.2 A14B, with the boundary ratio); image-to-video kinds get WanImageToVideoPipeline,
     Wan2.1's with a tiny CLIP vision encoder. Transformers not given are the preset's."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     from .loading import load_model
@@ -73,6 +73,9 @@ def build_tiny_pipeline(transformer=None, seed: int = 0, spec: str = "tiny", tra
                  scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer_2=transformer_2,
                  boundary_ratio=kind.boundary_ratio, expand_timesteps=kind.expand_timesteps)
     if kind.image == "required":
+        # Imported only here: it imports transformers' CLIP image processor, which warns without torchvision.
+        from diffusers import WanImageToVideoPipeline
+
         return WanImageToVideoPipeline(**parts, **image_parts)
     return WanPipeline(**parts)
 

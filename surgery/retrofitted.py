@@ -111,6 +111,9 @@ def load_exported(path: str | Path, dtype=None, device=None, verify: bool = Fals
     if verify:
         verify_export(path)
     root, transformer = export_root(path)
+    if Path(path) == root and (root / "transformer_2").is_dir():
+        raise ModelLoadError(f"{root} holds two experts (transformer, transformer_2): load it with "
+                             f"WanPipeline.from_pretrained, or load one expert's folder ({root / 'transformer'})")
     folder = root / transformer
     check_export_files(folder)
     check_weights(folder, WEIGHTS, WEIGHTS_INDEX)

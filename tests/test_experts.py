@@ -135,3 +135,20 @@ def test_a_community_lora_in_diffusers_wan_format_loads_onto_both_exported_exper
         q = model.blocks[0].attn1.to_q  # self-attention keeps diffusers' projections, so the LoRA lands there too
         assert "style" in q.lora_A and surgery.variant_processors(model)
     assert (video() - before).abs().max() > 1e-3
+
+
+def test_a_training_free_two_expert_plan_exports_and_evaluates_like_the_plan_itself(tmp_path):
+    from surgery.evaluate import evaluate
+    from surgery.exporting import export_planned
+
+    size = dict(frames=9, height=96, width=96)  # 108 tokens: small, and sparse attention still saves there
+    plans = make_expert_plans("tiny-wan2.2", 0.7, variants=["vsa", "vmoba"], samples=1, **size)
+    plans.save(tmp_path / "plan.json")
+    exported = export_planned("tiny-wan2.2", tmp_path / "plan.json", tmp_path / "exported")
+    with pytest.raises(ModelLoadError, match="holds two experts"):
+        surgery.load_exported(exported)
+    options = dict(samples=1, steps=2, **size)
+    from_plan = evaluate(None, "tiny-wan2.2", plan=tmp_path / "plan.json", **options)
+    from_export = evaluate(str(exported), "tiny-wan2.2", **options)
+    assert from_export.velocity_error_mean == pytest.approx(from_plan.velocity_error_mean, rel=1e-4)
+    assert from_plan.velocity_error_mean > 0
