@@ -256,10 +256,11 @@ def software_versions(device) -> dict:
 def _pipeline_for(model_spec: str, transformer, device, dtype):
     """A text-to-video pipeline around `transformer`: the tiny one, a diffusers pipeline folder's, or
     Wan2.1's full-size components with random weights for a preset."""
-    if model_spec == "tiny":
-        from .pipeline import build_tiny_pipeline
+    from .pipeline import TINY_FORMS, build_tiny_pipeline
 
-        return build_tiny_pipeline(transformer=transformer).to(device), 16
+    if model_spec == "tiny" or model_spec in TINY_FORMS:
+        pipe = build_tiny_pipeline(transformer=transformer, spec=model_spec)
+        return pipe.to(device), pipe.tokenizer.model_max_length
     path = Path(model_spec)
     if path.is_dir() and (path / "model_index.json").is_file():
         from diffusers import WanPipeline

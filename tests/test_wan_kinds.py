@@ -75,6 +75,7 @@ def test_two_expert_models_load_one_expert_at_a_time():
     assert not torch.equal(high.blocks[0].attn1.to_q.weight, low.blocks[0].attn1.to_q.weight)
     assert timestep_band("tiny-wan2.2@transformer") == (0.875, 1.0)
     assert timestep_band("tiny-wan2.2@transformer_2") == (0.0, 0.875)
+    assert list(model_info("tiny-wan2.2@transformer_2").experts) == ["transformer_2"]
     with pytest.raises(ModelLoadError, match="has two experts"):
         surgery.load_model("tiny-wan2.2")
     with pytest.raises(ModelLoadError, match="has one transformer"):
