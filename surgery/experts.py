@@ -35,8 +35,8 @@ SAMPLING_SHIFT = 5.0  # and its flow shift (I2V-A14B's; T2V-A14B uses 12)
 
 
 class TwoExperts(torch.nn.Module):
-    """Both experts as one denoiser, for samplers that call one model: `high` where every timestep of the call
-    is ≥ boundary_ratio·1000, as diffusers' pipelines switch, else `low`."""
+    """Both experts as one denoiser, for samplers that call one model: `high` where the call's timestep (its
+    largest, for one per token) is ≥ boundary_ratio·1000, as diffusers' pipelines switch, else `low`."""
 
     def __init__(self, high, low, boundary_ratio: float):
         super().__init__()
