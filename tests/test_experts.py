@@ -54,6 +54,7 @@ def test_run_trains_both_experts_and_the_export_loads_through_wan_pipeline(two_e
     expected = {name: sorted(c.variant for c in plan.layers.values()) for name, plan in plans.plans.items()}
     script = textwrap.dedent(f"""
         import json, sys
+        import surgery  # diffusers loads components only from libraries already imported
         from diffusers import WanPipeline
         from surgery.swap import variant_processors
         pipe = WanPipeline.from_pretrained({str(out / 'exported')!r})

@@ -132,3 +132,34 @@ def test_image_to_video_takes_an_image_and_text_to_video_refuses_one(tmp_path):
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
         assert fragment in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first.png", "i2v.gif"]
+
+
+def test_an_image_to_video_export_is_a_pipeline_that_diffusers_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    from surgery.exporting import export_planned
+    from surgery.plan import Plan
+
+    plan = Plan.uniform("tiny-wan2.1-i2v", surgery.load_config("tiny-wan2.1-i2v"), "vsa", {"sparsity": 0.5})
+    out = export_planned("tiny-wan2.1-i2v", plan, tmp_path / "exported")
+    assert {"image_encoder", "image_processor", "vae", "transformer"} <= {p.name for p in out.iterdir()}
+    image = _image(tmp_path / "first.png")
+    script = textwrap.dedent(f"""
+        import surgery  # diffusers loads components only from libraries already imported
+        from diffusers import WanImageToVideoPipeline
+        from PIL import Image
+        pipe = WanImageToVideoPipeline.from_pretrained({str(out)!r})
+        assert type(pipe.transformer).__name__ == "SurgeryWanTransformer3DModel"
+        assert {{type(b.attn1.processor).__name__ for b in pipe.transformer.blocks}} == {{"VideoSparseAttention"}}, \\
+            {{type(b.attn1.processor).__name__ for b in pipe.transformer.blocks}}
+        frames = pipe(image=Image.open({str(image)!r}), prompt="a red square", num_frames=5, height=32, width=32,
+                      num_inference_steps=1, output_type="np").frames
+        print(list(frames.shape))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[1, 5, 32, 32, 3]"
