@@ -8,7 +8,9 @@
 # quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
-# R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy).
+# R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy),
+# wan22 (bench/e2e.py, what `vsurgery bench` times, on the Wan2.2 TI2V-5B preset at its native 121×704×1280: stock,
+# the attention-free ceiling, FLOP budget 0.3 and the latency planner's fastest plan).
 # Groups for 2 or more GPUs of one host: distill2 (distillation throughput of 1.3B/480p, hybrid R=8 on every layer,
 # on 1 GPU and on 2 with DDP and with FSDP), cp720 (one denoising step of 1.3B at 720p, stock and the same plan, on 1
 # GPU and with --cp 2), fsdp14b (one stage-1 and one stage-2 step of the 14B preset at 480p, FSDP over every GPU).
@@ -65,7 +67,34 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid_selected --params '{"sparsity": 0.875}' 2>&1 \
         | tee "$OUT/train-hybrid-selected.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, kernels, hybrid, variants, train, toy)" >&2
+    wan22) python3 bench/e2e.py --model wan2.2-ti2v-5b --frames 121 --height 704 --width 1280 --budgets 0.3 \
+             --out "$OUT/e2e-wan22-5b.json" 2>&1 | tee "$OUT/e2e-wan22-5b.txt" ;;
+    distill2)
+      plans
+      accelerate launch --config_file configs/accelerate/1gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=1 --out "$OUT/distill-1gpu"
+      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=2 --out "$OUT/distill-2gpu-ddp"
+      accelerate launch --config_file configs/accelerate/2gpu.yaml -m surgery distill $DISTILL13 \
+        --set data.batch_size=2 --set parallel.strategy=fsdp --out "$OUT/distill-2gpu-fsdp"
+      python3 bench/distill_throughput.py "$OUT/distill-1gpu" "$OUT/distill-2gpu-ddp" "$OUT/distill-2gpu-fsdp" \
+        --json "$OUT/distill2.json" 2>&1 | tee "$OUT/distill2.txt" ;;
+    cp720)
+      plans
+      python3 -m surgery bench $BENCH13 > "$OUT/bench-720p-cp1.json"
+      torchrun --standalone --nproc_per_node 2 -m surgery bench $BENCH13 --cp 2 > "$OUT/bench-720p-cp2.json"
+      python3 -c "import json, sys; a, b = (json.load(open(f))['rows'] for f in sys.argv[1:])
+for x, y in zip(a, b): print(f\"{x['name']}: {x['step_ms']:.0f} ms on 1 GPU, {y['step_ms']:.0f} ms with --cp 2: {x['step_ms'] / y['step_ms']:.2f}x\")" \
+        "$OUT/bench-720p-cp1.json" "$OUT/bench-720p-cp2.json" 2>&1 | tee "$OUT/cp720.txt" ;;
+    fsdp14b)
+      plans
+      gpus=$(nvidia-smi -L | wc -l)
+      accelerate launch --multi_gpu --num_processes "$gpus" --mixed_precision bf16 -m surgery distill \
+        --model wan2.1-t2v-14b --plan "$OUT/plan-wan2.1-t2v-14b.json" --set stage1.steps=1 --set stage2.steps=1 \
+        --set parallel.strategy=fsdp --set train.gradient_checkpointing=true --set data.samples="$gpus" \
+        --set data.batch_size="$gpus" --force --out "$OUT/distill-14b-fsdp" 2>&1 | tee "$OUT/fsdp14b.txt"
+      python3 bench/distill_throughput.py "$OUT/distill-14b-fsdp" --json "$OUT/fsdp14b.json" 2>&1 | tee -a "$OUT/fsdp14b.txt" ;;
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, kernels, hybrid, variants, train, toy, wan22, distill2, cp720, fsdp14b)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done

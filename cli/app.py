@@ -92,12 +92,14 @@ def plan(
         help="Recipe (name or .toml) whose stage-1 settings train the learned candidates before they are measured, "
              "and whose [plan] params_by_variant set the candidates' settings.",
     )] = "mixed",
+    budget_per_expert: opt.BudgetPerExpert = False,
     force: opt.Force = False,
     json: opt.Json = False,
 ):
     """Measure each layer's sensitivity and pick a variant per layer under a FLOP or step-time budget."""
     import time
 
+    from surgery.experts import make_expert_plans
     from surgery.io import check_output_file
     from surgery.planner import make_plan
 
@@ -112,14 +114,21 @@ def plan(
         measure = DistilledErrors(loaded.stage1, loaded.data.samples)
     started = time.perf_counter()
     with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
-        result = make_plan(
-            model, budget, variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
-            params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
-            samples=samples, seed=seed, data=data, cost=cost,
-            timing=timing, progress=update, measure=measure,
-        )
+        options = dict(variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
+                       params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
+                       samples=samples, seed=seed, data=data, cost=cost, timing=timing, progress=update,
+                       measure=measure)
+        if two_experts(model):
+            result = make_expert_plans(model, budget, per_expert=budget_per_expert, **options)
+        else:
+            result = make_plan(model, budget, **options)
     result.save(out)
-    output.print_json(result.to_dict()) if json else output.show_plan(result, out, time.perf_counter() - started)
+    if json:
+        output.print_json(result.to_dict())
+    elif two_experts(model):
+        output.show_expert_plans(result, out, time.perf_counter() - started)
+    else:
+        output.show_plan(result, out, time.perf_counter() - started)
 
 
 @command
@@ -137,18 +146,26 @@ def distill(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
+    budget_per_expert: opt.BudgetPerExpert = False,
 ):
-    """Distill the planned attention against the frozen teacher, then fine-tune the student."""
-    from surgery.plan import Plan
+    """Distill the planned attention against the frozen teacher, then fine-tune the student (a two-expert model:
+    each expert against its own teacher, on the timesteps it serves)."""
+    from surgery.experts import distill_experts, is_expert_run, load_plan_for
     from surgery.recipe import load_recipe
     from surgery.train import distill as run_distill
 
     overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
     loaded = load_recipe(recipe, overrides)
+    loaded_plan = load_plan_for(model, plan) if plan and not resume else None
     with output.resumable("distill", out), output.training_progress() as progress:
-        summary = run_distill(model, loaded, out, plan=Plan.load(plan) if plan else None, resume=resume,
-                              force=force, progress=progress)
-    output.show_distill(summary)
+        if is_expert_run(out) if resume else two_experts(model):
+            summaries = distill_experts(model, loaded, out, plans=loaded_plan, resume=resume, force=force,
+                                        budget_per_expert=budget_per_expert, progress=progress)
+        else:
+            summaries = {"": run_distill(model, loaded, out, plan=loaded_plan, resume=resume, force=force,
+                                         progress=progress)}
+    for summary in summaries.values():
+        output.show_distill(summary)
 
 
 @command
@@ -195,16 +212,18 @@ def generate(
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     plan: opt.TrainingFreePlan = None,
+    image: opt.Image = None,
     force: opt.Force = False,
     verify: opt.Verify = False,
     cp: opt.ContextParallel = 1,
 ):
-    """Generate a video with a (retrofitted) model."""
+    """Generate a video with a (retrofitted) model (image-to-video: from --image)."""
     from surgery.evaluate import generate as run_generate
 
     with output.progress("sampling") as update:
         path, count = run_generate(model, prompt, out, frames=frames, height=height, width=width, steps=steps,
-                                   seed=seed, force=force, verify=verify, progress=update, plan=plan, cp=cp)
+                                   seed=seed, force=force, verify=verify, progress=update, plan=plan, cp=cp,
+                                   image=image)
     output.console.print(f"wrote {path} ({count} frames)")
 
 
@@ -216,6 +235,7 @@ def eval_(
     samples: Annotated[int, typer.Option(min=1, help="Seeded generations to compare.")] = 2,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of noise and text embeddings.")] = 0,
+    image: opt.Image = None,
     verify: opt.Verify = False,
     cp: opt.ContextParallel = 1,
     json: opt.Json = False,
@@ -225,7 +245,7 @@ def eval_(
 
     with output.progress("sampling") as update:
         report = evaluate(student, teacher, plan=plan, samples=samples, steps=steps, seed=seed, verify=verify,
-                          progress=update, cp=cp)
+                          progress=update, cp=cp, image=image)
     output.print_json(report.to_dict()) if json else output.show_eval(report)
 
 
@@ -270,6 +290,7 @@ def run(
         bool, typer.Option(help="Continue the run in --out: its distillation, then export and eval.")
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier run in --out.")] = False,
+    budget_per_expert: opt.BudgetPerExpert = False,
 ):
     """The main job: plan → distill → export → eval, ending with what it saved and what it cost."""
     from surgery.recipe import load_recipe
@@ -278,9 +299,17 @@ def run(
     overrides = list(set_ or []) + ([f"plan.budget={budget}"] if budget is not None else [])
     loaded = load_recipe(recipe, overrides)
     with output.resumable("run", out), output.training_progress() as progress:
-        summary = run_all(model, loaded, out, resume=resume, force=force, progress=progress)
+        summary = run_all(model, loaded, out, resume=resume, force=force, budget_per_expert=budget_per_expert,
+                          progress=progress)
     if summary is not None:  # None: a process of a launch other than the main one
         output.show_run(summary)
+
+
+def two_experts(spec: str) -> bool:
+    """Whether `spec` names a two-expert model as a whole (not one of its experts)."""
+    from surgery.model import model_kind, split_expert
+
+    return split_expert(spec)[1] is None and model_kind(spec).two_experts
 
 
 def main() -> None:

@@ -14,7 +14,10 @@ Model = Annotated[
     typer.Option(
         "--model", "-m",
         help="The model (eval and bench: the teacher): 'tiny' (built in, random weights), 'toy' (a small trained "
-        "teacher, shipped), a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b), a diffusers folder or a hub id.",
+        "teacher, shipped), a tiny form of another Wan kind (tiny-wan2.1-i2v, tiny-wan2.2, tiny-wan2.2-i2v, "
+        "tiny-wan2.2-ti2v), a preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, "
+        "wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b), a diffusers folder or a hub id; one expert of a "
+        "two-expert model as MODEL@transformer_2.",
     ),
 ]
 Frames = Annotated[Optional[int], typer.Option(help="Video frames (4k+1 for Wan's VAE); default: the model's.")]
@@ -29,6 +32,12 @@ ContextParallel = Annotated[int, typer.Option(
     "--cp", min=1,
     help="Context-parallel processes (Ulysses): run under a launch of that many, e.g. torchrun --nproc_per_node N; "
          "must divide the model's attention heads.")]
+BudgetPerExpert = Annotated[bool, typer.Option(
+    "--budget-per-expert",
+    help="Two-expert models: the budget holds for each expert alone, not for the sampling run (where each "
+         "expert's attention counts by the steps it serves).")]
+Image = Annotated[Optional[Path], typer.Option(
+    help="The first frame (an image file) of an image-to-video model (required there) or of Wan2.2 TI2V (optional).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing --out (without it, an existing output is refused).")]
 Verify = Annotated[
     bool, typer.Option("--verify", help="Check the export's files against its SHA-256 manifest before loading.")

@@ -94,8 +94,29 @@ def show_info(info) -> None:
             ("self-attention FLOPs / forward", human_flops(info.self_attention_flops)),
             ("forward FLOPs", human_flops(info.forward_flops)),
             ("self-attention share", f"{info.self_attention_share:.1%}"),
+            ("latent channels, VAE scale", f"{info.latent_channels}, {'×'.join(map(str, info.vae_scale))}"),
+            ("image input", f"{info.image}" + (f" ({info.image_tokens} CLIP tokens)" if info.image_tokens else "")
+             if info.image else "none (text to video)"),
+            *[(f"expert {name}", f"{e['layers']} layers, timesteps {e['timesteps'][0]:g}–{e['timesteps'][1]:g}, "
+                                 f"self-attention {human_flops(e['self_attention_flops'])} / forward")
+              for name, e in info.experts.items() if len(info.experts) > 1],
         ],
     )
+
+
+def show_expert_plans(plans, path, seconds: float) -> None:
+    for name, plan in plans.plans.items():
+        console.print(f"[bold]{name}[/bold]")
+        show_plan(plan)
+    served = plans.meta["steps_served"]
+    console.print(
+        f"two experts switched at boundary ratio {plans.boundary_ratio:g}: of {served['steps']} steps "
+        f"(flow shift {served['shift']:g}) transformer serves {served['transformer']}, transformer_2 "
+        f"{served['transformer_2']}; attention FLOPs over the sampling run {plans.meta['flops_ratio']:.1%} of dense "
+        f"(budget {plans.budget:g} {plans.meta['budget_scope'] == 'per expert' and 'per expert' or 'for the run'}); "
+        f"planned in {seconds:.0f} s"
+    )
+    console.print(f"wrote {path}", soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -237,7 +258,8 @@ def show_eval(report) -> None:
 
 
 def show_run(summary) -> None:
-    show_distill(summary.distill)
+    for distilled in summary.distill.values() if isinstance(summary.distill, dict) else [summary.distill]:
+        show_distill(distilled)
     show_eval(summary.eval)
     counts: dict[str, int] = {}
     for variant in summary.variants.values():

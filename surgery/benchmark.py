@@ -22,7 +22,7 @@ import torch
 
 from .errors import SurgeryError
 from .loading import load_config, load_model
-from .model import PRESETS, conditioner, default_text_tokens, resolve_grid
+from .model import PRESETS, conditioner, default_text_tokens, image_embeddings, model_kind, resolve_grid
 from .parallel import check_context_parallel, context_parallel
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free
@@ -114,15 +114,20 @@ def _sdpa_cudnn(enabled: bool):
 
 def step_inputs(model_spec: str, config: dict, grid, guidance: bool, device, dtype) -> list[dict]:
     """The transformer's inputs for one denoising step at `grid`: one call per guidance branch (random
-    latents, the same for both; random text embeddings, one per branch; timestep 500). Outputs come as tuples
-    (return_dict=False), which context parallelism's output hook requires."""
+    latents, the same for both; random text embeddings, one per branch; timestep 500) as the model's pipeline
+    makes them: one timestep per token for Wan2.2 TI2V, random CLIP image tokens for Wan2.1 I2V. Outputs come as
+    tuples (return_dict=False), which context parallelism's output hook requires."""
     pt, ph, pw = config["patch_size"]
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw, generator=g)
     text_tokens = default_text_tokens(model_spec)
     texts = [torch.randn(1, text_tokens, config["text_dim"], generator=g) for _ in range(2 if guidance else 1)]
-    return [dict(hidden_states=conditioner(config)(latents).to(device, dtype),
-                 timestep=torch.tensor([500.0], device=device), encoder_hidden_states=text.to(device, dtype),
+    kind = model_kind(model_spec)
+    timestep = torch.full((1, grid.tokens) if kind.expand_timesteps else (1,), 500.0, device=device)
+    image = image_embeddings(config, kind.image_tokens, 1, g)
+    image = None if image is None else image.to(device, dtype)
+    return [dict(hidden_states=conditioner(config)(latents).to(device, dtype), timestep=timestep,
+                 encoder_hidden_states=text.to(device, dtype), encoder_hidden_states_image=image,
                  return_dict=False)
             for text in texts]
 
@@ -264,10 +269,11 @@ def software_versions(device) -> dict:
 def _pipeline_for(model_spec: str, transformer, device, dtype):
     """A text-to-video pipeline around `transformer`: the tiny one, a diffusers pipeline folder's, or
     Wan2.1's full-size components with random weights for a preset."""
-    if model_spec == "tiny":
-        from .pipeline import build_tiny_pipeline
+    from .pipeline import TINY_FORMS, build_tiny_pipeline
 
-        return build_tiny_pipeline(transformer=transformer).to(device), 16
+    if model_spec == "tiny" or model_spec in TINY_FORMS:
+        pipe = build_tiny_pipeline(transformer=transformer, spec=model_spec)
+        return pipe.to(device), pipe.tokenizer.model_max_length
     path = Path(model_spec)
     if path.is_dir() and (path / "model_index.json").is_file():
         from diffusers import WanPipeline
@@ -276,7 +282,7 @@ def _pipeline_for(model_spec: str, transformer, device, dtype):
     if model_spec in PRESETS:
         from .pipeline import WAN_TEXT_TOKENS, build_random_pipeline
 
-        return build_random_pipeline(transformer, device=device, dtype=dtype), WAN_TEXT_TOKENS
+        return build_random_pipeline(transformer, device=device, dtype=dtype, spec=model_spec), WAN_TEXT_TOKENS
     raise SurgeryError(f"--video needs a pipeline: a preset, tiny or a diffusers pipeline folder, not {model_spec}")
 
 

@@ -24,11 +24,14 @@ import torch
 from .errors import SurgeryError
 from .grid import VideoGrid
 from .recipe import DataSection
+from .model import image_embeddings
 from .wan import latent_channels
 
 
-def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int):
-    """A `datasets.Dataset` with `latents` and `text_embeddings` columns, in torch format."""
+def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_tokens: int, seed: int,
+                  image_tokens: int | None = None):
+    """A `datasets.Dataset` with `latents` and `text_embeddings` columns, in torch format; for a model that
+    attends to CLIP image tokens (Wan2.1 I2V), also `image_embeddings` (random ones for the "noise" source)."""
     import datasets
 
     if data.source == "dataset":
@@ -48,8 +51,11 @@ def build_dataset(data: DataSection, model_config: dict, grid: VideoGrid, text_t
     shape = (latent_channels(model_config), grid.frames * pt, grid.height * ph, grid.width * pw)
     latents = torch.randn(data.samples, *shape, generator=g)
     text = torch.randn(data.samples, text_tokens, model_config["text_dim"], generator=g)
-    dataset = datasets.Dataset.from_dict({"latents": latents.numpy(), "text_embeddings": text.numpy()})
-    return dataset.with_format("torch")
+    columns = {"latents": latents.numpy(), "text_embeddings": text.numpy()}
+    images = image_embeddings(model_config, image_tokens, data.samples, g)
+    if images is not None:
+        columns["image_embeddings"] = images.numpy()
+    return datasets.Dataset.from_dict(columns).with_format("torch")
 
 
 def _toy_dataset(samples: int, model_config: dict, latent_size: tuple[int, int, int], seed: int):
@@ -75,6 +81,7 @@ class Batch:
     text: torch.Tensor  # [B, L, text_dim]
     clean: torch.Tensor  # [B, C, F, H, W] x0
     noise: torch.Tensor  # [B, C, F, H, W] ε
+    image: torch.Tensor | None = None  # [B, image_tokens, image_dim] CLIP image tokens (Wan2.1 I2V)
 
 
 def split_batch(batch_size: int, world: int) -> int:
@@ -87,18 +94,19 @@ def split_batch(batch_size: int, world: int) -> int:
 
 
 class StepSampler:
-    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s, sample).
+    """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s, sample), t
+    uniform over `band` (fractions of 1000: one expert of two trains on the timesteps it serves).
 
     batch_size is the global batch: with `world` processes, process `rank` takes its batch_size / world
     consecutive samples of it. Each sample's draws depend on its place in the global batch only, so the
     steps are the same whatever the process count that splits them."""
 
     def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1,
-                 condition=None):
+                 condition=None, band: tuple[float, float] = (0.0, 1.0)):
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
-        self.rank, self.local = rank, split_batch(batch_size, world)
-        # x_t → the transformer's input (surgery.model.conditioner); None: x_t as it is.
-        self.condition = condition or (lambda noisy: noisy)
+        self.rank, self.local, self.band = rank, split_batch(batch_size, world), band
+        # (x_t, first clean frame) → the transformer's input (surgery.model.conditioner); None: x_t as it is.
+        self.condition = condition or (lambda noisy, image=None: noisy)
 
     def _positions(self, step: int) -> range:
         start = step * self.batch_size + self.rank * self.local
@@ -116,16 +124,19 @@ class StepSampler:
     def batch(self, step: int, device, dtype) -> Batch:
         rows = self.dataset[self._indices(step)]
         clean = rows["latents"].to(torch.float32)
+        low, high = self.band
         t, noise = [], []
         for position in self._positions(step):
             within = position - step * self.batch_size  # the sample's place in the global batch
             g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + within)
-            t.append(torch.rand(1, generator=g))
+            t.append(low + (high - low) * torch.rand(1, generator=g))
             noise.append(torch.randn(clean.shape[1:], generator=g))
         t, noise = torch.cat(t), torch.stack(noise)
         sigma = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * clean + sigma * noise
+        # Image-to-video: the clip's own first frame is the image it is conditioned on.
+        image = rows["image_embeddings"].to(device, dtype) if "image_embeddings" in rows else None
         return Batch(
-            self.condition(noisy).to(device, dtype), (t * 1000).to(device), rows["text_embeddings"].to(device, dtype),
-            clean.to(device, dtype), noise.to(device, dtype),
+            self.condition(noisy, clean[:, :, :1]).to(device, dtype), (t * 1000).to(device),
+            rows["text_embeddings"].to(device, dtype), clean.to(device, dtype), noise.to(device, dtype), image,
         )

@@ -18,13 +18,15 @@ from .errors import SurgeryError
 from .grid import VideoGrid, video_grid
 from .io import atomic_file, check_output_file
 from .loading import load_config, load_model, verify_model
-from .model import conditioner, default_text_tokens, default_video, is_toy, resolve_grid
+from .model import (EXPERTS, conditioner, default_text_tokens, default_video, expert_spec, image_embeddings, is_toy,
+                    model_kind, resolve_grid, split_expert)
 from .metrics import psnr, relative_l2, ssim
 from .parallel import check_context_parallel, context_parallel, is_main_process
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free, load_planned
 from .sampling import euler_sample
 from .swap import apply
+from .experts import ExpertPlans, TwoExperts, load_denoiser, load_plan_for
 from .wan import fingerprint, latent_channels
 
 SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
@@ -52,16 +54,21 @@ class EvalReport:
         return asdict(self)
 
 
-def sample_latents(model, noise, text, steps: int, reference=None, on_step=None):
+def sample_latents(model, noise, text, steps: int, reference=None, on_step=None, image=None, image_embeds=None,
+                   first_frame=None):
     """Euler flow-matching sampling from `noise` on the σ schedule of Wan's FlowMatchEulerDiscreteScheduler;
-    with `reference`, also the reference's velocity error per step along `model`'s trajectory.
+    with `reference`, also the reference's velocity error per step along `model`'s trajectory. Image-to-video:
+    `image` the image's latents [B, C, F', H, W] (surgery.model.conditioner), `image_embeds` its CLIP tokens;
+    Wan2.2 TI2V: `first_frame` the image's latents [B, C, 1, H, W] (surgery.sampling.euler_sample).
     Returns (latents, [errors])."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
     scheduler.set_timesteps(steps)
-    return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=conditioner(dict(model.config)),
-                        reference=reference, on_step=on_step)
+    condition = conditioner(dict(model.config))
+    return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=lambda x: condition(x, image),
+                        reference=reference, on_step=on_step, extra={"encoder_hidden_states_image": image_embeds},
+                        first_frame=first_frame, patch_size=tuple(model.config.patch_size))
 
 
 def _step_counter(progress, total: int):
@@ -78,31 +85,80 @@ def _step_counter(progress, total: int):
     return on_step
 
 
+def _pipeline_parts(spec: str) -> dict:
+    """The VAE (and, for Wan2.1 I2V, CLIP image encoder and processor) of `spec`'s pipeline: a tiny one's built in
+    code, a pipeline folder's loaded; {} for a model without a pipeline."""
+    from .pipeline import TINY_FORMS, build_tiny_pipeline
+
+    spec = split_expert(spec)[0]
+    if spec == "tiny" or spec in TINY_FORMS:
+        pipe = build_tiny_pipeline(spec=spec)
+        return {name: getattr(pipe, name, None) for name in ("vae", "image_encoder", "image_processor")}
+    folder = Path(spec)
+    if not (folder.is_dir() and (folder / "vae").is_dir()):
+        return {}
+    from diffusers import AutoencoderKLWan
+
+    parts = {"vae": AutoencoderKLWan.from_pretrained(folder / "vae")}
+    if (folder / "image_encoder").is_dir():
+        from transformers import AutoImageProcessor, CLIPVisionModel
+
+        parts["image_encoder"] = CLIPVisionModel.from_pretrained(folder / "image_encoder").eval()
+        parts["image_processor"] = AutoImageProcessor.from_pretrained(folder / "image_processor")
+    return parts
+
+
+def _vae_stats(vae):
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
 def _decoder(spec: str):
     """A function latents → video [B, F, C, H, W] in [0, 1], or None when the model has no decoder."""
     if is_toy(load_config(spec)):
         from .toy import decode_unit
 
         return decode_unit
-    if spec == "tiny":
-        from .pipeline import build_tiny_pipeline
-
-        vae = build_tiny_pipeline().vae
-    elif Path(spec).is_dir() and (Path(spec) / "vae").is_dir():
-        from diffusers import AutoencoderKLWan
-
-        vae = AutoencoderKLWan.from_pretrained(Path(spec) / "vae")
-    else:
+    vae = _pipeline_parts(spec).get("vae")
+    if vae is None:
         return None
 
     @torch.no_grad()
     def decode(latents):
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        mean, std = _vae_stats(vae)
         video = vae.decode(latents.float() * std + mean).sample  # [B, C, F, H, W] in [-1, 1]
         return ((video.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)
 
     return decode
+
+
+@torch.no_grad()
+def encode_image(spec: str, image, grid: VideoGrid, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A PIL image as the conditioning of image-to-video model `spec` at `grid`, as diffusers' Wan image-to-video
+    pipeline makes it: latents [1, C, F, H, W] of the image followed by black frames (of the image alone for
+    Wan2.2 TI2V, [1, C, 1, H, W]), normalised by the VAE's statistics, and the CLIP image tokens of a model with
+    image_dim (else None)."""
+    import numpy as np
+
+    parts = _pipeline_parts(spec)
+    if "vae" not in parts:
+        raise SurgeryError(f"{spec} has no VAE here to encode --image with: use a pipeline folder or a tiny form")
+    vae, kind = parts["vae"], model_kind(spec)
+    config = load_config(spec)
+    pt, ph, pw = config["patch_size"]
+    st, sh, sw = kind.vae_scale
+    frames, height, width = (grid.frames * pt - 1) * st + 1, grid.height * ph * sh, grid.width * pw * sw
+    pixels = torch.from_numpy(np.asarray(image.resize((width, height)), dtype=np.float32) / 127.5 - 1)
+    first = pixels.permute(2, 0, 1)[None, :, None]  # [1, 3, 1, H, W] in [-1, 1]
+    video = first if kind.expand_timesteps else torch.cat([first, first.new_zeros(1, 3, frames - 1, height, width)], 2)
+    mean, std = _vae_stats(vae)
+    latents = (vae.encode(video).latent_dist.mode() - mean) / std
+    embeds = None
+    if config.get("image_dim"):
+        inputs = parts["image_processor"](images=image, return_tensors="pt")
+        embeds = parts["image_encoder"](**inputs, output_hidden_states=True).hidden_states[-2].to(device)
+    return latents.to(device), embeds
 
 
 def evaluate(
@@ -119,30 +175,57 @@ def evaluate(
     verify: bool = False,
     progress=None,
     cp: int = 1,
+    image: str | Path | None = None,
 ) -> EvalReport:
     """Compare a student (an export, or with `plan` the teacher with a training-free plan applied) with its
     teacher on `samples` seeded generations.
 
     verify: the student is an export; check its files' SHA-256 first. progress(done, total): sampling steps.
-    cp: context-parallel processes (`surgery.parallel.context_parallel`) for both models."""
+    cp: context-parallel processes (`surgery.parallel.context_parallel`) for both models.
+    image: the first frame (an image file) every sample of an image-to-video teacher (or Wan2.2 TI2V) starts
+    from; an image-to-video teacher without one gets a random first-frame latent per sample."""
     if (student_spec is None) == (plan is None):
         raise SurgeryError("give the student as an export folder or as a training-free --plan, not both or neither")
     check_context_parallel(cp, load_config(teacher_spec)["num_attention_heads"])
     grid = resolve_grid(teacher_spec, load_config(teacher_spec), frames, height, width)
+    kind = model_kind(teacher_spec)
+    picture = None if image is None else check_image(teacher_spec, image)
     if plan is not None:
-        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        check_training_free(plan)
-        check_plan_grid(plan, grid)
-        student, student_spec = load_planned(teacher_spec, plan), f"{teacher_spec} + plan"
+        plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(teacher_spec, plan)
+        plans = plan.plans if isinstance(plan, ExpertPlans) else {None: plan}
+        for one in plans.values():
+            check_training_free(one)
+            check_plan_grid(one, grid)
+        if isinstance(plan, ExpertPlans):
+            plan.check_for(teacher_spec)
+            student = TwoExperts(*(load_planned(expert_spec(teacher_spec, name), plans[name]) for name in EXPERTS),
+                                 kind.boundary_ratio)
+        else:
+            student = load_planned(teacher_spec, plan)
+        student_spec = f"{teacher_spec} + plan"
     else:
         # Compare architectures from the configs first: loading a mismatched full-size model is slow.
         if fingerprint(load_config(student_spec)) != fingerprint(load_config(teacher_spec)):
             raise SurgeryError(
                 f"{student_spec} and {teacher_spec} are different architectures; eval needs a student of the teacher")
-        student = load_model(student_spec, verify=verify)
-    teacher = context_parallel(load_model(teacher_spec), cp)
-    return compare(context_parallel(student, cp), teacher, teacher_spec, grid, samples=samples, steps=steps,
-                   seed=seed, student_name=student_spec, progress=progress)
+        student_experts = model_kind(student_spec).experts if split_expert(student_spec)[1] is None else EXPERTS[:1]
+        teacher_experts = kind.experts if split_expert(teacher_spec)[1] is None else EXPERTS[:1]
+        if len(student_experts) != len(teacher_experts):
+            raise SurgeryError(f"{student_spec} has {len(student_experts)} transformer(s) and {teacher_spec} "
+                               f"{len(teacher_experts)}: eval needs a student of the teacher, expert for expert")
+        if verify:
+            verify_model(student_spec)
+        student = load_denoiser(student_spec)
+    return compare(_context_parallel(student, cp), _context_parallel(load_denoiser(teacher_spec), cp),
+                   teacher_spec, grid, samples=samples, steps=steps, seed=seed, student_name=student_spec,
+                   progress=progress, image=picture)
+
+
+def _context_parallel(denoiser, cp: int):
+    """`context_parallel` for a transformer, or for both experts of a `TwoExperts`."""
+    for model in (denoiser.high, denoiser.low) if isinstance(denoiser, TwoExperts) else (denoiser,):
+        context_parallel(model, cp)
+    return denoiser
 
 
 def compare(
@@ -157,10 +240,11 @@ def compare(
     prompts: list[str] | None = None,
     student_name: str = "student",
     progress=None,
+    image=None,
 ) -> EvalReport:
     """`evaluate` on models in memory (on the teacher's device): `teacher_spec` names the teacher, for its
     decoder and text length. prompts: the toy's captions to compare on (default: `samples` drawn from `seed`).
-    progress(done, total): sampling steps."""
+    progress(done, total): sampling steps. image: a PIL image, the first frame of an image-to-video teacher."""
     decode = _decoder(teacher_spec)
     device = next(teacher.parameters()).device
     pt, ph, pw = teacher.config.patch_size
@@ -176,17 +260,31 @@ def compare(
     elif prompts is not None:
         raise SurgeryError(f"{teacher_spec} has no caption encoder here: prompts apply to the toy teacher only")
     on_step = _step_counter(progress, 2 * samples * steps)  # two trajectories per sample
+    config, kind = dict(teacher.config), model_kind(teacher_spec)
+    picture = None if image is None else encode_image(teacher_spec, image, grid, device)
     per_step, latent_errors, psnrs, ssims = [], [], [], []
     for i in range(samples):
-        noise = torch.randn(1, latent_channels(dict(teacher.config)), grid.frames * pt, grid.height * ph, grid.width * pw,
+        noise = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw,
                             generator=g)
         if toy_text is None:
             text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
         else:
             text = toy_text[i : i + 1]
+        image_latents = image_embeds = first_frame = None
+        if picture is not None:
+            image_latents, image_embeds = picture
+            first_frame = image_latents[:, :, :1] if kind.expand_timesteps else None
+            image_latents = None if kind.expand_timesteps else image_latents
+        elif kind.image == "required":
+            # Image-to-video: a random first-frame latent and CLIP tokens, as text embeddings are random.
+            image_latents = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=g).to(device)
+            image_embeds = image_embeddings(config, kind.image_tokens, 1, g)
+            image_embeds = None if image_embeds is None else image_embeds.to(device)
         noise, text = noise.to(device), text.to(device)
-        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step)
-        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step)
+        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step,
+                                           image=image_latents, image_embeds=image_embeds, first_frame=first_frame)
+        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step, image=image_latents,
+                                      image_embeds=image_embeds, first_frame=first_frame)
         per_step.append(errors)
         z_teacher, z_student = z_teacher.cpu(), z_student.cpu()  # decoders and metrics run on the CPU
         latent_errors.append(relative_l2(z_student, z_teacher))
@@ -220,6 +318,7 @@ def generate(spec: str, prompt: str, out: str | Path, *, force: bool = False, **
     before sampling: an existing file is overwritten only with `force`. Under context parallelism every process
     samples the same video and the main one writes it."""
     check_output_file(_video_path(out), force=force)
+    check_image(spec, options.get("image"))  # before the pipeline loads
     video = generate_video(spec, prompt, **options)
     return write_video(video, out) if is_main_process() else _video_path(out), len(video)
 
@@ -255,38 +354,51 @@ def generate_video(
     progress=None,
     plan: Plan | str | Path | None = None,
     cp: int = 1,
+    image: str | Path | None = None,
 ):
-    """Run the text-to-video pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
+    """Run the pipeline of `spec`; returns frames [F, H, W, 3] floats in [0, 1].
 
     tiny (or a transformer-only export of it): the tiny pipeline of surgery.pipeline around the
-    loaded transformer; toy (or an export of it): the toy sampler with its caption encoder
-    (surgery.toy.sample, uint8 frames); a pipeline folder (or a pipeline export): WanPipeline.from_pretrained.
+    loaded transformer; a tiny form of another kind (tiny-wan2.*): its tiny pipeline, both experts where it has
+    two; toy (or an export of it): the toy sampler with its caption encoder (surgery.toy.sample, uint8 frames);
+    a pipeline folder (or a pipeline export): WanPipeline.from_pretrained, WanImageToVideoPipeline with `image`.
+    image: the first frame (an image file) of an image-to-video model (required there) or of Wan2.2 TI2V
+    (optional); a text-to-video model refuses one.
     verify: `spec` is an export; check its files' SHA-256 first. progress(done, total): denoising steps.
-    plan: a training-free plan applied to the transformer first.
-    cp: context-parallel processes (`surgery.parallel.context_parallel`) for the transformer.
+    plan: a training-free plan (one per expert for two experts) applied to the transformers first.
+    cp: context-parallel processes (`surgery.parallel.context_parallel`) for the transformers.
     """
     from diffusers import WanPipeline
 
-    from .pipeline import TEXT_TOKENS, build_tiny_pipeline
+    from .pipeline import TEXT_TOKENS, TINY_FORMS, build_tiny_pipeline
 
     check_context_parallel(cp, load_config(spec)["num_attention_heads"])
+    kind = model_kind(spec)
+    picture = check_image(spec, image)
+    if picture is not None:
+        from diffusers import WanImageToVideoPipeline
+    plans = {}
     if plan is not None:
-        plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-        check_training_free(plan)
-        check_plan_grid(plan, resolve_grid(spec, load_config(spec), frames, height, width))
+        plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(spec, plan)
+        plans = plan.plans if isinstance(plan, ExpertPlans) else {EXPERTS[0]: plan}
+        grid = resolve_grid(spec, load_config(spec), frames, height, width)
+        for one in plans.values():
+            check_training_free(one)
+            check_plan_grid(one, grid)
     on_step = _step_counter(progress, steps)
     path = Path(spec)
-    if path.is_dir() and (path / "model_index.json").is_file():
+    if spec in TINY_FORMS:
+        pipe, text_tokens = build_tiny_pipeline(spec=spec), kind.text_tokens
+    elif path.is_dir() and (path / "model_index.json").is_file():
         if verify:
             verify_model(spec)
-        pipe, text_tokens = WanPipeline.from_pretrained(path), 512
-        if plan is not None:
-            apply(pipe.transformer, plan)
-        context_parallel(pipe.transformer, cp)
+        pipe, text_tokens = WanPipeline.from_pretrained(path) if picture is None else \
+            WanImageToVideoPipeline.from_pretrained(path), 512
     else:
         transformer = load_model(spec, verify=verify)
         if plan is not None:
             apply(transformer, plan)
+            plans = {}
         context_parallel(transformer, cp)
         if is_toy(dict(transformer.config)):
             from . import toy
@@ -301,10 +413,20 @@ def generate_video(
             )
         pipe, text_tokens = build_tiny_pipeline(transformer=transformer), TEXT_TOKENS
         spec = "tiny"
+    for name, one in plans.items():
+        apply(getattr(pipe, name), one)
+    if spec != "tiny":  # a bare transformer (now in the tiny pipeline) went parallel above
+        for name in EXPERTS:
+            if getattr(pipe, name, None) is not None:
+                context_parallel(getattr(pipe, name), cp)
+    if picture is not None and type(pipe) is not WanImageToVideoPipeline:
+        # Wan2.2 TI2V: the same parts and settings, with a first frame
+        pipe = WanImageToVideoPipeline(**pipe.components, boundary_ratio=pipe.config.boundary_ratio,
+                                       expand_timesteps=pipe.config.expand_timesteps)
     defaults = default_video(spec)
     frames, height, width = (default if value is None else value
                              for value, default in zip((frames, height, width), defaults))
-    video_grid(frames, height, width)  # both pipelines use Wan's VAE: check the size before sampling
+    video_grid(frames, height, width, vae_scale=kind.vae_scale)  # check the size before sampling
 
     def step_end(pipeline, step, timestep, tensors):
         on_step()
@@ -313,8 +435,30 @@ def generate_video(
     pipe.set_progress_bar_config(disable=True)  # progress goes through `progress`, in the CLI's style
     pipe.to(pipe.transformer.device)  # under context parallelism: this process's device
     result = pipe(
-        prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+        prompt=prompt, num_frames=frames, height=height, width=width, num_inference_steps=steps,
         guidance_scale=guidance_scale, max_sequence_length=text_tokens, output_type="np",
         generator=torch.Generator().manual_seed(seed), callback_on_step_end=step_end if on_step else None,
+        **({} if picture is None else {"image": picture}),
     )
     return result.frames[0]
+
+
+def check_image(spec: str, image: str | Path | None):
+    """The image an image-to-video model `spec` is conditioned on, read (RGB), or None; SurgeryError for a
+    missing image where the model needs one, an image for a text-to-video model, or an unreadable file."""
+    kind = model_kind(spec)
+    if image is None:
+        if kind.image == "required":
+            raise SurgeryError(f"{spec} is an image-to-video model: give its first frame with --image")
+        return None
+    if kind.image is None:
+        raise SurgeryError(f"{spec} is a text-to-video model: it takes no --image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise SurgeryError(f"--image {image} does not exist") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise SurgeryError(f"--image {image} is not a readable image ({type(e).__name__})") from None

@@ -4,7 +4,6 @@ surgery/retrofitted.py for the format and why it never loads back silently dense
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from .errors import SurgeryError
@@ -15,7 +14,6 @@ from .plan import Plan
 from .planned import load_planned
 from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
 from .swap import apply
-from .wan import SURGERY_CLASS
 
 
 def _merge_lora(model) -> None:
@@ -58,11 +56,16 @@ def _is_diffusers_folder(folder: Path) -> bool:
 def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> Path:
     """Write the student of run folder `run` to `out` as a diffusers folder; returns `out`.
 
-    A transformer folder (config.json + weights), or — when the run started from a pipeline folder —
-    a pipeline folder whose other components are copied and whose transformer is the student; either
+    A transformer folder (config.json + weights), or — when the run started from a pipeline folder or a tiny
+    form of a Wan kind (tiny-wan2.*) — a pipeline folder whose other components are copied (built) and whose
+    transformer is the student (a two-expert run: both experts, surgery.experts); either
     with a manifest of every file's size and SHA-256 (surgery/manifest.py). An existing `out` is
     replaced only with `force`, and only if it is a diffusers folder.
     """
+    from .experts import export_experts, is_expert_run
+
+    if is_expert_run(run):
+        return export_experts(run, out, merge_lora=merge_lora, force=force)
     out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
     student, plan, info = rebuild_student(Path(run))
     lora = info.get("lora")
@@ -74,27 +77,35 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bo
 
 def export_planned(spec: str, plan: Plan | str | Path, out: str | Path, force: bool = False) -> Path:
     """Write model `spec` with a training-free `plan` applied (no distill run) to `out`, as `export` does."""
+    from .experts import ExpertPlans, export_planned_experts, load_plan_for
+
+    plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(spec, plan)
+    if isinstance(plan, ExpertPlans):
+        return export_planned_experts(spec, plan, out, force=force)
     out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     return _write(load_planned(spec, plan), plan, None, spec, out, force)
 
 
-def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, force: bool) -> Path:
+def write_transformer(student, plan: Plan, lora: dict | None, target: Path) -> None:
+    """`student` as an exported transformer folder at `target` (config with its plan, weights, plan JSON)."""
     wan_config = {k: v for k, v in student.config.items() if not k.startswith("_")}
     exported = SurgeryWanTransformer3DModel(**wan_config, vsurgery_plan=plan.to_dict(), vsurgery_lora=lora)
     exported.load_state_dict(student.state_dict(), strict=True)
-    source = Path(source_spec)
-    pipeline = source.is_dir() and (source / "model_index.json").is_file()
+    exported.save_pretrained(target, variant=EXPORT_VARIANT, max_shard_size=MAX_SHARD_SIZE)
+    plan.save(target / "vsurgery_plan.json")
+
+
+def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, force: bool) -> Path:
+    from .experts import write_pipeline
+    from .model import split_expert
+    from .pipeline import TINY_FORMS
+
+    source = Path(split_expert(source_spec)[0])
+    if (source.is_dir() and (source / "model_index.json").is_file()) or str(source) in TINY_FORMS:
+        # A pipeline around the student: the source's other components (a tiny form's built in code).
+        return write_pipeline({"transformer": student}, {"transformer": plan}, {"transformer": lora}, source_spec,
+                              out, force)
     with atomic_dir(out, overwrite=force) as tmp:
-        target = tmp / "transformer" if pipeline else tmp
-        exported.save_pretrained(target, variant=EXPORT_VARIANT, max_shard_size=MAX_SHARD_SIZE)
-        plan.save(target / "vsurgery_plan.json")
-        if pipeline:
-            index = json.loads((source / "model_index.json").read_text())
-            index["transformer"] = ["surgery", SURGERY_CLASS]
-            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-            for child in source.iterdir():
-                if child.is_dir() and child.name != "transformer":
-                    shutil.copytree(child, tmp / child.name)
+        write_transformer(student, plan, lora, tmp)
         write_manifest(tmp)
     return out

@@ -145,17 +145,33 @@ def make_plans(
     chosen ones' trained weights (`Plan.stage1`).
     Each `Plan` has the per-layer choice, its FLOPs and measured error, and the solver report.
     """
+    check_budgets(budgets)
+    context = calibrate(spec, variants=variants, keep_full=keep_full, params_by_variant=params_by_variant,
+                        frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
+                        timing=timing, model=model, progress=progress, measure=measure)
+    return [_solve_plan(context, budget) for budget in budgets]
+
+
+def check_budgets(budgets) -> None:
+    for budget in budgets:
+        if budget != FASTEST and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
+            raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
+
+
+def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=None, frames=None, height=None,
+              width=None, samples: int = 4,
+              seed: int = 0, data=None, cost: str = "flops", timing: str = "inference", model=None, progress=None,
+              measure=None) -> dict:
+    """Everything `make_plans` solves over, for any budget: each layer's allowed candidates with their costs
+    and errors, and the dense yardsticks (see there for the options)."""
     import torch
 
     from .loading import load_model
-    from .model import default_text_tokens, is_toy, resolve_grid
+    from .model import default_text_tokens, is_toy, model_kind, resolve_grid, timestep_band
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
     from .wan import input_dtype
 
-    for budget in budgets:
-        if budget != FASTEST and not (isinstance(budget, (int, float)) and 0.0 < budget <= 1.0):
-            raise SurgeryError(f"--budget must be in (0, 1], got {budget}")
     if cost not in COSTS:
         raise SurgeryError(f"--cost must be one of {', '.join(COSTS)}, got {cost!r}")
     if cost == "latency":
@@ -174,12 +190,15 @@ def make_plans(
         raise SurgeryError(f"--keep-full layer {bad[0]} does not exist (the model has layers 0–{num_layers - 1})")
     grid = resolve_grid(spec, config, frames, height, width)
 
-    inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data)
+    # One expert of two (spec "M@transformer_2") is calibrated and trained on the timesteps it serves.
+    band, image_tokens = timestep_band(spec), model_kind(spec).image_tokens
+    inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data, band=band,
+                                image_tokens=image_tokens)
     if measure is None:
         table = measure_errors(model, inputs, candidates, seed=seed, progress=progress)
     else:
         table = measure(model, candidates, inputs, grid=grid, seed=seed, data=data,
-                        text_tokens=default_text_tokens(spec), progress=progress)
+                        text_tokens=default_text_tokens(spec), progress=progress, band=band, image_tokens=image_tokens)
 
     allowed = [
         [j for j, c in enumerate(candidates) if i not in pinned or c.variant == "full"] for i in range(num_layers)
@@ -190,8 +209,9 @@ def make_plans(
     dense = dense_attention_flops(grid.tokens, heads, head_dim)
     context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
                    flops=flops, errors=errors, dense=dense, cost=cost,
-                   calibration={"samples": samples, "seed": seed, "timesteps": "spread evenly over (0, 1000)",
-                                "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
+                   calibration={"samples": samples, "seed": seed,
+                                 "timesteps": "spread evenly over (%g, %g)" % (1000 * band[0], 1000 * band[1]),
+                                 "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
                                 if is_toy(config) else "random latents and text embeddings"})
     if cost == "flops":
         context |= dict(costs=flops, dense_layer=dense, dense_total=dense * num_layers, fixed=0.0)
@@ -209,16 +229,12 @@ def make_plans(
             latency={"timing": timing, "device": torch.cuda.get_device_name(), "stock_step_ms": stock_ms,
                      "skipped_attention_step_ms": fixed},
         )
-    return [_solve_plan(context, budget) for budget in budgets]
+    return context
 
 
 def _solve_plan(ctx: dict, budget: float | str):
     """The plan for one budget from a calibration's context (see `make_plans`)."""
-    from .plan import LayerChoice, Plan
-    from .wan import fingerprint, self_attention_fqn
-
-    costs, errors, flops, fixed = ctx["costs"], ctx["errors"], ctx["flops"], ctx["fixed"]
-    num_layers, latency = len(costs), ctx["cost"] == "latency"
+    costs, errors, fixed, latency = ctx["costs"], ctx["errors"], ctx["fixed"], ctx["cost"] == "latency"
     cheapest = min_cost(costs)
     if budget == FASTEST:
         choice = [min(range(len(c)), key=lambda r: (c[r], e[r])) for c, e in zip(costs, errors)]
@@ -235,7 +251,16 @@ def _solve_plan(ctx: dict, budget: float | str):
                 + ("step time" if latency else "attention FLOPs")
             )
         solution = solve(errors, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION)
+    return plan_from_solution(ctx, solution, budget)
 
+
+def plan_from_solution(ctx: dict, solution: Solution, budget: float):
+    """The plan of a solver's choice over a calibration's context: layers, stage-1 weights and the report."""
+    from .plan import LayerChoice, Plan
+    from .wan import fingerprint, self_attention_fqn
+
+    costs, errors, flops, fixed = ctx["costs"], ctx["errors"], ctx["flops"], ctx["fixed"]
+    num_layers, latency = len(costs), ctx["cost"] == "latency"
     candidates, table, allowed = ctx["candidates"], ctx["table"], ctx["allowed"]
     layers, stage1 = {}, {}
     for i, r in enumerate(solution.choice):

@@ -83,12 +83,12 @@ SurgeryWanTransformer3DModel.__init__.__signature__ = _wan_signature.replace(
 
 def export_root(folder: str | Path) -> tuple[Path, str]:
     """(the export's root folder, the transformer's folder inside it) for an export's root or its
-    pipeline's transformer/ folder."""
+    pipeline's transformer/ (or transformer_2/) folder."""
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder, "transformer"
-    if folder.name == "transformer" and (folder.parent / "model_index.json").is_file():
-        return folder.parent, "transformer"
+    if folder.name in ("transformer", "transformer_2") and (folder.parent / "model_index.json").is_file():
+        return folder.parent, folder.name
     return folder, ""
 
 
@@ -111,6 +111,9 @@ def load_exported(path: str | Path, dtype=None, device=None, verify: bool = Fals
     if verify:
         verify_export(path)
     root, transformer = export_root(path)
+    if Path(path) == root and (root / "transformer_2").is_dir():
+        raise ModelLoadError(f"{root} holds two experts (transformer, transformer_2): load it with "
+                             f"WanPipeline.from_pretrained, or load one expert's folder ({root / 'transformer'})")
     folder = root / transformer
     check_export_files(folder)
     check_weights(folder, WEIGHTS, WEIGHTS_INDEX)

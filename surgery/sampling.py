@@ -33,6 +33,9 @@ def euler_sample(
     guidance_scale: float = 1.0,
     reference=None,
     on_step: Callable[[], None] | None = None,
+    extra: dict | None = None,
+    first_frame: torch.Tensor | None = None,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
 ) -> tuple[torch.Tensor, list[float]]:
     """Sample from `noise` [B, C, F, H, W] along `sigmas` (σ_0 = 1 … σ_n = 0).
 
@@ -40,23 +43,35 @@ def euler_sample(
     v = v(∅) + guidance_scale·(v(text) − v(∅)). condition maps x_t to the transformer's input.
     With `reference` (a second model), also returns its velocity's relative error against
     `model`'s at every step, on `model`'s trajectory. on_step() runs after every step (progress).
+    extra: more inputs of both models (CLIP image tokens `encoder_hidden_states_image` [B, N, image_dim]).
+    first_frame: latents [B, C, 1, H, W] held as x's first frame, whose tokens (`patch_size` 1 in time) get timestep 0:
+    Wan2.2 TI2V's image-to-video, as diffusers' pipeline runs it with expand_timesteps.
     Returns (x at σ = 0 in fp32, errors).
     """
     device, dtype = noise.device, input_dtype(model)
     guided = uncond_text is not None and guidance_scale != 1
     text = torch.cat([text, uncond_text]) if guided else text
+    extra = {k: torch.cat([v, v]) if guided and v is not None else v for k, v in (extra or {}).items()}
     x = noise.float()
     errors = []
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         sigma, sigma_next = float(sigma), float(sigma_next)
+        if first_frame is not None:
+            x[:, :, :1] = first_frame
         inputs = condition(x.to(dtype))
         if guided:
             inputs = torch.cat([inputs, inputs])
         timestep = torch.full((inputs.shape[0],), sigma * 1000, device=device)
-        v = model(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+        if first_frame is not None:
+            pt, ph, pw = patch_size
+            per_token = torch.full((x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw), sigma * 1000, device=device)
+            per_token[0] = 0
+            timestep = per_token.flatten().expand(inputs.shape[0], -1)
+        v = model(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text, return_dict=False,
+                  **extra)[0].float()
         if reference is not None:
             v_ref = reference(hidden_states=inputs, timestep=timestep, encoder_hidden_states=text,
-                              return_dict=False)[0]
+                              return_dict=False, **extra)[0]
             errors.append(relative_l2(v_ref, v))
         if guided:
             v_text, v_uncond = v.chunk(2)
@@ -64,4 +79,6 @@ def euler_sample(
         x = x + (sigma_next - sigma) * v
         if on_step is not None:
             on_step()
+    if first_frame is not None:
+        x[:, :, :1] = first_frame
     return x, errors

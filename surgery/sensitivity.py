@@ -16,7 +16,7 @@ from .capture import tap_self_attention
 from .errors import SurgeryError
 from .grid import VideoGrid
 from .metrics import relative_l2
-from .model import conditioner, is_toy
+from .model import conditioner, image_embeddings, is_toy
 from .variants import VARIANTS, AttentionVariant, VariantConfig
 from .wan import latent_channels
 
@@ -48,9 +48,12 @@ def default_candidates(variants: list[str] | None = None,
 
 
 def calibration_inputs(
-    model, grid: VideoGrid, samples: int, seed: int, text_tokens: int, dataset_path: str | None = None
+    model, grid: VideoGrid, samples: int, seed: int, text_tokens: int, dataset_path: str | None = None,
+    band: tuple[float, float] = (0.0, 1.0), image_tokens: int | None = None,
 ) -> list[dict]:
-    """`samples` model inputs at `grid`, with timesteps spread evenly over (0, 1000).
+    """`samples` model inputs at `grid`, with timesteps spread evenly over `band` (fractions of 1000; one expert
+    of two is calibrated where it serves). Image-to-video models get the clip's first frame as their image
+    (a random one without data) and, with image_dim, random CLIP image tokens.
 
     Without a dataset: random latents and random text embeddings (a random-weight model has no data
     distribution to prefer), except for the toy teacher, which gets clips and captions of the kind
@@ -68,13 +71,15 @@ def calibration_inputs(
         from .data import build_dataset
 
         source = dict(source="dataset", path=dataset_path) if dataset_path else dict(source="toy", samples=samples)
-        rows = build_dataset(DataSection(**source), dict(model.config), grid, text_tokens, seed)
+        rows = build_dataset(DataSection(**source), dict(model.config), grid, text_tokens, seed, image_tokens)
     param = model.patch_embedding.weight  # the inputs' device and dtype (some modules stay fp32 in bf16 models)
     inputs = []
     for i in range(samples):
-        t = (i + 0.5) / samples
+        t = band[0] + (band[1] - band[0]) * (i + 0.5) / samples
+        image = image_embeddings(dict(model.config), image_tokens, 1, g)
         if rows is None:
             latents = torch.randn(*shape, generator=g)
+            first_frame = torch.randn(*shape[:2], 1, *shape[3:], generator=g)
             text = torch.randn(1, text_tokens, model.config.text_dim, generator=g)
         else:
             row = rows[i % len(rows)]
@@ -82,12 +87,16 @@ def calibration_inputs(
             if tuple(clean.shape) != shape:
                 raise SurgeryError(f"dataset latents have shape {tuple(clean.shape[1:])}, the grid needs {shape[1:]}")
             latents = (1 - t) * clean + t * torch.randn(*shape, generator=g)
+            first_frame = clean[:, :, :1]
             text = row["text_embeddings"].float().unsqueeze(0)
+            if "image_embeddings" in row:
+                image = row["image_embeddings"].float().unsqueeze(0)
         inputs.append(
             dict(
-                hidden_states=condition(latents).to(param.device, param.dtype),
+                hidden_states=condition(latents, first_frame).to(param.device, param.dtype),
                 timestep=torch.tensor([t * 1000.0], device=param.device),
                 encoder_hidden_states=text.to(param.device, param.dtype),
+                encoder_hidden_states_image=None if image is None else image.to(param.device, param.dtype),
             )
         )
     return inputs

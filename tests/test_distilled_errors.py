@@ -57,9 +57,9 @@ def test_errors_are_measured_on_inputs_the_training_never_saw(tiny, monkeypatch)
     seen = {}
     real = distilled_errors.build_dataset
 
-    def remember(section, config, grid, text_tokens, seed):
+    def remember(section, config, grid, text_tokens, seed, *image_tokens):
         seen["training"] = (section.source, seed)
-        return real(section, config, grid, text_tokens, seed)
+        return real(section, config, grid, text_tokens, seed, *image_tokens)
 
     monkeypatch.setattr(distilled_errors, "build_dataset", remember)
     make_plan("tiny", 0.5, model=tiny, samples=2, seed=3, variants=["linear"],

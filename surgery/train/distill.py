@@ -26,10 +26,11 @@ import torch
 
 from ..swap import apply, check_plan, self_attention_modules, variant_processors
 from ..errors import SurgeryError
+from ..experts import check_expert
 from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
 from ..lock import LOCK_NAME, check_not_busy, folder_lock
 from ..loading import load_model
-from ..model import conditioner, default_text_tokens, resolve_grid
+from ..model import conditioner, default_text_tokens, model_kind, resolve_grid, timestep_band
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
@@ -125,13 +126,13 @@ def stage2_step_fn(teacher, student, sampler, recipe: Recipe, device, dtype, pla
         batch = sampler.batch(step_index, device, dtype)
         with accelerator.autocast():
             prediction = student(hidden_states=batch.inputs, timestep=batch.timestep,
-                                 encoder_hidden_states=batch.text).sample.float()
+                                 encoder_hidden_states=batch.text, encoder_hidden_states_image=batch.image).sample.float()
             loss = prediction.new_zeros(())
             metrics = {}
             if stage2.distill_weight:
                 with torch.no_grad():
-                    target = teacher(hidden_states=batch.inputs, timestep=batch.timestep,
-                                     encoder_hidden_states=batch.text).sample.float()
+                    target = teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text,
+                                     encoder_hidden_states_image=batch.image).sample.float()
                 distill = torch.nn.functional.mse_loss(prediction, target)
                 loss = loss + stage2.distill_weight * distill
                 metrics["velocity_distill"] = distill.item()
@@ -192,7 +193,8 @@ class OpenRun:
     def sampler(self, stage: int) -> StepSampler:
         acc = self.accelerator
         return StepSampler(self.dataset, self.recipe.data.batch_size, self.recipe.train.seed, stage,
-                           acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)))
+                           acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)),
+                           band=timestep_band(self.spec))
 
 
 def _read_json(path: Path, what: str):
@@ -264,8 +266,10 @@ def open_run(spec: str, recipe: Recipe, out: Path, plan: Plan | None, resume: bo
             # Every process plans the same way at once; all then take the main one's, so rounding can't split them.
             plan = broadcast_object_list([plan])[0]
     check_plan(teacher, plan)  # a plan for another model is rejected before anything is written
+    check_expert(plan, spec)
     grid = plan.grid or resolve_grid(spec, dict(teacher.config))
-    dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed)
+    dataset = build_dataset(recipe.data, dict(teacher.config), grid, default_text_tokens(spec), recipe.train.seed,
+                            model_kind(spec).image_tokens)
     if sharded:
         shard(teacher, accelerator, bf16=_bf16(recipe, accelerator))  # frozen: gathered per block, freed after it
     if not resume and accelerator.is_main_process:

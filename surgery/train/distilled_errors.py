@@ -42,7 +42,7 @@ class DistilledErrors:
     samples: int = 32
 
     def __call__(self, model, candidates: list[Candidate], inputs: list[dict], *, grid, seed: int,
-                 data: str | None, text_tokens: int, progress=None) -> ErrorTable:
+                 data: str | None, text_tokens: int, progress=None, band=(0.0, 1.0), image_tokens=None) -> ErrorTable:
         layers = range(len(model.blocks))
         modules = {i: build_candidates(model, i, candidates, seed) for i in layers}
         learned = [j for j, c in enumerate(candidates) if not VARIANTS[c.variant].training_free]
@@ -52,8 +52,9 @@ class DistilledErrors:
         total = steps + len(inputs)
         losses = {(i, j): [] for i, js in trained.items() for j in js}
         if steps:
-            dataset = self._training_data(model, grid, seed, data, text_tokens, held_out=len(inputs))
-            self._train(model, modules, trained, candidates, dataset, seed, losses,
+            dataset = self._training_data(model, grid, seed, data, text_tokens, held_out=len(inputs),
+                                          image_tokens=image_tokens)
+            self._train(model, modules, trained, candidates, dataset, seed, losses, band,
                         progress=(lambda done: progress(done, total)) if progress else None)
         table = measure_errors(model, inputs, candidates, seed=seed, modules=modules,
                                progress=(lambda done, _: progress(steps + done, total)) if progress else None)
@@ -65,7 +66,8 @@ class DistilledErrors:
         table.losses = {pair: loss_ends(values) for pair, values in losses.items()}
         return table
 
-    def _training_data(self, model, grid, seed: int, data: str | None, text_tokens: int, held_out: int):
+    def _training_data(self, model, grid, seed: int, data: str | None, text_tokens: int, held_out: int,
+                       image_tokens: int | None = None):
         config = dict(model.config)
         if data is not None:
             dataset = build_dataset(DataSection(source="dataset", path=data), config, grid, text_tokens, seed)
@@ -75,11 +77,11 @@ class DistilledErrors:
             return dataset.select(range(held_out, len(dataset)))
         # `calibration_inputs` draws from `seed`: the next seed gives other latents, clips and captions.
         source = DataSection(source="toy" if is_toy(config) else "noise", samples=self.samples)
-        return build_dataset(source, config, grid, text_tokens, seed + 1)
+        return build_dataset(source, config, grid, text_tokens, seed + 1, image_tokens)
 
-    def _train(self, model, modules, trained, candidates, dataset, seed, losses, progress) -> None:
+    def _train(self, model, modules, trained, candidates, dataset, seed, losses, band, progress) -> None:
         param = next(model.parameters())
-        sampler = StepSampler(dataset, 1, seed, stage=1, condition=conditioner(dict(model.config)))
+        sampler = StepSampler(dataset, 1, seed, stage=1, condition=conditioner(dict(model.config)), band=band)
         trainees = {i: [modules[i][j] for j in js] for i, js in trained.items()}
         transfer = attention_transfer_fn(model, trainees, sampler, param.device, param.dtype)
 

@@ -35,7 +35,8 @@ def attention_transfer_fn(teacher, trainees: dict[int, list[torch.nn.Module]], s
             uniform[layer] = (v.float().mean(1, keepdim=True) - y.float()).abs().mean().item()
 
         with torch.no_grad(), tap_self_attention(teacher, train_layer, layers=set(trainees)):
-            teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text)
+            teacher(hidden_states=batch.inputs, timestep=batch.timestep, encoder_hidden_states=batch.text,
+                    encoder_hidden_states_image=batch.image)
         return losses, uniform, batch.inputs.shape[0]
 
     return transfer
