@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from .errors import PlanError, SurgeryError
-from .io import atomic_write_bytes, atomic_write_json, check_output_folder
-from .model import EXPERTS, expert_spec, model_kind, split_expert
+from .io import atomic_write_bytes, atomic_write_json
+from .model import EXPERTS, check_expert, expert_spec, model_kind, split_expert
 from .plan import PLAN_VERSION, Plan, _read_stage1
 
 SAMPLING_STEPS = 40  # Wan2.2 A14B's default number of steps
@@ -181,15 +181,6 @@ def load_plan_for(spec: str, path: str | Path, stage1_weights: bool = True) -> P
     return plan
 
 
-def check_expert(plan: Plan, spec: str) -> None:
-    """PlanError when `plan` was made for one expert and `spec` is the other: their architectures match, so the
-    fingerprint cannot tell them apart, but each was calibrated (and trained) on its own timesteps."""
-    planned, expert = split_expert(plan.model)[1], split_expert(spec)[1]
-    if planned is not None and planned != (expert or EXPERTS[0]):
-        raise PlanError(f"the plan was made for expert {planned} ({plan.model}); {spec} is "
-                        f"{expert or 'not that expert'}: use the plan file's plan for {expert or 'it'}")
-
-
 def make_expert_plans(spec: str, budget: float, *, per_expert: bool = False, steps: int = SAMPLING_STEPS,
                       shift: float = SAMPLING_SHIFT, **options) -> ExpertPlans:
     """One plan per expert of two-expert model `spec`, each calibrated on the timesteps it serves.
@@ -304,64 +295,3 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
                                              "finished": True})
     return {name: distill_summary(out / name) for name in EXPERTS}
 
-
-def write_pipeline(transformers: dict, plans: dict[str, Plan], loras: dict, source_spec: str, out: Path,
-                   force: bool) -> Path:
-    """A pipeline folder at `out` whose transformers (one, or both experts) are the exported students, with the
-    other components of `source_spec` (a pipeline folder's, or a tiny form's built in code) and a manifest."""
-    from .exporting import write_transformer
-    from .io import atomic_dir
-    from .manifest import write_manifest
-    from .wan import SURGERY_CLASS
-
-    source = Path(split_expert(source_spec)[0])
-    with atomic_dir(out, overwrite=force) as tmp:
-        if source.is_dir():
-            index = json.loads((source / "model_index.json").read_text())
-            for child in source.iterdir():
-                if child.is_dir() and child.name not in EXPERTS:
-                    shutil.copytree(child, tmp / child.name)
-        else:
-            from .pipeline import build_tiny_pipeline
-
-            build_tiny_pipeline(spec=str(source)).save_pretrained(tmp)
-            index = json.loads((tmp / "model_index.json").read_text())
-            for name in EXPERTS:
-                shutil.rmtree(tmp / name, ignore_errors=True)
-        for name, student in transformers.items():
-            write_transformer(student, plans[name], loras.get(name), tmp / name)
-            index[name] = ["surgery", SURGERY_CLASS]
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        write_manifest(tmp)
-    return out
-
-
-def export_experts(run: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> Path:
-    """A finished two-expert run's students as one pipeline folder (see `write_pipeline`)."""
-    from .exporting import _is_diffusers_folder, _merge_lora, rebuild_student
-
-    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
-    run = Path(run)
-    info = json.loads((run / "run.json").read_text())
-    if not info.get("finished"):
-        raise SurgeryError(f"the run in {run} has not finished; resume it with `vsurgery distill --resume`")
-    students, plans, loras = {}, {}, {}
-    for name in EXPERTS:
-        student, plans[name], sub_info = rebuild_student(run / name)
-        loras[name] = sub_info.get("lora")
-        if loras[name] and merge_lora:
-            _merge_lora(student)
-            loras[name] = None
-        students[name] = student
-    return write_pipeline(students, plans, loras, info["model"], out, force)
-
-
-def export_planned_experts(spec: str, plans: ExpertPlans, out: str | Path, force: bool = False) -> Path:
-    """Two-expert model `spec` with training-free `plans` applied, written as `export_experts` writes."""
-    from .exporting import _is_diffusers_folder
-    from .planned import load_planned
-
-    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
-    plans.check_for(spec)
-    students = {name: load_planned(expert_spec(spec, name), plans.plans[name]) for name in EXPERTS}
-    return write_pipeline(students, plans.plans, {}, spec, out, force)

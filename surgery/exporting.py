@@ -4,12 +4,15 @@ surgery/retrofitted.py for the format and why it never loads back silently dense
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from .errors import SurgeryError
+from .experts import ExpertPlans, is_expert_run, load_plan_for
 from .io import atomic_dir, check_output_folder
 from .loading import load_model
 from .manifest import has_manifest, write_manifest
+from .model import EXPERTS, expert_spec, split_expert
 from .plan import Plan
 from .planned import load_planned
 from .retrofitted import EXPORT_VARIANT, MAX_SHARD_SIZE, SurgeryWanTransformer3DModel, inject_lora
@@ -62,8 +65,6 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bo
     with a manifest of every file's size and SHA-256 (surgery/manifest.py). An existing `out` is
     replaced only with `force`, and only if it is a diffusers folder.
     """
-    from .experts import export_experts, is_expert_run
-
     if is_expert_run(run):
         return export_experts(run, out, merge_lora=merge_lora, force=force)
     out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
@@ -77,8 +78,6 @@ def export(run: str | Path, out: str | Path, merge_lora: bool = False, force: bo
 
 def export_planned(spec: str, plan: Plan | str | Path, out: str | Path, force: bool = False) -> Path:
     """Write model `spec` with a training-free `plan` applied (no distill run) to `out`, as `export` does."""
-    from .experts import ExpertPlans, export_planned_experts, load_plan_for
-
     plan = plan if isinstance(plan, (Plan, ExpertPlans)) else load_plan_for(spec, plan)
     if isinstance(plan, ExpertPlans):
         return export_planned_experts(spec, plan, out, force=force)
@@ -96,8 +95,6 @@ def write_transformer(student, plan: Plan, lora: dict | None, target: Path) -> N
 
 
 def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, force: bool) -> Path:
-    from .experts import write_pipeline
-    from .model import split_expert
     from .pipeline import TINY_FORMS
 
     source = Path(split_expert(source_spec)[0])
@@ -109,3 +106,57 @@ def _write(student, plan: Plan, lora: dict | None, source_spec: str, out: Path, 
         write_transformer(student, plan, lora, tmp)
         write_manifest(tmp)
     return out
+
+
+def write_pipeline(transformers: dict, plans: dict[str, Plan], loras: dict, source_spec: str, out: Path,
+                   force: bool) -> Path:
+    """A pipeline folder at `out` whose transformers (one, or both experts) are the exported students, with the
+    other components of `source_spec` (a pipeline folder's, or a tiny form's built in code) and a manifest."""
+    from .wan import SURGERY_CLASS
+
+    source = Path(split_expert(source_spec)[0])
+    with atomic_dir(out, overwrite=force) as tmp:
+        if source.is_dir():
+            index = json.loads((source / "model_index.json").read_text())
+            for child in source.iterdir():
+                if child.is_dir() and child.name not in EXPERTS:
+                    shutil.copytree(child, tmp / child.name)
+        else:
+            from .pipeline import build_tiny_pipeline
+
+            build_tiny_pipeline(spec=str(source)).save_pretrained(tmp)
+            index = json.loads((tmp / "model_index.json").read_text())
+            for name in EXPERTS:
+                shutil.rmtree(tmp / name, ignore_errors=True)
+        for name, student in transformers.items():
+            write_transformer(student, plans[name], loras.get(name), tmp / name)
+            index[name] = ["surgery", SURGERY_CLASS]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_manifest(tmp)
+    return out
+
+
+def export_experts(run: str | Path, out: str | Path, merge_lora: bool = False, force: bool = False) -> Path:
+    """A finished two-expert run's students as one pipeline folder (see `write_pipeline`)."""
+    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
+    run = Path(run)
+    info = json.loads((run / "run.json").read_text())
+    if not info.get("finished"):
+        raise SurgeryError(f"the run in {run} has not finished; resume it with `vsurgery distill --resume`")
+    students, plans, loras = {}, {}, {}
+    for name in EXPERTS:
+        student, plans[name], sub_info = rebuild_student(run / name)
+        loras[name] = sub_info.get("lora")
+        if loras[name] and merge_lora:
+            _merge_lora(student)
+            loras[name] = None
+        students[name] = student
+    return write_pipeline(students, plans, loras, info["model"], out, force)
+
+
+def export_planned_experts(spec: str, plans: ExpertPlans, out: str | Path, force: bool = False) -> Path:
+    """Two-expert model `spec` with training-free `plans` applied, written as `export_experts` writes."""
+    out = check_output_folder(out, force=force, replaceable=_is_diffusers_folder, what="a diffusers folder")
+    plans.check_for(spec)
+    students = {name: load_planned(expert_spec(spec, name), plans.plans[name]) for name in EXPERTS}
+    return write_pipeline(students, plans.plans, {}, spec, out, force)

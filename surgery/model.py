@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from . import toy
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PlanError
 from .grid import VAE_SCALE, VideoGrid, video_grid
 from .wan import SURGERY_CLASS, WAN_CLASS, WEIGHTS, WEIGHTS_INDEX, fingerprint, latent_channels
 
@@ -150,6 +150,15 @@ def split_expert(spec: str) -> tuple[str, str | None]:
 
 def expert_spec(spec: str, expert: str) -> str:
     return f"{spec}{EXPERT_SEPARATOR}{expert}"
+
+
+def check_expert(plan, spec: str) -> None:
+    """PlanError when `plan` (a surgery.plan.Plan) was made for one expert and `spec` is the other: their architectures match, so the
+    fingerprint cannot tell them apart, but each was calibrated (and trained) on its own timesteps."""
+    planned, expert = split_expert(plan.model)[1], split_expert(spec)[1]
+    if planned is not None and planned != (expert or EXPERTS[0]):
+        raise PlanError(f"the plan was made for expert {planned} ({plan.model}); {spec} is "
+                        f"{expert or 'not that expert'}: use the plan file's plan for {expert or 'it'}")
 
 
 def _pipeline_index(path: Path) -> dict | None:

@@ -26,11 +26,10 @@ import torch
 
 from ..swap import apply, check_plan, self_attention_modules, variant_processors
 from ..errors import SurgeryError
-from ..experts import check_expert
 from ..io import atomic_save_safetensors, atomic_write_json, check_output_folder
 from ..lock import LOCK_NAME, check_not_busy, folder_lock
 from ..loading import load_model
-from ..model import conditioner, default_text_tokens, model_kind, resolve_grid, timestep_band
+from ..model import check_expert, conditioner, default_text_tokens, model_kind, resolve_grid, timestep_band
 from ..plan import Plan
 from ..recipe import Recipe
 from ..recipe import parse as parse_recipe
