@@ -64,3 +64,15 @@ def load_script(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def small_plan():
+    """Layers 1 and 2 hybrid (trainable feature maps), 0 and 3 full, on a small grid (fast steps)."""
+    from surgery.plan import Plan
+
+    config = surgery.load_config("tiny")
+    plan = Plan.uniform("tiny", config, "hybrid", {"rate": 4})
+    for fqn in ("blocks.0.attn1", "blocks.3.attn1"):
+        plan.layers[fqn] = Plan.uniform("tiny", config, "full").layers[fqn]
+    plan.grid = VideoGrid(2, 4, 4)
+    return plan

@@ -15,14 +15,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import surgery
 from surgery.cli.app import app
 from surgery.errors import SurgeryError
 from surgery.lock import LOCK_NAME
-from surgery.plan import Plan
 from surgery.recipe import load_recipe
 from surgery.train import distill
 from surgery.train.loop import StopRequested
+
+from .conftest import small_plan
 
 STAGE1_STEPS, STAGE2_STEPS = 16, 8
 RECIPE = [f"stage1.steps={STAGE1_STEPS}", f"stage2.steps={STAGE2_STEPS}", "train.checkpoint_every=3",
@@ -31,15 +31,6 @@ RECIPE = [f"stage1.steps={STAGE1_STEPS}", f"stage2.steps={STAGE2_STEPS}", "train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def small_plan():
-    """Layers 1 and 2 hybrid (trainable feature maps), 0 and 3 full, on a small grid (fast steps)."""
-    config = surgery.load_config("tiny")
-    plan = Plan.uniform("tiny", config, "hybrid", {"rate": 4})
-    for fqn in ("blocks.0.attn1", "blocks.3.attn1"):
-        plan.layers[fqn] = Plan.uniform("tiny", config, "full").layers[fqn]
-    plan.grid = surgery.VideoGrid(2, 4, 4)
-    return plan
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from surgery.recipe import load_recipe
 from surgery.train import distill
 from surgery.train.loop import StopRequested
 
+from .conftest import small_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["stage1.steps=2", "stage2.steps=2", "train.checkpoint_every=1", "data.samples=4", "data.batch_size=2"]
 # A run that plans before it trains (calibration only: quick).
@@ -33,15 +35,6 @@ STOP_AFTER = 3  # both stage-1 steps and one of stage 2: the newest checkpoint i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def small_plan() -> Plan:
-    """Layers 1 and 2 hybrid (trainable feature maps), 0 and 3 full, on a small grid."""
-    config = surgery.load_config("tiny")
-    plan = Plan.uniform("tiny", config, "hybrid", {"rate": 4})
-    for fqn in ("blocks.0.attn1", "blocks.3.attn1"):
-        plan.layers[fqn] = Plan.uniform("tiny", config, "full").layers[fqn]
-    plan.grid = surgery.VideoGrid(2, 4, 4)
-    return plan
 
 
 CP_VIDEO = dict(frames=5, height=64, width=64, steps=2, seed=0)  # 2×4×4 tokens: they split in 2
