@@ -399,9 +399,10 @@ def generate_video(
         if plan is not None:
             apply(transformer, plan)
             plans = {}
-        context_parallel(transformer, cp)
         if is_toy(dict(transformer.config)):
             from . import toy
+
+            context_parallel(transformer, cp)
 
             size = dict(zip(("frames", "height", "width"), (frames, height, width)))
             video = toy.sample(transformer, toy.load_caption_encoder(), prompt, seed=seed, steps=steps,
@@ -415,10 +416,9 @@ def generate_video(
         spec = "tiny"
     for name, one in plans.items():
         apply(getattr(pipe, name), one)
-    if spec != "tiny":  # a bare transformer (now in the tiny pipeline) went parallel above
-        for name in EXPERTS:
-            if getattr(pipe, name, None) is not None:
-                context_parallel(getattr(pipe, name), cp)
+    for name in EXPERTS:
+        if getattr(pipe, name, None) is not None:
+            context_parallel(getattr(pipe, name), cp)
     if picture is not None and type(pipe) is not WanImageToVideoPipeline:
         # Wan2.2 TI2V: the same parts and settings, with a first frame
         pipe = WanImageToVideoPipeline(**pipe.components, boundary_ratio=pipe.config.boundary_ratio,
