@@ -56,7 +56,7 @@ for group in "$@"; do
     e2e720) python3 bench/e2e.py --height 720 --width 1280 --out "$OUT/e2e-720p.json" 2>&1 | tee "$OUT/e2e-720p.txt" ;;
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
     compiled) python3 bench/e2e.py --budgets 0.15 --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
-    quality) python3 bench/quality.py --device cuda --out runs/quality --doc docs/quality.md --plot docs/quality.png \
+    quality) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality --doc docs/quality.md --plot docs/quality.png \
       2>&1 | tee "$OUT/quality.txt" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
     hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;

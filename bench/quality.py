@@ -16,7 +16,7 @@ training captions either.
     python bench/quality.py [--model toy] [--budgets 0.7 0.5 0.3 0.15] [--methods planned-distilled vsa ...]
         [--set stage1.steps=40 ...] [--eval-samples 4] [--eval-steps 8] [--direction-seeds 1]
         [--direction-steps 12] [--device cpu|cuda] [--out runs/quality] [--doc docs/quality.md]
-        [--plot docs/quality.png]
+        [--plot docs/quality.png] [--jobs 6]
 
 Writes OUT/quality.json (every score, the settings and the times), OUT/students/ (one distill run folder
 per trained plan), the tables into --doc between its `quality-table` markers (the whole file when it
@@ -30,8 +30,11 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
@@ -131,14 +134,14 @@ def training_captions(recipe, calibration_samples: int) -> set[str]:
 
 
 class Sweep:
-    def __init__(self, args, log):
+    def __init__(self, args, log, argv: list[str]):
         import torch
 
         from surgery.loading import load_model
         from surgery.model import is_toy, resolve_grid
         from surgery.recipe import load_recipe
 
-        self.args, self.log = args, log
+        self.args, self.log, self.argv = args, log, argv
         overrides = (["data.source=toy"] if args.model == "toy" else []) + list(args.set or [])
         self.recipe = load_recipe(args.recipe, overrides)
         self.device = torch.device(args.device)
@@ -147,7 +150,7 @@ class Sweep:
         self.grid = resolve_grid(args.model, dict(self.teacher.config), args.frames, args.height, args.width)
         self.toy = is_toy(dict(self.teacher.config))
         self.out = Path(args.out)
-        self.students: dict[str, dict] = {}
+        self.students: dict[str, Future] = {}
         self.prompts, self.avoid, self.encoder = None, frozenset(), None
         if self.toy:
             from surgery import toy
@@ -156,69 +159,125 @@ class Sweep:
             self.prompts = held_out_captions(args.model, self.recipe, args.eval_samples, args.eval_seed, self.avoid)
             self.encoder = toy.load_caption_encoder().to(self.device)
 
-    def plans(self) -> dict[tuple[float, str], object]:
-        """(budget, method) → plan (None where nothing fits the budget), budget by budget in the order asked
-        for. Planned methods' plans are kept in OUT/plans/ and read back by a rerun."""
+    def plans(self):
+        """((budget, method), plan) pairs, plan None where nothing fits the budget, as they are ready: the
+        init-error plans and the single-variant ones first (one cheap calibration), then the distilled-error
+        plans (the planner's stage 1 of every learned candidate), so that students can train meanwhile.
+        Planned methods' plans are kept in OUT/plans/ and read back by a rerun."""
+        args = self.args
+        uniform = [m for m in args.methods if m not in PLANNED]
+        for method in [m for m in PLANNED if m in args.methods or (m == "planned-init" and uniform)]:
+            planned = self.planned(method)
+            if method in args.methods:
+                yield from (((budget, method), planned[budget]) for budget in args.budgets)
+            if method == "planned-init" and uniform:
+                table = self.init_table()
+                for budget in args.budgets:
+                    for variant in uniform:
+                        yield (budget, variant), uniform_plan(args.model, self.teacher, self.grid, variant, budget, table)
+
+    def planned(self, method: str) -> dict[float, object]:
+        """The planner's plan (None where nothing fits) at every budget, with `method`'s errors."""
         from surgery.errors import SurgeryError
         from surgery.plan import Plan
         from surgery.planner import make_plan
-        from surgery.train.distilled_errors import DistilledErrors
 
-        args, recipe = self.args, self.recipe
-        measures = {"planned-init": MeasureOnce(),
-                    "planned-distilled": MeasureOnce(DistilledErrors(recipe.stage1, recipe.data.samples))}
-        planned = {}
-        uniform = [m for m in args.methods if m not in PLANNED]
-        for method in [m for m in PLANNED if m in args.methods or (m == "planned-init" and uniform)]:
-            began = time.perf_counter()
-            for budget in args.budgets:
-                path = self.out / "plans" / f"{method}@{budget:g}.json"
-                if path.exists():
-                    planned[budget, method] = Plan.load(path)
-                    continue
-                try:
-                    planned[budget, method] = make_plan(
-                        args.model, budget, model=self.teacher, samples=recipe.plan.samples, seed=recipe.train.seed,
-                        measure=measures[method], frames=args.frames, height=args.height, width=args.width)
-                    planned[budget, method].save(path)
-                except SurgeryError as e:  # a budget below every candidate's cost
-                    self.log(f"{method} at {budget:g}: {e}")
-                    planned[budget, method] = None
-            self.times[f"plan {method}"] = time.perf_counter() - began
-            self.log(f"planned {method} at every budget in {self.times[f'plan {method}']:.0f} s")
-        init_table = measures["planned-init"].table
-        if uniform and init_table is None:  # every init plan was read back: measure once more for the costs
+        began, plans = time.perf_counter(), {}
+        for budget in self.args.budgets:
+            path = self.out / "plans" / f"{method}@{budget:g}.json"
+            if path.exists():
+                plans[budget] = Plan.load(path)
+                continue
+            try:
+                plans[budget] = make_plan(
+                    self.args.model, budget, model=self.teacher, samples=self.recipe.plan.samples,
+                    seed=self.recipe.train.seed, measure=self.measures[method], frames=self.args.frames,
+                    height=self.args.height, width=self.args.width)
+                plans[budget].save(path)
+            except SurgeryError as e:  # a budget below every candidate's cost
+                self.log(f"{method} at {budget:g}: {e}")
+                plans[budget] = None
+        self.times[f"plan {method}"] = time.perf_counter() - began
+        self.log(f"planned {method} at every budget in {self.times[f'plan {method}']:.0f} s")
+        return plans
+
+    def init_table(self):
+        """The init-error table the planner measured (once more when every init plan was read back): the
+        single-variant plans take their settings' configs and costs from it."""
+        measure = self.measures["planned-init"]
+        if measure.table is None:
             from surgery.model import default_text_tokens
             from surgery.sensitivity import calibration_inputs, default_candidates
 
-            seed = recipe.train.seed
-            inputs = calibration_inputs(self.teacher, self.grid, recipe.plan.samples, seed,
-                                        default_text_tokens(args.model))
-            init_table = measures["planned-init"](self.teacher, default_candidates(), inputs, seed=seed)
-        plans = {}
-        for budget in args.budgets:
-            for method in args.methods:
-                plans[budget, method] = planned[budget, method] if method in PLANNED else uniform_plan(
-                    args.model, self.teacher, self.grid, method, budget, init_table)
-        return plans
+            seed = self.recipe.train.seed
+            inputs = calibration_inputs(self.teacher, self.grid, self.recipe.plan.samples, seed,
+                                        default_text_tokens(self.args.model))
+            measure(self.teacher, default_candidates(), inputs, seed=seed)
+        return measure.table
 
     def run(self, report) -> dict:
-        """Score every (budget, method); `report(result)` gets the result so far after each student."""
+        """Score every (budget, method); `report(result)` gets the result so far after each student. With
+        `--jobs` above 1, students train in that many processes at once while the main one plans."""
+        from surgery.train.distilled_errors import DistilledErrors
+
+        self.measures = {"planned-init": MeasureOnce(),
+                         "planned-distilled": MeasureOnce(DistilledErrors(self.recipe.stage1, self.recipe.data.samples))}
         self.times: dict[str, float] = {}
-        began = time.perf_counter()
-        rows = []
+        began, lock = time.perf_counter(), threading.Lock()
+        order = {key: i for i, key in enumerate((b, m) for b in self.args.budgets for m in self.args.methods)}
+        done: dict[tuple, dict] = {}
         result = dict(model=self.args.model, recipe=self.recipe.to_dict(), settings=self.settings(),
-                      prompts=self.prompts, times=self.times, rows=rows)
-        for (budget, method), plan in self.plans().items():
-            row = dict(budget=budget, method=method)
-            if plan is not None:
-                student = self.score(plan, f"{method}@{budget:g}")
-                row.update(layers=layers_label(plan), flops_ratio=plan.meta["flops_ratio"], student=student["id"],
-                           levels=student["levels"])
-            rows.append(row)
-            self.times["total"] = time.perf_counter() - began
-            report(result)
+                      prompts=self.prompts, times=self.times, rows=[])
+
+        def finish(row: dict, student: dict | None = None) -> None:
+            with lock:
+                if student is not None:
+                    row.update(student=student["id"], levels=student["levels"])
+                done[row["budget"], row["method"]] = row
+                result["rows"] = [done[key] for key in sorted(done, key=order.get)]
+                self.times["total"] = time.perf_counter() - began
+                report(result)
+
+        pool = ThreadPoolExecutor(self.args.jobs) if self.args.jobs > 1 else None
+        pending = []
+        try:
+            for (budget, method), plan in self.plans():
+                row = dict(budget=budget, method=method)
+                if plan is None:
+                    finish(row)
+                    continue
+                row.update(layers=layers_label(plan), flops_ratio=plan.meta["flops_ratio"])
+                pending.append((row, self.submit(pool, plan, f"{method}@{budget:g}")))
+            for row, student in pending:
+                finish(row, student.result())
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         return result
+
+    def submit(self, pool, plan, name: str) -> Future:
+        """The student of `plan` scored: at once in this process without a pool, else in a process of its own
+        from the pool. A plan that two budgets or methods share is trained once."""
+        key = json.dumps({"layers": plan.to_dict()["layers"], "stage1": plan.to_dict().get("stage1_weights")},
+                         sort_keys=True)
+        if key not in self.students:
+            if pool is None:
+                self.students[key] = Future()
+                self.students[key].set_result(self.score(plan, name))
+            else:
+                self.students[key] = pool.submit(self.score_in_process, plan, name)
+        return self.students[key]
+
+    def score_in_process(self, plan, name: str) -> dict:
+        """`score` in a child process (this script with `--score-student`) on the same device."""
+        folder = self.out / "students" / name
+        cached = folder / "scores.json"
+        if not cached.exists():
+            plan.save(folder / "plan.json")
+            threads = max(1, (os.cpu_count() or 1) // self.args.jobs)
+            env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+            subprocess.run([sys.executable, __file__, *self.argv, "--score-student", name], check=True, env=env)
+        return json.loads(cached.read_text())
 
     def settings(self) -> dict:
         a = self.args
@@ -227,16 +286,11 @@ class Sweep:
                     direction_levels=a.direction_levels)
 
     def score(self, plan, name: str) -> dict:
-        """Train (once per distinct plan) and score `plan` at every level it allows."""
-        key = json.dumps({"layers": plan.to_dict()["layers"], "stage1": plan.to_dict().get("stage1_weights")},
-                         sort_keys=True)
-        if key in self.students:
-            return self.students[key]
+        """Train and score `plan` at every level it allows (read back when OUT has its scores)."""
         folder = self.out / "students" / name
         cached = folder / "scores.json"
         if cached.exists():
-            self.students[key] = json.loads(cached.read_text())
-            return self.students[key]
+            return json.loads(cached.read_text())
         from surgery.io import atomic_write_json
         from surgery.swap import apply
         from surgery.train.distill import finish_run, open_run, train_stage1, train_stage2
@@ -259,7 +313,6 @@ class Sweep:
             levels["stage 1 + 2"] = self.evaluate(student, name, "stage 1 + 2")
         result = dict(id=name, levels=levels, seconds=time.perf_counter() - began)
         atomic_write_json(cached, result)
-        self.students[key] = result
         self.log(f"{name}: {layers_label(plan)}; scored in {result['seconds']:.0f} s")
         return result
 
@@ -377,7 +430,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--doc", type=Path, help="Markdown file whose quality-table block gets the tables")
     parser.add_argument("--plot", type=Path, help="PNG to draw the front into")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="students trained at once, each in a process of its own on --device (a small teacher "
+                             "leaves a GPU mostly idle)")
+    parser.add_argument("--score-student", help=argparse.SUPPRESS)  # a --jobs child: OUT/students/NAME/plan.json
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # distillation (accelerate) then stays on the CPU as well
     methods = all_methods()
@@ -399,7 +459,12 @@ def main(argv=None) -> dict:
         if args.plot:
             plot(result, args.plot)
 
-    result = Sweep(args, log).run(report)
+    if args.score_student:
+        from surgery.plan import Plan
+
+        sweep = Sweep(args, log, argv)
+        return sweep.score(Plan.load(args.out / "students" / args.score_student / "plan.json"), args.score_student)
+    result = Sweep(args, log, argv).run(report)
     print(render_tables(result))
     log(f"done; results in {args.out / 'quality.json'}")
     return result

@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from .conftest import load_script
 
 
-def test_the_sweep_runs_and_writes_its_table_json_and_plot(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2], ids=["in-process", "two-child-processes"])
+def test_the_sweep_runs_and_writes_its_table_json_and_plot(tmp_path, jobs):
     doc = tmp_path / "quality.md"
     doc.write_text("# Quality\n\nprose before\n\n<!-- quality-table:start -->\nSTALE TABLE\n<!-- quality-table:end -->\n\nafter\n")
     bench = load_script("bench/quality.py")
@@ -15,7 +18,7 @@ def test_the_sweep_runs_and_writes_its_table_json_and_plot(tmp_path):
         "--methods", "planned-distilled", "vsa", "--set", "stage1.steps=1",
         "--set", "stage2.steps=1", "--set", "data.samples=2", "--set", "plan.samples=1", "--eval-samples", "1",
         "--eval-steps", "1", "--device", "cpu", "--out", str(tmp_path / "out"), "--doc", str(doc),
-        "--plot", str(tmp_path / "front.png"),
+        "--plot", str(tmp_path / "front.png"), "--jobs", str(jobs),
     ])
     result = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert {(row["budget"], row["method"]) for row in result["rows"]} == {
