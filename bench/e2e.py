@@ -2,9 +2,10 @@
 
 In one process, on one model (a preset with random bf16 weights: latency does not depend on weight values):
 the stock step (SDPA default and cuDNN), the step with the attention core skipped (the ceiling), and the
-step of each plan — FLOP-planned at the given budgets, and the fastest plan the latency-aware planner
-makes — each beside ideal(b) (surgery/benchmark.py). Planning itself is timed (one calibration for all the
-FLOP budgets), with its peak memory. --video adds whole generations (text encoder, 50 steps with guidance,
+step of each plan — FLOP-planned at the given budgets, the fastest plan the latency-aware planner makes,
+and for each budget b the latency planner's plan at ideal(b)'s step time — each beside ideal(b)
+(surgery/benchmark.py; for the latency plans at ideal(b), b is that budget, not their FLOPs). Planning is
+timed (one calibration for all the FLOP budgets, one for all the latency plans), with its peak memory. --video adds whole generations (text encoder, 50 steps with guidance,
 VAE decode) of the stock model and of one plan; --compile compiles the blocks first.
 
     python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.5,0.3,0.15 --out e2e-480p.json
@@ -31,7 +32,8 @@ from surgery.benchmark import (  # noqa: E402
 )
 from surgery.loading import load_model  # noqa: E402
 from surgery.model import resolve_grid  # noqa: E402
-from surgery.planner import FASTEST, make_plans  # noqa: E402
+from surgery.errors import SurgeryError  # noqa: E402
+from surgery.planner import FASTEST, calibrate, make_plans, solve_plan  # noqa: E402
 from surgery.swap import install_processors, self_attention_modules  # noqa: E402
 from surgery.timing import attention_core_skipped, peak_memory  # noqa: E402
 
@@ -81,9 +83,21 @@ def main():
             plans[f"flops {budget:g}"] = plan
     report["planning"] = {"budgets": budgets, "seconds": time.perf_counter() - began, "peak_gib": memory["gib"],
                           "samples": args.samples}
+    matched = {}  # latency plan name → the FLOP budget b whose ideal(b) step time it is planned to
     if not args.no_fastest and device.type == "cuda":
         began = time.perf_counter()
-        plans["latency fastest"], = make_plans(args.model, [FASTEST], cost="latency", **common)
+        context = calibrate(args.model, cost="latency", **common)
+        plans["latency fastest"] = solve_plan(context, FASTEST)
+        # The step time ideal(b) stands for, as a latency budget: the planner's own attention-free step plus
+        # b of its dense attention time.
+        stock_ms, fixed_ms = context["latency"]["stock_step_ms"], context["latency"]["skipped_attention_step_ms"]
+        for budget in budgets:
+            name = f"latency at ideal({budget:g})"
+            try:
+                plans[name] = solve_plan(context, (fixed_ms + budget * (stock_ms - fixed_ms)) / stock_ms)
+                matched[name] = budget
+            except SurgeryError as e:
+                print(f"{name}: {e}", flush=True)
         report["planning"]["latency_seconds"] = time.perf_counter() - began
     print(json.dumps(report["planning"]), flush=True)
 
@@ -112,7 +126,9 @@ def main():
         install_processors(model, stock)
         entry = {"step_ms": row.step_ms, "speedup": stock_ms / row.step_ms, "peak_gib": row.peak_memory_gib,
                  "attention_flops_ratio": ratio, "converted_layers": converted, "variants": variant_counts(plan),
-                 **yardsticks(stock_ms, skipped_ms, row.step_ms, ratio)}
+                 **yardsticks(stock_ms, skipped_ms, row.step_ms, matched.get(name, ratio))}
+        if name in matched:
+            entry["matched_budget"] = matched[name]
         latency = plan.meta.get("latency")
         if latency:
             entry |= {"predicted_speedup": latency["predicted_speedup"], "predicted_step_ms": latency["predicted_step_ms"],

@@ -149,7 +149,7 @@ def make_plans(
     context = calibrate(spec, variants=variants, keep_full=keep_full, params_by_variant=params_by_variant,
                         frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
                         timing=timing, model=model, progress=progress, measure=measure)
-    return [_solve_plan(context, budget) for budget in budgets]
+    return [solve_plan(context, budget) for budget in budgets]
 
 
 def check_budgets(budgets) -> None:
@@ -232,7 +232,7 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     return context
 
 
-def _solve_plan(ctx: dict, budget: float | str):
+def solve_plan(ctx: dict, budget: float | str):
     """The plan for one budget from a calibration's context (see `make_plans`)."""
     costs, errors, fixed, latency = ctx["costs"], ctx["errors"], ctx["fixed"], ctx["cost"] == "latency"
     cheapest = min_cost(costs)
