@@ -208,7 +208,7 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
     dense = dense_attention_flops(grid.tokens, heads, head_dim)
     context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
-                   flops=flops, errors=errors, dense=dense, cost=cost,
+                   flops=flops, errors=errors, dense=dense, cost=cost, model=model, inputs=inputs,
                    calibration={"samples": samples, "seed": seed,
                                  "timesteps": "spread evenly over (%g, %g)" % (1000 * band[0], 1000 * band[1]),
                                  "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
@@ -251,7 +251,38 @@ def solve_plan(ctx: dict, budget: float | str):
                 + ("step time" if latency else "attention FLOPs")
             )
         solution = solve(errors, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION)
+        if ctx["table"].built_errors is not None:
+            return _checked_whole(ctx, solution, capacity, budget)
     return plan_from_solution(ctx, solution, budget)
+
+
+def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float):
+    """With errors measured after stage 1, the plan that errors as built choose too, and of the two the one
+    whose whole student (every chosen processor as trained, installed at once) is closer to the model on the
+    calibration inputs. The table measures each candidate with every other layer exact; the whole student
+    shows how the chosen layers' errors compound."""
+    from .sensitivity import model_outputs, output_error
+    from .wan import self_attention_fqn
+
+    table, allowed, errors = ctx["table"], ctx["allowed"], ctx["errors"]
+    built = [[table.built_errors[i][j] for j in allowed[i]] for i in range(len(allowed))]
+    other = solve(built, ctx["costs"], capacity, unit=ctx["dense_layer"] / RESOLUTION)
+    if other.choice == solution.choice:
+        return plan_from_solution(ctx, solution, budget)
+    if "reference" not in ctx:
+        ctx["reference"] = model_outputs(ctx["model"], ctx["inputs"])
+    whole = {}
+    for name, choice in (("errors after stage 1", solution.choice), ("errors as built", other.choice)):
+        processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
+        whole[name] = output_error(ctx["model"], ctx["inputs"], ctx["reference"], processors)
+    if whole["errors as built"] < whole["errors after stage 1"]:
+        objective = sum(errors[i][r] for i, r in enumerate(other.choice))
+        solution = Solution(other.choice, objective, other.cost, solution.lower_bound, "dp")
+    plan = plan_from_solution(ctx, solution, budget)
+    plan.meta["whole_student_check"] = {
+        "output_error": whole, "kept": min(whole, key=whole.get),
+        "why": "the plans of both error tables, each run whole on the calibration inputs"}
+    return plan
 
 
 def plan_from_solution(ctx: dict, solution: Solution, budget: float):

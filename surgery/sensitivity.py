@@ -112,6 +112,10 @@ class ErrorTable:
     # as in the candidate's processor), and their training loss at the start and the end.
     trained: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     losses: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    # Where `errors` were measured after training: every candidate's error as built, and the processors
+    # measured ([layer][candidate]), so that a plan from either table can be run whole (`output_error`).
+    built_errors: list[list[float]] | None = None
+    modules: dict[int, list[AttentionVariant]] = field(default_factory=dict, repr=False)
 
 
 def build_candidates(model, layer: int, candidates: list[Candidate], seed: int) -> list[AttentionVariant]:
@@ -152,3 +156,24 @@ def measure_errors(
     errors = [[s / len(inputs) for s in row] for row in sums]
     configs = [[m.observed_config() for m in modules[layer]] for layer in range(num_layers)]
     return ErrorTable(candidates, errors, configs)
+
+
+@torch.no_grad()
+def model_outputs(model, inputs: list[dict]) -> list[torch.Tensor]:
+    """The model's prediction on each input, as the sampler calls it."""
+    return [model(**model_input, return_dict=False)[0] for model_input in inputs]
+
+
+@torch.no_grad()
+def output_error(model, inputs: list[dict], reference: list[torch.Tensor], processors: dict) -> float:
+    """Mean relative L2 of the model's prediction with `processors` installed (fqn → processor) against
+    `reference` (`model_outputs` of the unchanged model): the whole student at once, where the layers' errors
+    compound as they do in sampling, unlike the per-layer table. The model's processors are put back."""
+    from .swap import install_processors
+
+    replaced = install_processors(model, processors)
+    try:
+        errors = [relative_l2(out, ref) for out, ref in zip(model_outputs(model, inputs), reference)]
+    finally:
+        install_processors(model, replaced)
+    return sum(errors) / len(errors)

@@ -148,3 +148,33 @@ def test_cli_plans_with_distilled_errors_and_writes_the_weights_beside_the_plan(
     assert json.loads(result.stdout) == json.loads(out.read_text())
     assert json.loads(out.read_text())["stage1_weights"]["tensors"] > 0
     assert Plan.load(out).stage1 and stage1_weights_path(out).exists()
+
+
+def test_the_planner_keeps_whichever_tables_plan_is_closer_to_the_model_when_run_whole(tiny):
+    from surgery.planner import calibrate, solve_plan
+    from surgery.sensitivity import model_outputs, output_error
+    from surgery.swap import self_attention_modules
+
+    ctx = calibrate("tiny", model=tiny, samples=2, variants=["hybrid", "linear"], measure=MEASURE)
+    table = ctx["table"]
+    # The errors as built are the init planner's, candidate for candidate.
+    as_built = calibrate("tiny", model=tiny, samples=2, variants=["hybrid", "linear"])["table"].errors
+    assert [e for row in table.built_errors for e in row] == pytest.approx([e for row in as_built for e in row], rel=1e-5)
+    # Two tables that disagree: after stage 1, linear everywhere; as built, full and hybrid R = 2.
+    variants, labels = [c.variant for c in table.candidates], [c.label() for c in table.candidates]
+    ctx["errors"] = [[0.0 if variants[j] == "linear" else 1.0 for j in row] for row in ctx["allowed"]]
+    table.built_errors = [[0.0 if variants[j] == "full" else 0.1 if "rate=2" in labels[j] else 1.0
+                           for j in range(len(labels))] for _ in ctx["allowed"]]
+    stock = {fqn: attn.processor for fqn, attn in self_attention_modules(tiny).items()}
+    plan = solve_plan(ctx, 0.5)
+    check = plan.meta["whole_student_check"]
+    assert set(check["output_error"]) == {"errors after stage 1", "errors as built"}
+    assert check["kept"] == min(check["output_error"], key=check["output_error"].get)
+    all_linear = all(c.variant == "linear" for c in plan.layers.values())
+    assert all_linear == (check["kept"] == "errors after stage 1")
+    assert plan.meta["flops_ratio"] <= 0.5
+    # The check ran each plan's trained processors and put the model's own back.
+    assert {fqn: attn.processor for fqn, attn in self_attention_modules(tiny).items()} == stock
+    linear = {fqn: table.modules[i][variants.index("linear")] for i, fqn in enumerate(stock)}
+    assert check["output_error"]["errors after stage 1"] == pytest.approx(
+        output_error(tiny, ctx["inputs"], model_outputs(tiny, ctx["inputs"]), linear), rel=1e-5)

@@ -51,7 +51,9 @@ class DistilledErrors:
         steps = self.stage1.steps if trained else 0
         total = steps + len(inputs)
         losses = {(i, j): [] for i, js in trained.items() for j in js}
+        built = None
         if steps:
+            built = self._errors_as_built(model, inputs, candidates, modules, trained, seed)
             dataset = self._training_data(model, grid, seed, data, text_tokens, held_out=len(inputs),
                                           image_tokens=image_tokens)
             self._train(model, modules, trained, candidates, dataset, seed, losses, band,
@@ -64,7 +66,20 @@ class DistilledErrors:
         table.trained = {(i, j): {name: p.detach().cpu().clone() for name, p in modules[i][j].named_parameters()}
                          for (i, j) in losses}
         table.losses = {pair: loss_ends(values) for pair, values in losses.items()}
+        if built is not None:
+            table.built_errors = [[built.get((i, j), table.errors[i][j]) for j in range(len(candidates))]
+                                  for i in layers]
+        table.modules = modules
         return table
+
+    @staticmethod
+    def _errors_as_built(model, inputs, candidates, modules, trained, seed) -> dict[tuple[int, int], float]:
+        """(layer, candidate) → error before training, for the candidates that train (the others' errors do
+        not change): the planner can then also solve with init errors and check both plans whole."""
+        learned = sorted({j for js in trained.values() for j in js})
+        table = measure_errors(model, inputs, [candidates[j] for j in learned], seed=seed,
+                               modules={i: [modules[i][j] for j in learned] for i in modules})
+        return {(i, j): table.errors[i][col] for i, js in trained.items() for col, j in enumerate(learned) if j in js}
 
     def _training_data(self, model, grid, seed: int, data: str | None, text_tokens: int, held_out: int,
                        image_tokens: int | None = None):
