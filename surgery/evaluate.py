@@ -25,7 +25,7 @@ from .parallel import check_context_parallel, context_parallel, is_main_process
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free, load_planned
 from .sampling import euler_sample
-from .swap import apply
+from .swap import apply, install_processors
 from .experts import ExpertPlans, TwoExperts, load_denoiser, load_plan_for
 from .wan import fingerprint, latent_channels
 
@@ -69,6 +69,22 @@ def sample_latents(model, noise, text, steps: int, reference=None, on_step=None,
     return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=lambda x: condition(x, image),
                         reference=reference, on_step=on_step, extra={"encoder_hidden_states_image": image_embeds},
                         first_frame=first_frame, patch_size=tuple(model.config.patch_size))
+
+
+def final_latents(model, starts: list[dict], steps: int) -> list[torch.Tensor]:
+    """`model`'s samples (on the CPU) from each of `starts` (`sampling_starts`), `steps` Euler steps each."""
+    return [sample_latents(model, steps=steps, **start)[0].cpu() for start in starts]
+
+
+def processors_error(model, starts: list[dict], steps: int, reference: list[torch.Tensor], processors: dict) -> float:
+    """Mean relative error of the final latents `model` samples with `processors` installed (fqn → processor)
+    against `reference` (its `final_latents` as it is); the model's own processors are put back."""
+    replaced = install_processors(model, processors)
+    try:
+        latents = final_latents(model, starts, steps)
+    finally:
+        install_processors(model, replaced)
+    return sum(relative_l2(z, r) for z, r in zip(latents, reference)) / len(latents)
 
 
 def _step_counter(progress, total: int):
@@ -228,6 +244,49 @@ def _context_parallel(denoiser, cp: int):
     return denoiser
 
 
+
+def sampling_starts(teacher, teacher_spec: str, grid: VideoGrid, samples: int, seed: int,
+                    prompts: list[str] | None = None, image=None) -> tuple[list[dict], list[str] | None]:
+    """What `compare` samples from, drawn from `seed` on the teacher's device: per sample the noise, the text
+    (the toy's captions, `prompts` or drawn; random embeddings otherwise) and an image-to-video teacher's image
+    (`image`, a PIL image, or a random one), as `sample_latents` keywords. Returns (starts, the toy's prompts)."""
+    device = next(teacher.parameters()).device
+    pt, ph, pw = teacher.config.patch_size
+    g = torch.Generator().manual_seed(seed)
+    toy_text = None
+    if is_toy(dict(teacher.config)):
+        # The toy has a text encoder: its own captions, not random embeddings it never saw.
+        from . import toy
+
+        prompts = prompts or toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
+        toy_text = toy.caption_embeddings(prompts)
+        samples = len(prompts)
+    elif prompts is not None:
+        raise SurgeryError(f"{teacher_spec} has no caption encoder here: prompts apply to the toy teacher only")
+    config, kind = dict(teacher.config), model_kind(teacher_spec)
+    picture = None if image is None else encode_image(teacher_spec, image, grid, device)
+    starts = []
+    for i in range(samples):
+        noise = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw,
+                            generator=g)
+        if toy_text is None:
+            text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
+        else:
+            text = toy_text[i : i + 1]
+        image_latents = image_embeds = first_frame = None
+        if picture is not None:
+            image_latents, image_embeds = picture
+            first_frame = image_latents[:, :, :1] if kind.expand_timesteps else None
+            image_latents = None if kind.expand_timesteps else image_latents
+        elif kind.image == "required":
+            # Image-to-video: a random first-frame latent and CLIP tokens, as text embeddings are random.
+            image_latents = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=g).to(device)
+            image_embeds = image_embeddings(config, kind.image_tokens, 1, g)
+            image_embeds = None if image_embeds is None else image_embeds.to(device)
+        starts.append(dict(noise=noise.to(device), text=text.to(device), image=image_latents,
+                           image_embeds=image_embeds, first_frame=first_frame))
+    return starts, prompts
+
 def compare(
     student,
     teacher,
@@ -246,45 +305,13 @@ def compare(
     decoder and text length. prompts: the toy's captions to compare on (default: `samples` drawn from `seed`).
     progress(done, total): sampling steps. image: a PIL image, the first frame of an image-to-video teacher."""
     decode = _decoder(teacher_spec)
-    device = next(teacher.parameters()).device
-    pt, ph, pw = teacher.config.patch_size
-    g = torch.Generator().manual_seed(seed)
-    toy_text = None
-    if is_toy(dict(teacher.config)):
-        # The toy has a text encoder: its own captions, not random embeddings it never saw.
-        from . import toy
-
-        prompts = prompts or toy.sample_clips(samples, toy.clip_generator(seed, 0)).captions()
-        toy_text = toy.caption_embeddings(prompts)
-        samples = len(prompts)
-    elif prompts is not None:
-        raise SurgeryError(f"{teacher_spec} has no caption encoder here: prompts apply to the toy teacher only")
+    starts, prompts = sampling_starts(teacher, teacher_spec, grid, samples, seed, prompts, image)
+    samples = len(starts)
     on_step = _step_counter(progress, 2 * samples * steps)  # two trajectories per sample
-    config, kind = dict(teacher.config), model_kind(teacher_spec)
-    picture = None if image is None else encode_image(teacher_spec, image, grid, device)
     per_step, latent_errors, psnrs, ssims = [], [], [], []
-    for i in range(samples):
-        noise = torch.randn(1, latent_channels(config), grid.frames * pt, grid.height * ph, grid.width * pw,
-                            generator=g)
-        if toy_text is None:
-            text = torch.randn(1, default_text_tokens(teacher_spec), teacher.config.text_dim, generator=g)
-        else:
-            text = toy_text[i : i + 1]
-        image_latents = image_embeds = first_frame = None
-        if picture is not None:
-            image_latents, image_embeds = picture
-            first_frame = image_latents[:, :, :1] if kind.expand_timesteps else None
-            image_latents = None if kind.expand_timesteps else image_latents
-        elif kind.image == "required":
-            # Image-to-video: a random first-frame latent and CLIP tokens, as text embeddings are random.
-            image_latents = torch.randn(*noise.shape[:2], 1, *noise.shape[3:], generator=g).to(device)
-            image_embeds = image_embeddings(config, kind.image_tokens, 1, g)
-            image_embeds = None if image_embeds is None else image_embeds.to(device)
-        noise, text = noise.to(device), text.to(device)
-        z_teacher, errors = sample_latents(teacher, noise, text, steps, reference=student, on_step=on_step,
-                                           image=image_latents, image_embeds=image_embeds, first_frame=first_frame)
-        z_student, _ = sample_latents(student, noise, text, steps, on_step=on_step, image=image_latents,
-                                      image_embeds=image_embeds, first_frame=first_frame)
+    for start in starts:
+        z_teacher, errors = sample_latents(teacher, steps=steps, reference=student, on_step=on_step, **start)
+        z_student, _ = sample_latents(student, steps=steps, on_step=on_step, **start)
         per_step.append(errors)
         z_teacher, z_student = z_teacher.cpu(), z_student.cpu()  # decoders and metrics run on the CPU
         latent_errors.append(relative_l2(z_student, z_teacher))

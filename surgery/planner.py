@@ -97,6 +97,8 @@ def lagrangian_bound(errors, costs, capacity: float) -> float:
 
 # Cost resolution of the DP: 1/RESOLUTION of one dense layer. Fixed per model, so budgets compare.
 RESOLUTION = 1000
+# Sampler steps of the planner's whole-student check (see `_checked_whole`).
+CHECK_STEPS = 4
 
 
 COSTS = ("flops", "latency")
@@ -208,7 +210,7 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
     dense = dense_attention_flops(grid.tokens, heads, head_dim)
     context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
-                   flops=flops, errors=errors, dense=dense, cost=cost, model=model, inputs=inputs,
+                   flops=flops, errors=errors, dense=dense, cost=cost, model=model,
                    calibration={"samples": samples, "seed": seed,
                                  "timesteps": "spread evenly over (%g, %g)" % (1000 * band[0], 1000 * band[1]),
                                  "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
@@ -258,30 +260,35 @@ def solve_plan(ctx: dict, budget: float | str):
 
 def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float):
     """With errors measured after stage 1, the plan that errors as built choose too, and of the two the one
-    whose whole student (every chosen processor as trained, installed at once) is closer to the model on the
-    calibration inputs. The table measures each candidate with every other layer exact; the whole student
-    shows how the chosen layers' errors compound."""
-    from .sensitivity import model_outputs, output_error
+    whose whole student (every chosen processor as trained, installed at once) samples closer to the model:
+    final latents after CHECK_STEPS Euler steps from as many starts as calibration inputs. The table measures
+    each candidate with every other layer exact; sampling with the whole student shows how the chosen layers'
+    errors compound, over layers and over steps."""
+    from .evaluate import final_latents, processors_error, sampling_starts
     from .wan import self_attention_fqn
 
-    table, allowed, errors = ctx["table"], ctx["allowed"], ctx["errors"]
+    table, allowed, errors, model = ctx["table"], ctx["allowed"], ctx["errors"], ctx["model"]
     built = [[table.built_errors[i][j] for j in allowed[i]] for i in range(len(allowed))]
     other = solve(built, ctx["costs"], capacity, unit=ctx["dense_layer"] / RESOLUTION)
     if other.choice == solution.choice:
         return plan_from_solution(ctx, solution, budget)
-    if "reference" not in ctx:
-        ctx["reference"] = model_outputs(ctx["model"], ctx["inputs"])
+    if "check" not in ctx:
+        starts, _ = sampling_starts(model, ctx["spec"], ctx["grid"], ctx["calibration"]["samples"],
+                                    ctx["calibration"]["seed"])
+        ctx["check"] = starts, final_latents(model, starts, CHECK_STEPS)
+    starts, reference = ctx["check"]
     whole = {}
     for name, choice in (("errors after stage 1", solution.choice), ("errors as built", other.choice)):
         processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
-        whole[name] = output_error(ctx["model"], ctx["inputs"], ctx["reference"], processors)
+        whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
     if whole["errors as built"] < whole["errors after stage 1"]:
         objective = sum(errors[i][r] for i, r in enumerate(other.choice))
         solution = Solution(other.choice, objective, other.cost, solution.lower_bound, "dp")
     plan = plan_from_solution(ctx, solution, budget)
     plan.meta["whole_student_check"] = {
-        "output_error": whole, "kept": min(whole, key=whole.get),
-        "why": "the plans of both error tables, each run whole on the calibration inputs"}
+        "final_latent_error": whole, "kept": min(whole, key=whole.get),
+        "how": f"the plans of both error tables sampled whole, {CHECK_STEPS} steps from "
+               f"{len(starts)} starts, against the model's own samples"}
     return plan
 
 

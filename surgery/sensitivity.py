@@ -157,23 +157,3 @@ def measure_errors(
     configs = [[m.observed_config() for m in modules[layer]] for layer in range(num_layers)]
     return ErrorTable(candidates, errors, configs)
 
-
-@torch.no_grad()
-def model_outputs(model, inputs: list[dict]) -> list[torch.Tensor]:
-    """The model's prediction on each input, as the sampler calls it."""
-    return [model(**model_input, return_dict=False)[0] for model_input in inputs]
-
-
-@torch.no_grad()
-def output_error(model, inputs: list[dict], reference: list[torch.Tensor], processors: dict) -> float:
-    """Mean relative L2 of the model's prediction with `processors` installed (fqn → processor) against
-    `reference` (`model_outputs` of the unchanged model): the whole student at once, where the layers' errors
-    compound as they do in sampling, unlike the per-layer table. The model's processors are put back."""
-    from .swap import install_processors
-
-    replaced = install_processors(model, processors)
-    try:
-        errors = [relative_l2(out, ref) for out, ref in zip(model_outputs(model, inputs), reference)]
-    finally:
-        install_processors(model, replaced)
-    return sum(errors) / len(errors)

@@ -150,9 +150,9 @@ def test_cli_plans_with_distilled_errors_and_writes_the_weights_beside_the_plan(
     assert Plan.load(out).stage1 and stage1_weights_path(out).exists()
 
 
-def test_the_planner_keeps_whichever_tables_plan_is_closer_to_the_model_when_run_whole(tiny):
-    from surgery.planner import calibrate, solve_plan
-    from surgery.sensitivity import model_outputs, output_error
+def test_the_planner_keeps_whichever_tables_plan_samples_closer_to_the_model(tiny):
+    from surgery.evaluate import final_latents, processors_error, sampling_starts
+    from surgery.planner import CHECK_STEPS, calibrate, solve_plan
     from surgery.swap import self_attention_modules
 
     ctx = calibrate("tiny", model=tiny, samples=2, variants=["hybrid", "linear"], measure=MEASURE)
@@ -168,13 +168,15 @@ def test_the_planner_keeps_whichever_tables_plan_is_closer_to_the_model_when_run
     stock = {fqn: attn.processor for fqn, attn in self_attention_modules(tiny).items()}
     plan = solve_plan(ctx, 0.5)
     check = plan.meta["whole_student_check"]
-    assert set(check["output_error"]) == {"errors after stage 1", "errors as built"}
-    assert check["kept"] == min(check["output_error"], key=check["output_error"].get)
+    errors = check["final_latent_error"]
+    assert set(errors) == {"errors after stage 1", "errors as built"} and all(e > 0 for e in errors.values())
+    assert check["kept"] == min(errors, key=errors.get)
     all_linear = all(c.variant == "linear" for c in plan.layers.values())
     assert all_linear == (check["kept"] == "errors after stage 1")
     assert plan.meta["flops_ratio"] <= 0.5
-    # The check ran each plan's trained processors and put the model's own back.
+    # The check sampled each plan's trained processors and put the model's own back.
     assert {fqn: attn.processor for fqn, attn in self_attention_modules(tiny).items()} == stock
+    starts, _ = sampling_starts(tiny, "tiny", ctx["grid"], 2, 0)
     linear = {fqn: table.modules[i][variants.index("linear")] for i, fqn in enumerate(stock)}
-    assert check["output_error"]["errors after stage 1"] == pytest.approx(
-        output_error(tiny, ctx["inputs"], model_outputs(tiny, ctx["inputs"]), linear), rel=1e-5)
+    again = processors_error(tiny, starts, CHECK_STEPS, final_latents(tiny, starts, CHECK_STEPS), linear)
+    assert errors["errors after stage 1"] == pytest.approx(again, rel=1e-5)
