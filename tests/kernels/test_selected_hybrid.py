@@ -182,7 +182,8 @@ def test_gpu_fp32_head_dim_128(poisoned_empty):
 @needs_cuda
 def test_gpu_variant_kernel_path_matches_reference_bf16(poisoned_empty):
     """Wan's heads at a grid with partial 4×4×4 tiles, small enough for the reference's [S, S] scores; bf16 inputs
-    and parameters, the reference in fp32 from the same values: relative error ≤ 1e-2."""
+    and parameters, the reference in fp32 from the same values: relative error ≤ 1e-2 for the output and the
+    inputs' gradients, ≤ 2e-2 for the feature maps' (each a sum over every token's bf16 terms)."""
     grid, heads, head_dim = VideoGrid(9, 15, 18), 12, 128
     torch.manual_seed(0)
     variant = HybridSelectedAttention(HybridSelectedConfig(sparsity=0.875), heads=heads, head_dim=head_dim,
@@ -191,19 +192,19 @@ def test_gpu_variant_kernel_path_matches_reference_bf16(poisoned_empty):
         for p in variant.parameters():
             p.add_(0.05 * torch.randn_like(p))
     variant = variant.bfloat16()
+    exact = copy.deepcopy(variant).float()
     q, k, v = (torch.randn(1, grid.tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     upstream = torch.randn_like(q)
-    leaves = [q, k, v, *variant.parameters()]
     out = variant.attend_kernel(q, k, v, grid)
-    grads = torch.autograd.grad(out, leaves, upstream)
-    ref = variant.attend_reference(q, k, v, grid)
-    ref_grads = torch.autograd.grad(ref, leaves, upstream)
-    errors = {"out": rel_err(out, ref)}
+    grads = torch.autograd.grad(out, [q, k, v, *variant.parameters()], upstream)
+    ref = exact.attend_reference(q32, k32, v32, grid)
+    ref_grads = torch.autograd.grad(ref, [q32, k32, v32, *exact.parameters()], upstream.float())
     names = ["q", "k", "v", *(name for name, _ in variant.named_parameters())]
-    errors.update({name: rel_err(g, r) for name, g, r in zip(names, grads, ref_grads)})
+    errors = {"out": rel_err(out, ref), **{name: rel_err(g, r) for name, g, r in zip(names, grads, ref_grads)}}
     print(errors)
-    assert all(e <= 1e-2 for e in errors.values()), errors
+    assert all(e <= (1e-2 if name in ("out", "q", "k", "v") else 2e-2) for name, e in errors.items()), errors
 
 
 @gpu
