@@ -259,37 +259,58 @@ def solve_plan(ctx: dict, budget: float | str):
 
 
 def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float):
-    """With errors measured after stage 1, the plan that errors as built choose too, and of the two the one
-    whose whole student (every chosen processor as trained, installed at once) samples closer to the model:
-    final latents after CHECK_STEPS Euler steps from as many starts as calibration inputs. The table measures
-    each candidate with every other layer exact; sampling with the whole student shows how the chosen layers'
-    errors compound, over layers and over steps."""
+    """With errors measured after stage 1: of the knapsack's plan, the plan that the errors as built choose and
+    each single variant on every layer (at its most expensive setting that fits), the one whose whole student
+    (every chosen processor as trained, installed at once) samples closest to the model: final latents after
+    CHECK_STEPS Euler steps from as many starts as calibration inputs. The table measures each candidate with
+    every other layer exact; sampling with the whole student shows how the chosen layers' errors compound,
+    over layers and over steps."""
     from .evaluate import final_latents, processors_error, sampling_starts
     from .wan import self_attention_fqn
 
-    table, allowed, errors, model = ctx["table"], ctx["allowed"], ctx["errors"], ctx["model"]
+    table, allowed, errors, costs, model = ctx["table"], ctx["allowed"], ctx["errors"], ctx["costs"], ctx["model"]
     built = [[table.built_errors[i][j] for j in allowed[i]] for i in range(len(allowed))]
-    other = solve(built, ctx["costs"], capacity, unit=ctx["dense_layer"] / RESOLUTION)
-    if other.choice == solution.choice:
-        return plan_from_solution(ctx, solution, budget)
+    choices = {"errors after stage 1": solution.choice,
+               "errors as built": solve(built, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION).choice,
+               **_uniform_choices(ctx, capacity)}
     if "check" not in ctx:
         starts, _ = sampling_starts(model, ctx["spec"], ctx["grid"], ctx["calibration"]["samples"],
                                     ctx["calibration"]["seed"])
         ctx["check"] = starts, final_latents(model, starts, CHECK_STEPS)
     starts, reference = ctx["check"]
-    whole = {}
-    for name, choice in (("errors after stage 1", solution.choice), ("errors as built", other.choice)):
+    whole, seen = {}, {}
+    for name, choice in choices.items():
+        if tuple(choice) in seen:  # the same plan reached another way: sampled once
+            continue
+        seen[tuple(choice)] = name
         processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
         whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
-    if whole["errors as built"] < whole["errors after stage 1"]:
-        objective = sum(errors[i][r] for i, r in enumerate(other.choice))
-        solution = Solution(other.choice, objective, other.cost, solution.lower_bound, "dp")
+    kept = min(whole, key=whole.get)
+    if kept != "errors after stage 1":
+        choice = choices[kept]
+        solution = Solution(choice, sum(errors[i][r] for i, r in enumerate(choice)),
+                            sum(costs[i][r] for i, r in enumerate(choice)), solution.lower_bound, "dp")
     plan = plan_from_solution(ctx, solution, budget)
     plan.meta["whole_student_check"] = {
-        "final_latent_error": whole, "kept": min(whole, key=whole.get),
-        "how": f"the plans of both error tables sampled whole, {CHECK_STEPS} steps from "
-               f"{len(starts)} starts, against the model's own samples"}
+        "final_latent_error": whole, "kept": kept,
+        "how": f"each plan sampled whole, {CHECK_STEPS} steps from {len(starts)} starts, against the model's "
+               "own samples"}
     return plan
+
+
+def _uniform_choices(ctx: dict, capacity: float) -> dict[str, list[int]]:
+    """Per variant but full, its most expensive candidate setting that every layer allows and that fits
+    `capacity` on every layer, as a choice per layer; named "<setting> on every layer"."""
+    candidates, allowed, costs = ctx["candidates"], ctx["allowed"], ctx["costs"]
+    best: dict[str, tuple[float, str, list[int]]] = {}
+    for j, candidate in enumerate(candidates):
+        if candidate.variant == "full" or any(j not in layer for layer in allowed):
+            continue
+        choice = [layer.index(j) for layer in allowed]
+        cost = sum(costs[i][r] for i, r in enumerate(choice))
+        if cost <= capacity and cost > best.get(candidate.variant, (-1.0,))[0]:
+            best[candidate.variant] = (cost, f"{candidate.label()} on every layer", choice)
+    return {name: choice for _, name, choice in best.values()}
 
 
 def plan_from_solution(ctx: dict, solution: Solution, budget: float):
