@@ -265,7 +265,7 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
     CHECK_STEPS Euler steps from as many starts as calibration inputs. The table measures each candidate with
     every other layer exact; sampling with the whole student shows how the chosen layers' errors compound,
     over layers and over steps."""
-    from .evaluate import final_latents, processors_error, sampling_starts
+    from .trajectories import final_latents, processors_error, sampling_starts
     from .wan import self_attention_fqn
 
     table, allowed, errors, costs, model = ctx["table"], ctx["allowed"], ctx["errors"], ctx["costs"], ctx["model"]

@@ -151,7 +151,7 @@ def test_cli_plans_with_distilled_errors_and_writes_the_weights_beside_the_plan(
 
 
 def test_the_planner_keeps_whichever_tables_plan_samples_closer_to_the_model(tiny):
-    from surgery.evaluate import final_latents, processors_error, sampling_starts
+    from surgery.trajectories import final_latents, processors_error, sampling_starts
     from surgery.planner import CHECK_STEPS, calibrate, solve_plan
     from surgery.swap import self_attention_modules
 
