@@ -5,8 +5,9 @@ the stock step (SDPA default and cuDNN), the step with the attention core skippe
 step of each plan — FLOP-planned at the given budgets, the fastest plan the latency-aware planner makes,
 and for each budget b the latency planner's plan at ideal(b)'s step time — each beside ideal(b)
 (surgery/benchmark.py; for the latency plans at ideal(b), b is that budget, not their FLOPs). Planning is
-timed (one calibration for all the FLOP budgets, one for all the latency plans), with its peak memory. --video adds whole generations (text encoder, 50 steps with guidance,
-VAE decode) of the stock model and of one plan; --compile compiles the blocks first.
+timed (one calibration for all the FLOP budgets, one for all the latency plans), with its peak memory.
+--video adds whole generations (text encoder, 50 steps with guidance, VAE decode) of the stock model and of
+one plan; --compile compiles the blocks first.
 
     python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.5,0.3,0.15 --out e2e-480p.json
     python bench/e2e.py --model wan2.1-t2v-1.3b --height 720 --width 1280 --budgets 0.5,0.3,0.15 --out e2e-720p.json

@@ -258,8 +258,8 @@ class Sweep:
     def submit(self, pool, plan, name: str) -> Future:
         """The student of `plan` scored: at once in this process without a pool, else in a process of its own
         from the pool. A plan that two budgets or methods share is trained once."""
-        key = json.dumps({"layers": plan.to_dict()["layers"], "stage1": plan.to_dict().get("stage1_weights")},
-                         sort_keys=True)
+        described = plan.to_dict()  # hashes the stage-1 weights: once
+        key = json.dumps({"layers": described["layers"], "stage1": described.get("stage1_weights")}, sort_keys=True)
         if key not in self.students:
             if pool is None:
                 self.students[key] = Future()

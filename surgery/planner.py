@@ -278,11 +278,11 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
                                     ctx["calibration"]["seed"])
         ctx["check"] = starts, final_latents(model, starts, CHECK_STEPS)
     starts, reference = ctx["check"]
-    whole, seen = {}, {}
+    whole, seen = {}, set()
     for name, choice in choices.items():
         if tuple(choice) in seen:  # the same plan reached another way: sampled once
             continue
-        seen[tuple(choice)] = name
+        seen.add(tuple(choice))
         processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
         whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
     kept = min(whole, key=whole.get)

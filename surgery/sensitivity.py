@@ -113,7 +113,8 @@ class ErrorTable:
     trained: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
     losses: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     # Where `errors` were measured after training: every candidate's error as built, and the processors
-    # measured ([layer][candidate]), so that a plan from either table can be run whole (`output_error`).
+    # measured ([layer][candidate]), so that a plan from either table can be run whole
+    # (`trajectories.processors_error`).
     built_errors: list[list[float]] | None = None
     modules: dict[int, list[AttentionVariant]] = field(default_factory=dict, repr=False)
 
@@ -156,4 +157,3 @@ def measure_errors(
     errors = [[s / len(inputs) for s in row] for row in sums]
     configs = [[m.observed_config() for m in modules[layer]] for layer in range(num_layers)]
     return ErrorTable(candidates, errors, configs)
-
