@@ -135,6 +135,32 @@ def _times_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def query_grads(b_pos, b_neg, b_w, b_dn, b_dz, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg, dpsi,
+                PRECISION: tl.constexpr):
+    """The query side's backward for rows with φ₊, φ₋ [BS, F] (fp32), ψ's weight [D, F], dn [BS, D] (the
+    summary's dtype) and dz [BS] (fp32) against the summary KV's halves [F, D] and κ's [F]: dψ [BS, F] (rounded
+    to the dtype of the dpsi pointer once: the dq product's operand and what dW is summed from) and
+    dq = dψ·Wᵀ [BS, D] (fp32)."""
+    b_dpos = tl.dot(b_dn, tl.trans(b_kv_pos), input_precision=PRECISION) + b_dz[:, None] * b_ks_pos[None, :]
+    b_dneg = tl.dot(b_dn, tl.trans(b_kv_neg), input_precision=PRECISION) + b_dz[:, None] * b_ks_neg[None, :]
+    b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
+    return b_dpsi, tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)
+
+
+@triton.jit
+def key_grads(b_pos, b_neg, b_w, b_v, b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg, b_row_scale, dpsi,
+              PRECISION: tl.constexpr):
+    """The key side's backward for rows with φ₊, φ₋ [BS, F] (fp32) and v [BS, D] against dKV's halves [F, D]
+    and dκ's [F], the summary being Σ_rows (row_scale·φ)ᵀ[v, 1]: dv = φ·dKV [BS, D] (fp32, row_scale not
+    applied), dψ [BS, F] (in the dpsi pointer's dtype) and dk = dψ·Wᵀ [BS, D] (fp32). b_row_scale: a scalar or [BS, 1]."""
+    b_dv = _times_summary(b_pos, b_neg, b_dkv_pos, b_dkv_neg, PRECISION)  # [BS, D]
+    b_dpos = (tl.dot(b_v, tl.trans(b_dkv_pos), input_precision=PRECISION) + b_dks_pos[None, :]) * b_row_scale
+    b_dneg = (tl.dot(b_v, tl.trans(b_dkv_neg), input_precision=PRECISION) + b_dks_neg[None, :]) * b_row_scale
+    b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
+    return b_dv, b_dpsi, tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)
+
+
+@triton.jit
 def linear_attention_fwd_kernel(
     q, weight, bias, kv, ksum, o, den,
     stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
@@ -174,11 +200,8 @@ def linear_attention_bwd_query_kernel(
                    mask=s_ok[:, None], other=0.).to(tl.float32)  # [BS, D]
     b_dz = -tl.sum(b_do * b_n, 1) / (b_z * b_z)  # [BS]
     b_dn = (b_do / b_z[:, None]).to(b_kv_pos.dtype)  # [BS, D]
-    b_dpos = tl.dot(b_dn, tl.trans(b_kv_pos), input_precision=PRECISION) + b_dz[:, None] * b_ks_pos[None, :]
-    b_dneg = tl.dot(b_dn, tl.trans(b_kv_neg), input_precision=PRECISION) + b_dz[:, None] * b_ks_neg[None, :]
-    # Rounded to q's dtype once: the dq product's operand and what dW is summed from.
-    b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
-    b_dq = tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)  # [BS, D]
+    b_dpsi, b_dq = query_grads(b_pos, b_neg, b_w, b_dn, b_dz, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg,
+                               dpsi, PRECISION)
     tl.store(dq + i_b.to(tl.int64) * stride_dqb + i_h * stride_dqh + offs_s[:, None] * stride_dqs + offs_d[None, :],
              b_dq.to(dq.dtype.element_ty), mask=s_ok[:, None])
     tl.store(dpsi + i_b.to(tl.int64) * stride_pb + i_h * stride_ph + offs_s[:, None] * stride_ps + offs_f[None, :],
@@ -203,11 +226,9 @@ def linear_attention_bwd_key_kernel(
     b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
                   mask=s_ok[:, None], other=0.)  # [BS, D]
     # dKV and dκ come as sums over the queries, not means: the 1/L of KV = (1/L)Σ… is applied here, in fp32.
-    b_dv = _times_summary(b_pos, b_neg, b_dkv_pos, b_dkv_neg, PRECISION) * b_kept  # [BS, D]
-    b_dpos = (tl.dot(b_v, tl.trans(b_dkv_pos), input_precision=PRECISION) + b_dks_pos[None, :]) * (inv_keys * b_kept)
-    b_dneg = (tl.dot(b_v, tl.trans(b_dkv_neg), input_precision=PRECISION) + b_dks_neg[None, :]) * (inv_keys * b_kept)
-    b_dpsi = softmax_jacobian(b_pos, b_neg, b_dpos, b_dneg).to(dpsi.dtype.element_ty)  # [BS, F]
-    b_dk = tl.dot(b_dpsi, tl.trans(b_w), input_precision=PRECISION)  # [BS, D]
+    b_dv, b_dpsi, b_dk = key_grads(b_pos, b_neg, b_w, b_v, b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg,
+                                   inv_keys * b_kept, dpsi, PRECISION)
+    b_dv = b_dv * b_kept
     tl.store(dk + i_b.to(tl.int64) * stride_dkb + i_h * stride_dkh + offs_s[:, None] * stride_dks + offs_d[None, :],
              b_dk.to(dk.dtype.element_ty), mask=s_ok[:, None])
     tl.store(dv + i_b.to(tl.int64) * stride_dvb + i_h * stride_dvh + offs_s[:, None] * stride_dvs + offs_d[None, :],

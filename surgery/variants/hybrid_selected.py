@@ -197,13 +197,16 @@ class HybridSelectedAttention(FeatureMapAttention):
         return (numerator / denominator.unsqueeze(-1)).to(q.dtype)
 
     def attend_kernel(self, q, k, v, grid, x=None):
-        """The reference's math with the softmax branch in the Triton op (`kernels/selected_hybrid.py`, block-sparse
-        over the selected tiles, CUDA): q, k, v go to tile order pooling their tile means in one pass each
-        (`to_tiles_with_means`, as `vsa`), the selection runs in fp32 (`top_tiles`, the reference's tiles), φ runs
-        through the fused feature-map op where it applies, and the tile summaries and the complement through
-        batched matmuls in q's dtype (fp32 sums inside them)."""
+        """The reference's math in Triton ops (CUDA): q, k, v go to tile order pooling their tile means in one pass
+        each (`to_tiles_with_means`, as `vsa`), the selection runs in fp32 (`top_tiles`, the reference's tiles), the
+        linear term over the unselected tiles in `kernels/tile_linear.py` (φ inside its kernels, per-tile summaries
+        mixed by one batched matmul with 1 − the selection) and the softmax branch with it in
+        `kernels/selected_hybrid.py` (block-sparse over the selected tiles). A map those kernels do not compute
+        (a second layer, the polynomial) goes through `complement_sums` in q's dtype instead."""
         from ..kernels.block_sparse import block_sparse_attention
+        from ..kernels.linear_attention import unsupported_reason
         from ..kernels.selected_hybrid import selected_hybrid_attention
+        from ..kernels.tile_linear import tile_mixed_linear_terms
         from ..kernels.tile_order import tile_permutation, to_raster_order, to_tile_order
         from ..kernels.vsa_tiles import to_tiles_with_means, top_tiles
 
@@ -222,8 +225,15 @@ class HybridSelectedAttention(FeatureMapAttention):
             if kept == layout.num_blocks:  # no linear keys: full attention
                 return to_raster_order(block_sparse_attention(q, k, v, *blocks)[0], order, inverse)
             selected = selection_matrix(key_tiles, layout.num_blocks, q.dtype)
-            linear_numerator, linear_denominator = complement_sums(
-                self.feature_map_q.forward_kernel(q), self.feature_map_k.forward_kernel(k), v, selected, layout,
-                tile_order=True)
-            out = selected_hybrid_attention(q, k, v, linear_numerator, linear_denominator.transpose(1, 2), *blocks)
+            if self.feature_map_q.fused and not unsupported_reason(q, self.feature_map_q.weight):
+                maps = (self.feature_map_q, self.feature_map_k)
+                linear_numerator, linear_denominator = tile_mixed_linear_terms(
+                    q, k, v, *(p.to(q.dtype) for m in maps for p in (m.weight, m.bias)), 1 - selected,
+                    layout.offsets, tile_tokens)
+            else:
+                linear_numerator, linear_denominator = complement_sums(
+                    self.feature_map_q.forward_kernel(q), self.feature_map_k.forward_kernel(k), v, selected, layout,
+                    tile_order=True)
+                linear_denominator = linear_denominator.transpose(1, 2)
+            out = selected_hybrid_attention(q, k, v, linear_numerator, linear_denominator, *blocks)
         return to_raster_order(out, order, inverse)  # [B, S, H, D]
