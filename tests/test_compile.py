@@ -111,6 +111,27 @@ def test_compiled_blocks_call_the_kernel_path_as_one_op(tiny_model, monkeypatch)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_blocks_with_the_same_variant_share_one_compiled_graph(tiny_model, monkeypatch):
+    """`compile_repeated_blocks` on a model whose every layer is `vsa` (the kernel path forced on, as above)
+    compiles one graph for all blocks: the processors differ only in data the graph takes as input, so there is
+    no recompile per block (a 30-layer Wan would otherwise compile 30 graphs and hit dynamo's recompile limit)."""
+    from torch._dynamo.utils import counters
+
+    from surgery.variants.base import AttentionVariant
+
+    monkeypatch.setattr(AttentionVariant, "uses_kernel", lambda self, q: self.attend_kernel is not None)
+    layers = {f"blocks.{i}.attn1": LayerChoice("vsa", VSAConfig(sparsity=0.5)) for i in range(4)}
+    model = surgery.apply(tiny_model, Plan("tiny", fingerprint(tiny_model.config), 4, layers))
+    inputs = model_inputs(model, VideoGrid(2, 4, 4), batch=1)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        model(**inputs)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["blocks", "whole"])

@@ -81,9 +81,13 @@ class AttentionVariant(nn.Module):
         self.layer_index = layer_index
         self.backend = "auto"
         self.grid_context: GridContext | None = None
-        # How compiled code finds this processor again (`variant_attention`): a plain int, read while tracing.
-        self.live_id = next(_PROCESSOR_IDS)
-        _LIVE_PROCESSORS[self.live_id] = self
+        # How compiled code finds this processor again (`variant_attention`). A CPU tensor, not an int: the traced
+        # graph takes it as an input, so every block with the same kind of processor shares one compiled graph
+        # (`compile_repeated_blocks`), where an int attribute is specialised on and recompiles block after block.
+        # A plain attribute, not a buffer: it stays on the CPU when the model moves, so reading it never syncs.
+        number = next(_PROCESSOR_IDS)
+        self.live_id = torch.tensor(number)
+        _LIVE_PROCESSORS[number] = self
 
     # ---- the contract ---------------------------------------------------------------------------
     @classmethod
@@ -231,17 +235,19 @@ def softmax_scale(head_dim: int) -> float:
 
 
 # ---- the kernel path as one custom op, for torch.compile ---------------------------------------------
-# Processors are found by a number baked into the compiled graph (ops take tensors and plain values only).
+# Processors are found by a number that the compiled graph takes as a CPU tensor input (ops take tensors and plain
+# values only).
 _LIVE_PROCESSORS: "weakref.WeakValueDictionary[int, AttentionVariant]" = weakref.WeakValueDictionary()
 _PROCESSOR_IDS = itertools.count()
 
 
 @torch.library.custom_op("vsurgery::variant_attention", mutates_args=())
 def variant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor | None,
-                      params: list[torch.Tensor], grid: list[int], processor: int) -> torch.Tensor:
-    """`attend_kernel` of live processor `processor` on q, k, v [B, S, H, D] (x [B, S, dim]) at `grid`.
-    `params` are the processor's parameters, passed so that autograd sees the output depend on them."""
-    return _LIVE_PROCESSORS[processor].attend_kernel(q, k, v, VideoGrid(*grid), x)
+                      params: list[torch.Tensor], grid: list[int], processor: torch.Tensor) -> torch.Tensor:
+    """`attend_kernel` of the live processor numbered `processor` (its `live_id`, a CPU scalar) on q, k, v
+    [B, S, H, D] (x [B, S, dim]) at `grid`. `params` are the processor's parameters, passed so that autograd sees
+    the output depend on them."""
+    return _LIVE_PROCESSORS[int(processor)].attend_kernel(q, k, v, VideoGrid(*grid), x)
 
 
 @variant_attention.register_fake
@@ -259,7 +265,7 @@ def _setup_backward(ctx, inputs, output):
 def _backward(ctx, grad_out):
     """Recompute the kernel path under autograd and take its gradients (the compiled forward keeps no graph):
     what gradient checkpointing costs, paid only by compiled training."""
-    processor = _LIVE_PROCESSORS[ctx.processor]
+    processor = _LIVE_PROCESSORS[int(ctx.processor)]
     inputs = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(ctx.saved_tensors, ctx.needs)]
     params = list(processor.parameters())  # the leaves attend_kernel reads, in the order they were passed
     with torch.enable_grad():
