@@ -214,7 +214,7 @@ def benchmark(
     context_parallel(teacher, cp)  # after the plan's processors are built: they take its config when installed
     inputs = step_inputs(model_spec, config, grid, guidance, device, dtype)
     if compile:
-        # Each distinct block (a variant, a setting) is its own compiled graph: allow a plan's worth of them.
+        # Each kind of block (stock, or each variant a plan uses) compiles a graph of its own: allow plenty.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for model in (teacher, student_model):
             if model is not None:

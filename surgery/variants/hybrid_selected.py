@@ -17,7 +17,8 @@ attention, makes the same split).
 
 The complement costs about what linear attention costs: per key tile a summary Σ_{j∈tile} φ_k(k_j)ᵀ[v_j, 1]
 ([M, D+1], M = φ's features); C_t = Σ over all tiles − Σ over tile t's selected ones, the selected sums for
-every query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix. No query×key
+every query tile at once as one [n, n] × [n, M·(D+1)] product with the 0/1 selection matrix (the kernel path,
+`kernels/tile_linear.py`, mixes the tile summaries with 1 − the selection in one product instead). No query×key
 matrix: per query only φ_q(q_i)·C_t. Nor in the softmax branch: the reference scores each query tile against
 its gathered selected key tiles ([B, H, n, T, k·T]), the kernel path walks them (`kernels/selected_hybrid.py`).
 """
