@@ -82,10 +82,7 @@ def linear_attention_summary_kernel(
     chunk_end = tl.minimum(chunk_start + CHUNK_S, S)
     offs_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     v_base = values + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    acc_pos = tl.zeros([F, BLOCK_D], tl.float32)
-    acc_neg = tl.zeros([F, BLOCK_D], tl.float32)
-    sum_pos = tl.zeros([F], tl.float32)
-    sum_neg = tl.zeros([F], tl.float32)
+    acc_pos, acc_neg, sum_pos, sum_neg = zero_summary(F, BLOCK_D)
     for s0 in range(chunk_start, chunk_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = _kept(offs_s, chunk_end, SKIP, HAS_SKIP)
@@ -100,18 +97,42 @@ def linear_attention_summary_kernel(
             b_weight = tl.load(dden + row, mask=s_ok, other=0.)  # [BS]
         else:
             b_weight = s_ok.to(tl.float32)
-        acc_pos += tl.dot(tl.trans(b_pos.to(b_v.dtype)), b_v, input_precision=PRECISION)
-        acc_neg += tl.dot(tl.trans(b_neg.to(b_v.dtype)), b_v, input_precision=PRECISION)
-        sum_pos += tl.sum(b_pos * b_weight[:, None], 0)
-        sum_neg += tl.sum(b_neg * b_weight[:, None], 0)
-    offs_f = tl.arange(0, F)
+        acc_pos, acc_neg, sum_pos, sum_neg = summary_step(b_pos, b_neg, b_v, b_weight, acc_pos, acc_neg, sum_pos,
+                                                          sum_neg, PRECISION)
     partial = i_c.to(tl.int64) * tl.num_programs(1) + i_bh  # partials are [chunks, B·H, 2F, ·]
-    kv_base = partial_kv + partial * 2 * F * D
-    tl.store(kv_base + offs_f[:, None] * D + offs_d[None, :], acc_pos)
-    tl.store(kv_base + (F + offs_f[:, None]) * D + offs_d[None, :], acc_neg)
+    store_summary(partial_kv, partial_sum, partial, i_d, offs_d, acc_pos, acc_neg, sum_pos, sum_neg, D, F)
+
+
+@triton.jit
+def zero_summary(F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Empty fp32 accumulators for `summary_step`: φ₊ᵀv, φ₋ᵀv [F, BLOCK_D] and Σφ₊·w, Σφ₋·w [F]."""
+    return (tl.zeros([F, BLOCK_D], tl.float32), tl.zeros([F, BLOCK_D], tl.float32), tl.zeros([F], tl.float32),
+            tl.zeros([F], tl.float32))
+
+
+@triton.jit
+def summary_step(b_pos, b_neg, b_v, b_weight, acc_pos, acc_neg, sum_pos, sum_neg, PRECISION: tl.constexpr):
+    """One block of rows into a summary: φ₊ᵀv, φ₋ᵀv into the [F, BD] accumulators and Σφ₊·w, Σφ₋·w into the [F]
+    ones, from φ₊, φ₋ [BS, F] (fp32), values [BS, BD] and row weights w [BS] (fp32)."""
+    acc_pos += tl.dot(tl.trans(b_pos.to(b_v.dtype)), b_v, input_precision=PRECISION)
+    acc_neg += tl.dot(tl.trans(b_neg.to(b_v.dtype)), b_v, input_precision=PRECISION)
+    sum_pos += tl.sum(b_pos * b_weight[:, None], 0)
+    sum_neg += tl.sum(b_neg * b_weight[:, None], 0)
+    return acc_pos, acc_neg, sum_pos, sum_neg
+
+
+@triton.jit
+def store_summary(kv, ksum, index, i_d, offs_d, acc_pos, acc_neg, sum_pos, sum_neg, D: tl.constexpr,
+                  F: tl.constexpr):
+    """A summary's column slice offs_d into row `index` of kv [·, 2F, D] (in its dtype), and its [2F] sums into
+    ksum [·, 2F] from the first slice's program (i_d = 0): φ₊'s rows first, then φ₋'s."""
+    offs_f = tl.arange(0, F)
+    kv_base = kv + index * 2 * F * D
+    tl.store(kv_base + offs_f[:, None] * D + offs_d[None, :], acc_pos.to(kv.dtype.element_ty))
+    tl.store(kv_base + (F + offs_f[:, None]) * D + offs_d[None, :], acc_neg.to(kv.dtype.element_ty))
     if i_d == 0:
-        tl.store(partial_sum + partial * 2 * F + offs_f, sum_pos)
-        tl.store(partial_sum + partial * 2 * F + F + offs_f, sum_neg)
+        tl.store(ksum + index * 2 * F + offs_f, sum_pos)
+        tl.store(ksum + index * 2 * F + F + offs_f, sum_neg)
 
 
 @triton.jit
@@ -135,6 +156,13 @@ def _times_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def apply_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg, PRECISION: tl.constexpr):
+    """n = φ·KV [BS, D] and z = φ·κ [BS] (fp32) for rows φ₊, φ₋ [BS, F] against KV's and κ's halves."""
+    b_n = _times_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, PRECISION)
+    return b_n, tl.sum(b_pos * b_ks_pos[None, :], 1) + tl.sum(b_neg * b_ks_neg[None, :], 1)
+
+
+@triton.jit
 def query_grads(b_pos, b_neg, b_w, b_dn, b_dz, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg, dpsi,
                 PRECISION: tl.constexpr):
     """The query side's backward for rows with φ₊, φ₋ [BS, F] (fp32), ψ's weight [D, F], dn [BS, D] (the
@@ -152,7 +180,8 @@ def key_grads(b_pos, b_neg, b_w, b_v, b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg
               PRECISION: tl.constexpr):
     """The key side's backward for rows with φ₊, φ₋ [BS, F] (fp32) and v [BS, D] against dKV's halves [F, D]
     and dκ's [F], the summary being Σ_rows (row_scale·φ)ᵀ[v, 1]: dv = φ·dKV [BS, D] (fp32, row_scale not
-    applied), dψ [BS, F] (in the dpsi pointer's dtype) and dk = dψ·Wᵀ [BS, D] (fp32). b_row_scale: a scalar or [BS, 1]."""
+    applied), dψ [BS, F] (in the dpsi pointer's dtype) and dk = dψ·Wᵀ [BS, D] (fp32). b_row_scale: a scalar or
+    [BS, 1]."""
     b_dv = _times_summary(b_pos, b_neg, b_dkv_pos, b_dkv_neg, PRECISION)  # [BS, D]
     b_dpos = (tl.dot(b_v, tl.trans(b_dkv_pos), input_precision=PRECISION) + b_dks_pos[None, :]) * b_row_scale
     b_dneg = (tl.dot(b_v, tl.trans(b_dkv_neg), input_precision=PRECISION) + b_dks_neg[None, :]) * b_row_scale
@@ -171,8 +200,7 @@ def linear_attention_fwd_kernel(
                                                         D, F, BLOCK_S, PRECISION)
     i_bh = tl.program_id(1)
     b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = _load_summary(kv, ksum, i_bh, D, F)
-    b_n = _times_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, PRECISION)  # [BS, D]
-    b_z = tl.sum(b_pos * b_ks_pos[None, :], 1) + tl.sum(b_neg * b_ks_neg[None, :], 1)  # [BS]
+    b_n, b_z = apply_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg, PRECISION)
     offs_d = tl.arange(0, D)
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
              (b_n / b_z[:, None]).to(o.dtype.element_ty), mask=s_ok[:, None])

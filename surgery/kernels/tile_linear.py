@@ -29,7 +29,8 @@ import triton.language as tl
 
 from .common import input_precision
 from .feature_map import parameter_grads, phi_tile
-from .linear_attention import _load_summary, _times_summary, key_grads, query_grads
+from .linear_attention import (_load_summary, apply_summary, key_grads, query_grads, store_summary, summary_step,
+                               zero_summary)
 
 # Launch settings. The summary's two [F, BLOCK_D] fp32 accumulators at F = 128 fit at 8 warps, as in
 # `linear_attention`'s summary kernel; the per-tile kernels take a whole tile (BLOCK_S ≥ its size) per program.
@@ -42,12 +43,20 @@ CONFIGS = {
 
 
 @triton.jit
-def _tile_rows(offsets, BLOCK_S: tl.constexpr):
-    """The program's tile (axis 0): its id, its token offsets [BLOCK_S] and their mask (BLOCK_S ≥ the tile)."""
-    i_t = tl.program_id(0)
+def _tile_program(x, weight, bias, summary, summary_sum, offsets, stride_xb, stride_xs, stride_xh, H, NT,
+                  D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+    """What the per-tile kernels share for their program's tile (axis 0, BLOCK_S ≥ its size) and batch·head
+    (axis 1): the ids, the tile's token offsets and mask, ψ's weight [D, F], φ₊, φ₋ [BS, F] of x's rows, and the
+    tile's summary halves [F, D] and sums [F] (C_t, c_t or dS_j, dκ_j)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
     end = tl.load(offsets + i_t + 1)
     offs_s = tl.load(offsets + i_t) + tl.arange(0, BLOCK_S)
-    return i_t, offs_s, offs_s < end
+    s_ok = offs_s < end
+    b_w, b_pos, b_neg = phi_tile(x, weight, bias, i_b, i_h, offs_s, s_ok, stride_xb, stride_xs, stride_xh,
+                                 D, F, PRECISION)
+    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = _load_summary(summary, summary_sum, i_bh * NT + i_t, D, F)
+    return i_b, i_h, i_bh, offs_s, s_ok, b_w, b_pos, b_neg, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg
 
 
 @triton.jit
@@ -66,10 +75,7 @@ def tile_summary_kernel(
     start, end = tl.load(offsets + i_t), tl.load(offsets + i_t + 1)
     offs_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     v_base = values + i_b.to(tl.int64) * stride_vb + i_h * stride_vh
-    acc_pos = tl.zeros([F, BLOCK_D], tl.float32)
-    acc_neg = tl.zeros([F, BLOCK_D], tl.float32)
-    sum_pos = tl.zeros([F], tl.float32)
-    sum_neg = tl.zeros([F], tl.float32)
+    acc_pos, acc_neg, sum_pos, sum_neg = zero_summary(F, BLOCK_D)
     for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_ok = offs_s < end
@@ -82,18 +88,10 @@ def tile_summary_kernel(
             b_w = tl.load(row_weights + i_bh.to(tl.int64) * S + offs_s, mask=s_ok, other=0.)  # [BS]
         else:
             b_w = s_ok.to(tl.float32)
-        acc_pos += tl.dot(tl.trans(b_pos.to(b_v.dtype)), b_v, input_precision=PRECISION)
-        acc_neg += tl.dot(tl.trans(b_neg.to(b_v.dtype)), b_v, input_precision=PRECISION)
-        sum_pos += tl.sum(b_pos * b_w[:, None], 0)
-        sum_neg += tl.sum(b_neg * b_w[:, None], 0)
-    offs_f = tl.arange(0, F)
+        acc_pos, acc_neg, sum_pos, sum_neg = summary_step(b_pos, b_neg, b_v, b_w, acc_pos, acc_neg, sum_pos,
+                                                          sum_neg, PRECISION)
     index = i_bh.to(tl.int64) * NT + i_t  # summaries are [B·H, n, 2F, ·]
-    kv_base = summary + index * 2 * F * D
-    tl.store(kv_base + offs_f[:, None] * D + offs_d[None, :], acc_pos.to(summary.dtype.element_ty))
-    tl.store(kv_base + (F + offs_f[:, None]) * D + offs_d[None, :], acc_neg.to(summary.dtype.element_ty))
-    if i_d == 0:
-        tl.store(summary_sum + index * 2 * F + offs_f, sum_pos)
-        tl.store(summary_sum + index * 2 * F + F + offs_f, sum_neg)
+    store_summary(summary, summary_sum, index, i_d, offs_d, acc_pos, acc_neg, sum_pos, sum_neg, D, F)
 
 
 @triton.jit
@@ -104,14 +102,9 @@ def tile_apply_kernel(
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (query tile, batch·head): N = φ_q·C_t [BS, D] in num's dtype and E = φ_q·c_t [BS] in fp32."""
-    i_t, offs_s, s_ok = _tile_rows(offsets, BLOCK_S)
-    i_bh = tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    _, b_pos, b_neg = phi_tile(q, weight, bias, i_b, i_h, offs_s, s_ok, stride_qb, stride_qs, stride_qh,
-                               D, F, PRECISION)
-    b_c_pos, b_c_neg, b_cs_pos, b_cs_neg = _load_summary(mix, mix_sum, i_bh * NT + i_t, D, F)
-    b_n = _times_summary(b_pos, b_neg, b_c_pos, b_c_neg, PRECISION)  # [BS, D]
-    b_e = tl.sum(b_pos * b_cs_pos[None, :], 1) + tl.sum(b_neg * b_cs_neg[None, :], 1)  # [BS]
+    i_b, i_h, i_bh, offs_s, s_ok, _, b_pos, b_neg, b_c_pos, b_c_neg, b_cs_pos, b_cs_neg = _tile_program(
+        q, weight, bias, mix, mix_sum, offsets, stride_qb, stride_qs, stride_qh, H, NT, D, F, BLOCK_S, PRECISION)
+    b_n, b_e = apply_summary(b_pos, b_neg, b_c_pos, b_c_neg, b_cs_pos, b_cs_neg, PRECISION)  # [BS, D], [BS]
     offs_d = tl.arange(0, D)
     tl.store(num + i_b.to(tl.int64) * stride_nb + i_h * stride_nh + offs_s[:, None] * stride_ns + offs_d[None, :],
              b_n.to(num.dtype.element_ty), mask=s_ok[:, None])
@@ -127,12 +120,8 @@ def tile_apply_bwd_kernel(
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (query tile, batch·head): dq and dψ_q from dN, dE through C_t and c_t."""
-    i_t, offs_s, s_ok = _tile_rows(offsets, BLOCK_S)
-    i_bh = tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    b_w, b_pos, b_neg = phi_tile(q, weight, bias, i_b, i_h, offs_s, s_ok, stride_qb, stride_qs, stride_qh,
-                                 D, F, PRECISION)
-    b_c_pos, b_c_neg, b_cs_pos, b_cs_neg = _load_summary(mix, mix_sum, i_bh * NT + i_t, D, F)
+    i_b, i_h, i_bh, offs_s, s_ok, b_w, b_pos, b_neg, b_c_pos, b_c_neg, b_cs_pos, b_cs_neg = _tile_program(
+        q, weight, bias, mix, mix_sum, offsets, stride_qb, stride_qs, stride_qh, H, NT, D, F, BLOCK_S, PRECISION)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     # Rows past the tile load dN = 0 and dE = 0, so their dψ is exactly 0.
     b_dn = tl.load(dnum + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_s[:, None] * stride_gs
@@ -155,12 +144,9 @@ def tile_summary_bwd_kernel(
     D: tl.constexpr, F: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (key tile, batch·head): dk, dv and dψ_k from the tile's dS_j, dκ_j."""
-    i_t, offs_s, s_ok = _tile_rows(offsets, BLOCK_S)
-    i_bh = tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    b_w, b_pos, b_neg = phi_tile(k, weight, bias, i_b, i_h, offs_s, s_ok, stride_kb, stride_ks, stride_kh,
-                                 D, F, PRECISION)
-    b_ds_pos, b_ds_neg, b_dss_pos, b_dss_neg = _load_summary(dsummary, dsummary_sum, i_bh * NT + i_t, D, F)
+    i_b, i_h, i_bh, offs_s, s_ok, b_w, b_pos, b_neg, b_ds_pos, b_ds_neg, b_dss_pos, b_dss_neg = _tile_program(
+        k, weight, bias, dsummary, dsummary_sum, offsets, stride_kb, stride_ks, stride_kh, H, NT, D, F, BLOCK_S,
+        PRECISION)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
                   mask=s_ok[:, None], other=0.)  # [BS, D]
@@ -291,9 +277,11 @@ def tile_mixed_linear_terms(
     B, S, H, D = q.shape
     tiles = offsets.numel() - 1
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"k and v must be [B, S, H, D] like q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"k and v must be [B, S, H, D] like q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
     if tile_weights.shape != (B, H, tiles, tiles):
-        raise ValueError(f"tile_weights must be [B, H, n, n] = {(B, H, tiles, tiles)}, got {tuple(tile_weights.shape)}")
+        raise ValueError(f"tile_weights must be [B, H, n, n] = {(B, H, tiles, tiles)}, "
+                         f"got {tuple(tile_weights.shape)}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     weight_q, bias_q, weight_k, bias_k = (t.contiguous() for t in (weight_q, bias_q, weight_k, bias_k))
     summary, summary_sum = TileSummaryFunction.apply(k, v, weight_k, bias_k, offsets, max_tile)
