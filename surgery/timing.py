@@ -54,9 +54,37 @@ class _SkippedCoreConfig(VariantConfig):
     """No settings."""
 
 
+@torch.library.custom_op("vsurgery::skipped_core", mutates_args=())
+def skipped_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A copy of v that takes q and k too: an opaque op, so that torch.compile cannot drop q's and k's projections,
+    norms and RoPE as dead code, which returning v itself would let it do (the attention-free step would then
+    skip more than the core). The copy stands for writing the attention output, which any core does."""
+    return v.clone()
+
+
+@skipped_core.register_fake
+def _(q, k, v):
+    return torch.empty_like(v)
+
+
+def _skipped_core_backward(ctx, grad):
+    # Zeros for q and k rather than none: their projections' backward runs in a training step's yardstick too.
+    return torch.zeros(ctx.q_shape, dtype=grad.dtype, device=grad.device), \
+        torch.zeros(ctx.k_shape, dtype=grad.dtype, device=grad.device), grad
+
+
+def _skipped_core_setup(ctx, inputs, output):
+    q, k, _ = inputs
+    ctx.q_shape, ctx.k_shape = q.shape, k.shape
+
+
+skipped_core.register_autograd(_skipped_core_backward, setup_context=_skipped_core_setup)
+
+
 class SkippedCore(AttentionVariant):
     """Wan's self-attention with the core (softmax(QKᵀ)V) left out: projections, norms, RoPE and the output
-    projection still run, and the values pass through. Not a variant anyone should use: a yardstick."""
+    projection still run, and the values pass through (`skipped_core`). Not a variant anyone should use: a
+    yardstick."""
 
     name = "skipped-core"
     Config = _SkippedCoreConfig
@@ -66,7 +94,7 @@ class SkippedCore(AttentionVariant):
         return 0.0
 
     def attend_reference(self, q, k, v, grid, x=None):
-        return v
+        return skipped_core(q, k, v)
 
 
 @contextlib.contextmanager

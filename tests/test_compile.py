@@ -132,6 +132,49 @@ def test_blocks_with_the_same_variant_share_one_compiled_graph(tiny_model, monke
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_skipped_core_keeps_q_and_k_alive_under_compile(tiny_model):
+    """The attention-free yardstick under compile: the forward graph after aot_autograd still computes every
+    linear layer of the block, q's and k's projections included (returning v as it is let the compiler drop
+    them as dead code, and the compiled ceiling skipped more than the core). Values: v passes through."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from surgery.timing import attention_core_skipped
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = model_inputs(tiny_model, VideoGrid(2, 4, 4), batch=1)
+    block = tiny_model.blocks[0]
+    linears = sum(isinstance(m, torch.nn.Linear) for m in block.modules())
+    torch._dynamo.reset()
+    with torch.no_grad(), attention_core_skipped(tiny_model):
+        eager = tiny_model(**inputs).sample
+        tiny_model.blocks[0] = torch.compile(block, backend=aot_autograd(fw_compiler=capture))
+        try:
+            compiled = tiny_model(**inputs).sample
+        finally:
+            tiny_model.blocks[0] = block
+    matmuls = sum(n.op == "call_function" and "addmm" in str(n.target) for g in graphs for n in g.graph.nodes)
+    assert matmuls == linears
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_skipped_core_op_registration():
+    """The yardstick's op: schema, fake implementation and autograd (v's gradient passes, q and k get zeros)."""
+    from surgery.timing import skipped_core
+
+    q, k, v = (torch.randn(1, 6, 2, 4, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(skipped_core, (q, k, v))
+    out = skipped_core(q, k, v)
+    upstream = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), upstream)
+    assert torch.equal(out, v) and out.data_ptr() != v.data_ptr()
+    assert torch.equal(dv, upstream) and not dq.any() and not dk.any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["blocks", "whole"])
