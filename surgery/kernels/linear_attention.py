@@ -136,7 +136,7 @@ def store_summary(kv, ksum, index, i_d, offs_d, acc_pos, acc_neg, sum_pos, sum_n
 
 
 @triton.jit
-def _load_summary(kv, ksum, i_bh, D: tl.constexpr, F: tl.constexpr):
+def load_summary(kv, ksum, i_bh, D: tl.constexpr, F: tl.constexpr):
     """Head i_bh's [2F, D] matrix split into its φ₊ and φ₋ rows ([F, D] each, as stored) and its [2F] fp32
     vector likewise ([F] each): KV and κ in the forward, dKV and dκ in the backward."""
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
@@ -199,7 +199,7 @@ def linear_attention_fwd_kernel(
     i_b, i_h, offs_s, s_ok, _, b_pos, b_neg = block_phi(q, weight, bias, stride_qb, stride_qs, stride_qh, H, S,
                                                         D, F, BLOCK_S, PRECISION)
     i_bh = tl.program_id(1)
-    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = _load_summary(kv, ksum, i_bh, D, F)
+    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = load_summary(kv, ksum, i_bh, D, F)
     b_n, b_z = apply_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg, PRECISION)
     offs_d = tl.arange(0, D)
     tl.store(o + i_b.to(tl.int64) * stride_ob + i_h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
@@ -218,7 +218,7 @@ def linear_attention_bwd_query_kernel(
     i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg = block_phi(q, weight, bias, stride_qb, stride_qs, stride_qh, H, S,
                                                           D, F, BLOCK_S, PRECISION)
     i_bh = tl.program_id(1)
-    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = _load_summary(kv, ksum, i_bh, D, F)
+    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = load_summary(kv, ksum, i_bh, D, F)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     b_n = _times_summary(b_pos, b_neg, b_kv_pos, b_kv_neg, PRECISION)  # [BS, D]
     row = i_bh.to(tl.int64) * S + offs_s
@@ -249,7 +249,7 @@ def linear_attention_bwd_key_kernel(
     i_b, i_h, offs_s, s_ok, b_w, b_pos, b_neg = block_phi(k, weight, bias, stride_kb, stride_ks, stride_kh, H, L,
                                                           D, F, BLOCK_S, PRECISION)
     b_kept = _kept(offs_s, L, SKIP, HAS_SKIP).to(tl.float32)[:, None]
-    b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg = _load_summary(dkv, dksum, tl.program_id(1), D, F)
+    b_dkv_pos, b_dkv_neg, b_dks_pos, b_dks_neg = load_summary(dkv, dksum, tl.program_id(1), D, F)
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     b_v = tl.load(v + i_b.to(tl.int64) * stride_vb + i_h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :],
                   mask=s_ok[:, None], other=0.)  # [BS, D]

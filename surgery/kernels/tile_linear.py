@@ -29,7 +29,7 @@ import triton.language as tl
 
 from .common import input_precision
 from .feature_map import parameter_grads, phi_tile
-from .linear_attention import (_load_summary, apply_summary, key_grads, query_grads, store_summary, summary_step,
+from .linear_attention import (apply_summary, key_grads, load_summary, query_grads, store_summary, summary_step,
                                zero_summary)
 
 # Launch settings. The summary's two [F, BLOCK_D] fp32 accumulators at F = 128 fit at 8 warps, as in
@@ -55,7 +55,7 @@ def _tile_program(x, weight, bias, summary, summary_sum, offsets, stride_xb, str
     s_ok = offs_s < end
     b_w, b_pos, b_neg = phi_tile(x, weight, bias, i_b, i_h, offs_s, s_ok, stride_xb, stride_xs, stride_xh,
                                  D, F, PRECISION)
-    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = _load_summary(summary, summary_sum, i_bh * NT + i_t, D, F)
+    b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg = load_summary(summary, summary_sum, i_bh * NT + i_t, D, F)
     return i_b, i_h, i_bh, offs_s, s_ok, b_w, b_pos, b_neg, b_kv_pos, b_kv_neg, b_ks_pos, b_ks_neg
 
 
