@@ -137,8 +137,9 @@ def store_summary(kv, ksum, index, i_d, offs_d, acc_pos, acc_neg, sum_pos, sum_n
 
 @triton.jit
 def load_summary(kv, ksum, i_bh, D: tl.constexpr, F: tl.constexpr):
-    """Head i_bh's [2F, D] matrix split into its φ₊ and φ₋ rows ([F, D] each, as stored) and its [2F] fp32
-    vector likewise ([F] each): KV and κ in the forward, dKV and dκ in the backward."""
+    """Entry i_bh of a stack of [2F, D] matrices (one per head here, per tile and head in `tile_linear`) split into
+    its φ₊ and φ₋ rows ([F, D] each, as stored), and of the [2F] fp32 vectors beside them likewise ([F] each): KV
+    and κ in the forward, dKV and dκ in the backward."""
     offs_d, offs_f = tl.arange(0, D), tl.arange(0, F)
     kv_base = kv + i_bh.to(tl.int64) * 2 * F * D
     sum_base = ksum + i_bh.to(tl.int64) * 2 * F
