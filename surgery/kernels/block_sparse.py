@@ -128,43 +128,52 @@ def block_sparse_attn_fwd_kernel(
 
 @triton.jit
 def block_sparse_attn_bwd_dq_kernel(
-    q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale,
+    q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, kv_ranges, kv_count, kv_long, q_offsets, scale, dc, amax,
     stride_qb, stride_qs, stride_qh, stride_gb, stride_gs, stride_gh, stride_db, stride_ds, stride_dh,
     H, S, NQ, MAXK,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF_N: tl.constexpr, FITTED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_LINEAR: tl.constexpr,
 ):
-    # K/V through TMA descriptors, as in the forward.
+    # K/V through TMA descriptors, as in the forward. HAS_LINEAR: the shared normaliser's gradient dc goes to
+    # each row's argmax key.
     i_bh, i_b, i_h, offs_m, m_ok, offs_d, b_q, rng_base, n_slots, n_long = _query_tile(
         q, kv_count, kv_long, kv_ranges, q_offsets, stride_qb, stride_qs, stride_qh, H, NQ, MAXK, D, BLOCK_M)
     b_do = tl.load(do + i_b.to(tl.int64) * stride_gb + i_h * stride_gh + offs_m[:, None] * stride_gs
                    + offs_d[None, :], mask=m_ok[:, None], other=0.)  # [BM, D]
     b_lse = tl.load(lse + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.) * LOG2E  # [BM]
     b_delta = tl.load(delta + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
+    b_dc = None
+    b_a = None
+    if HAS_LINEAR:
+        b_dc = tl.load(dc + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=0.)  # [BM]
+        b_a = tl.load(amax + i_bh.to(tl.int64) * S + offs_m, mask=m_ok, other=-1)  # [BM]
     qk_scale = scale * LOG2E
 
     b_dq = tl.zeros([BLOCK_M, D], tl.float32)
     if FITTED:
         for s in range(0, n_long):
             b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
-                                 tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True)
+                                 tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, True, b_dc, b_a)
         if HALF_N > 0:
             for s in range(n_long, n_slots):
                 b_dq = dq_rows_step(b_q, b_do, b_lse, b_delta, k_half, v_half, i_b, i_h, tl.load(rng_base + 2 * s),
-                                     tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True)
+                                     tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, HALF_N, D, PRECISION, True, b_dc,
+                                     b_a)
     else:
         for s in range(0, n_slots):
             b_dq = dq_slot_steps(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, tl.load(rng_base + 2 * s),
-                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION)
+                                  tl.load(rng_base + 2 * s + 1), b_dq, qk_scale, BLOCK_N, D, PRECISION, b_dc, b_a)
     tl.store(dq + i_b.to(tl.int64) * stride_db + i_h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :],
              (b_dq * scale).to(dq.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
 def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk, b_dv, qk_scale,
-                   ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+                   ROWS: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, offs_n=None, dc_base=None,
+                   amax_base=None):
     """`dkv_step` against listed query tile i (token range at rng_base[2i], rng_base[2i + 1]) in ROWS rows, its
-    q and dO through `row_blocks` descriptors (rows past the tile's end count nothing)."""
+    q and dO through `row_blocks` descriptors (rows past the tile's end count nothing). dc_base, amax_base (with
+    the keys' positions offs_n): the rows' normaliser gradients and argmax keys of a hybrid."""
     start = tl.load(rng_base + 2 * i)
     offs_m = start + tl.arange(0, ROWS)
     m_ok = offs_m < tl.load(rng_base + 2 * i + 1)
@@ -172,22 +181,33 @@ def _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h,
     b_do = do_rows.load([i_b, start, i_h, 0]).reshape(ROWS, D)
     b_lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.) * LOG2E
     b_delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.)
-    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION)
+    b_dc = None
+    b_a = None
+    if dc_base is not None:
+        b_dc = tl.load(dc_base + offs_m, mask=m_ok, other=0.)
+        b_a = tl.load(amax_base + offs_m, mask=m_ok, other=-1)
+    return dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, m_ok, b_dk, b_dv, qk_scale, PRECISION, offs_n, b_dc, b_a)
 
 
 @triton.jit
 def block_sparse_attn_bwd_dkv_kernel(
     q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+    dc, amax,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     H, S, NK, L,
     D: tl.constexpr, BLOCK_M: tl.constexpr, HALF_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HAS_LINEAR: tl.constexpr,
 ):
     # One program per (chunk of ≤ BLOCK_N keys of key block kb, batch·head); dk, dv are laid out like k, v.
     i_bh, i_b, i_h, kb, kv_start, kv_end, offs_n, n_ok, offs_d, k_ptrs, v_ptrs, b_k, b_v = key_chunk(
         k, v, kv_offsets, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, H, D, BLOCK_N, CHUNKS)
     lse_base = lse + i_bh.to(tl.int64) * S
     delta_base = delta + i_bh.to(tl.int64) * S
+    dc_base = None
+    amax_base = None
+    if HAS_LINEAR:  # the normaliser's gradient, as in the dq kernel
+        dc_base = dc + i_bh.to(tl.int64) * S
+        amax_base = amax + i_bh.to(tl.int64) * S
     ptr_base = q_tile_ptr + i_bh.to(tl.int64) * (2 * NK + 1) + 2 * kb
     rng_base = q_tile_ranges + i_bh.to(tl.int64) * (2 * L)
     # Visitors of kb: full-width query tiles lo..mid, then the short ones mid..hi (`invert_block_index`).
@@ -203,11 +223,11 @@ def block_sparse_attn_bwd_dkv_kernel(
     # q and dO through TMA descriptors: q_rows, do_rows in BLOCK_M-row tiles, q_half, do_half in HALF_M-row ones.
     for i in range(lo, mid):
         b_dk, b_dv = _dkv_tile_step(rng_base, i, q_rows, do_rows, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
-                                    b_dv, qk_scale, BLOCK_M, D, PRECISION)
+                                    b_dv, qk_scale, BLOCK_M, D, PRECISION, offs_n, dc_base, amax_base)
     if HALF_M > 0:
         for i in range(mid, hi):
             b_dk, b_dv = _dkv_tile_step(rng_base, i, q_half, do_half, lse_base, delta_base, i_b, i_h, b_k, b_v, b_dk,
-                                        b_dv, qk_scale, HALF_M, D, PRECISION)
+                                        b_dv, qk_scale, HALF_M, D, PRECISION, offs_n, dc_base, amax_base)
     tl.store(dk + k_ptrs, (b_dk * scale).to(dk.dtype.element_ty), mask=n_ok[:, None])
     tl.store(dv + v_ptrs, b_dv.to(dv.dtype.element_ty), mask=n_ok[:, None])
 
@@ -358,17 +378,20 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), H, S,
         D=D, BLOCK_M=64,
     )
+    dc, amax, dnum, dden = _normaliser_grads(do, delta, linear) if linear is not None else (lse, lse, None, None)
+    has_linear = linear is not None
     dq = torch.empty_like(q)
     # Recomputed rather than saved from the forward: saving costs ~50 MB a layer at 720p.
     fitted, half_n, ranges, n_long = _key_lists(kv_block_index, kv_block_count, kv_offsets, max_kv_block)
     k_rows, v_rows = (row_blocks(t, dq_config["BLOCK_N"]) for t in (k, v))
     k_half, v_half = (row_blocks(t, half_n) for t in (k, v)) if half_n else (k_rows, v_rows)
     block_sparse_attn_bwd_dq_kernel[(NQ, B * H)](
-        q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale,
+        q, k_rows, v_rows, k_half, v_half, do, dq, lse, delta, ranges, kv_block_count, n_long, q_offsets, scale, dc,
+        amax,
         q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, S, NQ, MAXK,
-        D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, **dq_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_N=half_n, FITTED=fitted, PRECISION=precision, HAS_LINEAR=has_linear, **dq_config,
     )
     half_m = _half(BLOCK_M)
     q_tile_ptr, q_tile_ranges = invert_block_index(kv_block_index, kv_block_count, q_offsets, NK, half_m)
@@ -378,43 +401,24 @@ def block_sparse_attn_bwd(do, q, k, v, o, lse, kv_block_index, kv_block_count, q
     q_half, do_half = (row_blocks(t, half_m) for t in (q, do)) if half_m else (q_rows, do_rows)
     block_sparse_attn_bwd_dkv_kernel[(NK * chunks, B * H)](
         q_rows, do_rows, q_half, do_half, k, v, dk, dv, lse, delta, q_tile_ptr, q_tile_ranges, kv_offsets, scale,
+        dc, amax,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         H, S, NK, q_tile_ranges.shape[1],
-        D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, **dkv_config,
+        D=D, BLOCK_M=BLOCK_M, HALF_M=half_m, CHUNKS=chunks, PRECISION=precision, HAS_LINEAR=has_linear,
+        **dkv_config,
     )
-    if linear is None:
-        return dq, dk, dv, None, None
-    dc, dnum, dden = _normaliser_grads(do, delta, linear)
-    _add_to_argmax_scores(dq, dk, q, k, dc, linear[3], scale)
     return dq, dk, dv, dnum, dden
 
 
 def _normaliser_grads(do, delta, linear):
     """For out = (A + N)/(l + E) with A, l in units of exp(s − c) (`selected_hybrid.py`): the gradient of the row max
-    c, dc = (do·N − Δ·E)/den [B, H, S] fp32, which goes to the score at each row's argmax key; dN = do/den in N's
-    dtype and dE = −Δ/den [B, H, S] fp32, with Δ = rowsum(do∘o)."""
-    lin_num, lin_den, den, _ = linear
+    c, dc = (do·N − Δ·E)/den [B, H, S] fp32, which the score passes send to the argmax key; the argmax [B, H, S];
+    dN = do/den in N's dtype and dE = −Δ/den [B, H, S] fp32, with Δ = rowsum(do∘o)."""
+    lin_num, lin_den, den, amax = linear
     inv_den = den.reciprocal()
     dc = (torch.einsum("bshd,bshd->bhs", do.float(), lin_num.float()) - delta * lin_den) * inv_den
     dnum = (do.float() * inv_den.transpose(1, 2).unsqueeze(-1)).to(lin_num.dtype)
-    return dc, dnum, -delta * inv_den
-
-
-def _add_to_argmax_scores(dq, dk, q, k, dc, amax, scale):
-    """The row max's gradient dc [B, H, S] sent to the score it came from, s_{i, a_i} = scale·q_i·k_{a_i} with a_i
-    the argmax key [B, H, S]: dq_i += scale·dc_i·k_{a_i} (a gather) and dk_{a_i} += scale·dc_i·q_i (a scatter
-    that adds, summed in fp32; under torch.use_deterministic_algorithms torch sorts it, so it stays repeatable).
-    Outside the score passes, not in them: the key-major pass is register-bound, and testing each score against
-    its row's argmax there made it about 2.3 ms slower at the Wan-1.3B shape (87.5% of tiles skipped)."""
-    B, S, H, D = q.shape
-    batch = torch.arange(B, device=q.device).view(B, 1, 1).expand(B, S, H)
-    head = torch.arange(H, device=q.device).view(1, 1, H).expand(B, S, H)
-    keys = amax.transpose(1, 2).long()  # [B, S, H]
-    weight = (dc * scale).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
-    dq.copy_(dq.float() + weight * k[batch, keys, head].float())
-    to_keys = torch.zeros(dk.shape, device=dk.device, dtype=torch.float32)
-    to_keys.index_put_((batch, keys, head), weight * q.float(), accumulate=True)
-    dk.copy_(dk.float() + to_keys)
+    return dc, amax, dnum, -delta * inv_den
 
 
 class BlockSparseAttentionFunction(torch.autograd.Function):

@@ -128,7 +128,7 @@ def dq_rows_step(b_q, b_do, b_lse, b_delta, k_rows, v_rows, i_b, i_h, n0, end, b
                   BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
                   b_dc=None, b_a=None):
     """dq's share (unscaled) from keys n0 … n0 + BLOCK_N, loaded through `row_blocks` descriptors; MASKED: the
-    step may run past the block's `end`. b_dc, b_a (`hybrid`'s): each row's gradient of the shared normaliser
+    step may run past the block's `end`. b_dc, b_a (the hybrids'): each row's gradient of the shared normaliser
     [BM], which goes to the score that set the row's max, at key b_a [BM] (`hybrid.py`'s docstring)."""
     b_k = k_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
     b_v = v_rows.load([i_b, n0, i_h, 0]).reshape(BLOCK_N, D)
@@ -191,9 +191,14 @@ def dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION: t
 
 
 @triton.jit
-def dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr):
-    """`dkv_ds` and dk's product: returns the accumulated dk (unscaled) and dv."""
+def dkv_step(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dk, b_dv, qk_scale, PRECISION: tl.constexpr,
+             offs_n=None, b_dc=None, b_a=None):
+    """`dkv_ds` and dk's product: returns the accumulated dk (unscaled) and dv. offs_n, b_dc, b_a (a hybrid's):
+    the keys' positions [BN] and each query row's normaliser gradient and argmax key [BM], added to dSᵀ where
+    the key is the row's argmax (`dq_rows_step`)."""
     b_dst, b_dv = dkv_ds(b_k, b_v, b_q, b_do, b_lse, b_delta, ok, b_dv, qk_scale, PRECISION)
+    if b_dc is not None:
+        b_dst += tl.where(offs_n[:, None] == b_a[None, :], b_dc[None, :], 0.)
     return tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=PRECISION), b_dv
 
 

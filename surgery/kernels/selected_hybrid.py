@@ -10,13 +10,13 @@ s_ij = scale·q_i·k_j, c_i = max_{j∈K_i} s_ij and the linear terms N_i [D], E
 N and E are in units where the largest softmax weight of the row is 1, as in `hybrid` (`kernels/hybrid.py`): they
 are added unscaled after the walk, when the running max has reached c.
 
-Kernels: `block_sparse`'s. The forward, with its linear option (HAS_LINEAR), walks the listed blocks with an
+Kernels: `block_sparse`'s, with their linear option (HAS_LINEAR). The forward walks the listed blocks with an
 online softmax that also tracks each row's argmax key, adds N and E, and stores den = l + E and the argmax beside
-lse = c + ln den. The backward is flash attention's with that lse and o (P = exp(s − lse), Δ = rowsum(do∘o)):
-`block_sparse`'s own two recompute passes, unchanged, plus the normaliser's gradient dc_i = (do_i·N_i −
-Δ_i·E_i)/den_i at the argmax score (`hybrid.py` derives it), added after them in torch: dq_i gains
-scale·dc_i·k_{a_i} (a gather) and dk_{a_i} gains scale·dc_i·q_i (an adding scatter, sorted and so repeatable
-under torch.use_deterministic_algorithms). dN = do/den and dE = −Δ/den go back to the caller's linear term.
+lse = c + ln den. The backward is flash attention's with that lse and o (P = exp(s − lse), Δ = rowsum(do∘o)) plus
+the normaliser's gradient dc_i = (do_i·N_i − Δ_i·E_i)/den_i at the argmax score (`hybrid.py` derives it): the
+query-major dq pass and the key-major dk, dv pass add it where the key is the row's argmax, so the backward keeps
+`block_sparse`'s two recompute passes with no atomics (deterministic). dN = do/den and dE = −Δ/den go back to the
+caller's linear term.
 """
 
 from __future__ import annotations
