@@ -148,6 +148,16 @@ class FeatureMapAttention(AttentionVariant):
         self.feature_map_q = FeatureMap(*sizes)
         self.feature_map_k = FeatureMap(*sizes)
 
+    def fused_map_parameters(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """φ_q's and φ_k's W and b in x's dtype, for the ops that compute both maps inside their kernels
+        (`kernels/linear_attention.py`, `kernels/tile_linear.py`); None where they do not apply: a map they do not
+        compute (`FeatureMap.fused`), or a dtype, head dim, F or device they do not take."""
+        from ..kernels.linear_attention import unsupported_reason  # Triton only where the kernels run
+
+        if not self.feature_map_q.fused or unsupported_reason(x, self.feature_map_q.weight):
+            return None
+        return [p.to(x.dtype) for m in (self.feature_map_q, self.feature_map_k) for p in (m.weight, m.bias)]
+
     @classmethod
     def linear_attention_flops(
         cls, config: FeatureMapConfig, queries: int, keys: int, heads: int, head_dim: int

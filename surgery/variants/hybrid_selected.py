@@ -205,7 +205,6 @@ class HybridSelectedAttention(FeatureMapAttention):
         `kernels/selected_hybrid.py` (block-sparse over the selected tiles). A map those kernels do not compute
         (a second layer, the polynomial) goes through `complement_sums` in q's dtype instead."""
         from ..kernels.block_sparse import block_sparse_attention
-        from ..kernels.linear_attention import unsupported_reason
         from ..kernels.selected_hybrid import selected_hybrid_attention
         from ..kernels.tile_linear import tile_mixed_linear_terms
         from ..kernels.tile_order import tile_permutation, to_raster_order, to_tile_order
@@ -226,11 +225,10 @@ class HybridSelectedAttention(FeatureMapAttention):
             if kept == layout.num_blocks:  # no linear keys: full attention
                 return to_raster_order(block_sparse_attention(q, k, v, *blocks)[0], order, inverse)
             selected = selection_matrix(key_tiles, layout.num_blocks, q.dtype)
-            if self.feature_map_q.fused and not unsupported_reason(q, self.feature_map_q.weight):
-                maps = (self.feature_map_q, self.feature_map_k)
+            params = self.fused_map_parameters(q)
+            if params is not None:
                 linear_numerator, linear_denominator = tile_mixed_linear_terms(
-                    q, k, v, *(p.to(q.dtype) for m in maps for p in (m.weight, m.bias)), 1 - selected,
-                    layout.offsets, tile_tokens)
+                    q, k, v, *params, 1 - selected, layout.offsets, tile_tokens)
             else:
                 linear_numerator, linear_denominator = complement_sums(
                     self.feature_map_q.forward_kernel(q), self.feature_map_k.forward_kernel(k), v, selected, layout,

@@ -55,11 +55,11 @@ class LinearAttention(FeatureMapAttention):
         dim, F or device it does not take — φ goes through the fused feature-map op where it applies and the
         summary φ(K)ᵀ[V, 1] and its application to φ(Q) through two batched matmuls in q's dtype (fp32 sums inside
         them), with the division in fp32."""
-        from ..kernels.linear_attention import linear_attention, unsupported_reason  # Triton only where it runs
+        from ..kernels.linear_attention import linear_attention  # Triton only where it runs
 
-        maps = (self.feature_map_q, self.feature_map_k)
         with torch.autocast(q.device.type, enabled=False):
-            if self.feature_map_q.fused and not unsupported_reason(q, self.feature_map_q.weight):
-                return linear_attention(q, k, v, *(p.to(q.dtype) for m in maps for p in (m.weight, m.bias)))
+            params = self.fused_map_parameters(q)
+            if params is not None:
+                return linear_attention(q, k, v, *params)
             numerator, denominator = self.linear_attention_sums(q, k, v, kernel=True)
         return (numerator.float() / denominator.float()).to(q.dtype)
