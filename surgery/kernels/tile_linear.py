@@ -194,10 +194,8 @@ class TileSummaryFunction(torch.autograd.Function):
         k, v, weight, bias, offsets = ctx.saved_tensors
         B, L, H, D = k.shape
         tiles = offsets.numel() - 1
-        dsummary = torch.zeros(B * H, tiles, 2 * weight.shape[-1], D, device=k.device, dtype=k.dtype) \
-            if dsummary is None else dsummary.to(k.dtype).contiguous()
-        dsummary_sum = torch.zeros(dsummary.shape[:-1], device=k.device) \
-            if dsummary_sum is None else dsummary_sum.float().contiguous()
+        # autograd materialises an unused output's gradient as zeros: neither comes as None.
+        dsummary, dsummary_sum = dsummary.to(k.dtype).contiguous(), dsummary_sum.float().contiguous()
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         dpsi = torch.empty(B, L, H, weight.shape[-1], device=k.device, dtype=k.dtype)
         tile_summary_bwd_kernel[(tiles, B * H)](
@@ -233,8 +231,8 @@ class TileApplyFunction(torch.autograd.Function):
     def backward(ctx, dnum, dden):
         q, weight, bias, mix, mix_sum, offsets = ctx.saved_tensors
         B, S, H, D = q.shape
-        dnum = torch.zeros_like(q) if dnum is None else (dnum if dnum.stride(-1) == 1 else dnum.contiguous())
-        dden = torch.zeros(B, H, S, device=q.device) if dden is None else dden.float().contiguous()
+        dnum = dnum if dnum.stride(-1) == 1 else dnum.contiguous()
+        dden = dden.float().contiguous()
         dq = torch.empty_like(q)
         dpsi = torch.empty(B, S, H, weight.shape[-1], device=q.device, dtype=q.dtype)
         tile_apply_bwd_kernel[(offsets.numel() - 1, B * H)](
