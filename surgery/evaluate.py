@@ -29,7 +29,6 @@ from .trajectories import sample_latents, sampling_starts
 from .wan import fingerprint
 
 
-
 @dataclass
 class EvalReport:
     """Student against teacher on the same seeds (what `vsurgery eval` prints; `to_dict` for --json)."""
@@ -207,7 +206,6 @@ def _context_parallel(denoiser, cp: int):
     for model in (denoiser.high, denoiser.low) if isinstance(denoiser, TwoExperts) else (denoiser,):
         context_parallel(model, cp)
     return denoiser
-
 
 
 def compare(
