@@ -7,7 +7,7 @@ and for each budget b the latency planner's plan at ideal(b)'s step time — eac
 (surgery/benchmark.py; for the latency plans at ideal(b), b is that budget, not their FLOPs). Planning is
 timed (one calibration for all the FLOP budgets, one for all the latency plans), with its peak memory.
 --video adds whole generations (text encoder, 50 steps with guidance, VAE decode) of the stock model and of
-one plan; --compile compiles the blocks first.
+one plan; --compile compiles the blocks first (and the latency planner times compiled steps).
 
     python bench/e2e.py --model wan2.1-t2v-1.3b --budgets 0.5,0.3,0.15 --out e2e-480p.json
     python bench/e2e.py --model wan2.1-t2v-1.3b --height 720 --width 1280 --budgets 0.5,0.3,0.15 --out e2e-720p.json
@@ -36,7 +36,7 @@ from surgery.model import resolve_grid  # noqa: E402
 from surgery.errors import SurgeryError  # noqa: E402
 from surgery.planner import FASTEST, calibrate, make_plans, solve_plan  # noqa: E402
 from surgery.swap import install_processors, self_attention_modules  # noqa: E402
-from surgery.timing import attention_core_skipped, peak_memory  # noqa: E402
+from surgery.timing import attention_core_skipped, compile_blocks, peak_memory  # noqa: E402
 
 
 def variant_counts(plan) -> dict[str, int]:
@@ -87,7 +87,7 @@ def main():
     matched = {}  # latency plan name → the FLOP budget b whose ideal(b) step time it is planned to
     if not args.no_fastest and device.type == "cuda":
         began = time.perf_counter()
-        context = calibrate(args.model, cost="latency", **common)
+        context = calibrate(args.model, cost="latency", compiled=args.compile, **common)
         plans["latency fastest"] = solve_plan(context, FASTEST)
         # The step time ideal(b) stands for, as a latency budget: the planner's own attention-free step plus
         # b of its dense attention time.
@@ -106,8 +106,7 @@ def main():
     stock = {fqn: attn.processor for fqn, attn in self_attention_modules(model).items()}
     planned = {name: planned_processors(model, plan) for name, plan in plans.items()}
     if args.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        model.compile_repeated_blocks(fullgraph=True)
+        compile_blocks(model)
     warmup = 2 if args.compile else 1
 
     rows = [time_step(model, inputs, STOCK, args.repeats, device, warmup=warmup)]

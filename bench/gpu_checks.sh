@@ -6,7 +6,8 @@
 # Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and
 # 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the
 # quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png), video (whole 480p generations, stock and
-# the fastest plan), compiled (bench/e2e.py --compile at 480p), kernels (bench/attention.py at 1.3B), hybrid
+# the fastest plan), compiled (bench/e2e.py --compile at 480p: the e2e480 rows, blocks compiled), wan14b (the same rows
+# for the 14B preset at 480p, budget 0.15, one calibration input, median of 2), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
 # R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy),
 # wan22 (bench/e2e.py, what `vsurgery bench` times, on the Wan2.2 TI2V-5B preset at its native 121×704×1280: stock,
@@ -55,7 +56,7 @@ for group in "$@"; do
     e2e480) python3 bench/e2e.py --out "$OUT/e2e-480p.json" 2>&1 | tee "$OUT/e2e-480p.txt" ;;
     e2e720) python3 bench/e2e.py --height 720 --width 1280 --out "$OUT/e2e-720p.json" 2>&1 | tee "$OUT/e2e-720p.txt" ;;
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
-    compiled) python3 bench/e2e.py --budgets 0.15 --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
+    compiled) python3 bench/e2e.py --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
     quality) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality --doc docs/quality.md --plot docs/quality.png \
       2>&1 | tee "$OUT/quality.txt" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
@@ -67,6 +68,8 @@ for group in "$@"; do
       python3 bench/train_step.py --variant hybrid_selected --params '{"sparsity": 0.875}' 2>&1 \
         | tee "$OUT/train-hybrid-selected.txt" ;;
     toy) python3 scripts/train_toy_teacher.py --out "$OUT/toy" --report "$OUT/toy-report" 2>&1 | tee "$OUT/toy.txt" ;;
+    wan14b) python3 bench/e2e.py --model wan2.1-t2v-14b --budgets 0.15 --samples 1 --repeats 2 \
+              --out "$OUT/e2e-14b-480p.json" 2>&1 | tee "$OUT/e2e-14b-480p.txt" ;;
     wan22) python3 bench/e2e.py --model wan2.2-ti2v-5b --frames 121 --height 704 --width 1280 --budgets 0.3 \
              --out "$OUT/e2e-wan22-5b.json" 2>&1 | tee "$OUT/e2e-wan22-5b.txt" ;;
     distill2)
@@ -94,7 +97,7 @@ for x, y in zip(a, b): print(f\"{x['name']}: {x['step_ms']:.0f} ms on 1 GPU, {y[
         --set parallel.strategy=fsdp --set train.gradient_checkpointing=true --set data.samples="$gpus" \
         --set data.batch_size="$gpus" --force --out "$OUT/distill-14b-fsdp" 2>&1 | tee "$OUT/fsdp14b.txt"
       python3 bench/distill_throughput.py "$OUT/distill-14b-fsdp" --json "$OUT/fsdp14b.json" 2>&1 | tee -a "$OUT/fsdp14b.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, kernels, hybrid, variants, train, toy, wan22, distill2, cp720, fsdp14b)" >&2
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, wan14b, kernels, hybrid, variants, train, toy, wan22, distill2, cp720, fsdp14b)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done

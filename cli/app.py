@@ -84,6 +84,9 @@ def plan(
     timing: Annotated[str, typer.Option(
         "--for", help="With --cost latency: time 'inference' (forward) or 'training' (forward + backward).")
     ] = "inference",
+    compiled: Annotated[bool, typer.Option(
+        "--compiled", help="With --cost latency: plan for compiled blocks (as bench --compile runs them): the step "
+                           "is timed compiled.")] = False,
     no_distill_errors: Annotated[bool, typer.Option(
         "--no-distill-errors",
         help="Measure learned candidates (feature maps) at their init (fast), not after stage 1 as distill trains them.",
@@ -116,7 +119,7 @@ def plan(
     with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
         options = dict(variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
                        params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
-                       samples=samples, seed=seed, data=data, cost=cost, timing=timing, progress=update,
+                       samples=samples, seed=seed, data=data, cost=cost, timing=timing, compiled=compiled, progress=update,
                        measure=measure)
         if two_experts(model):
             result = make_expert_plans(model, budget, per_expert=budget_per_expert, **options)

@@ -185,7 +185,8 @@ def show_plan(plan, path=None, seconds: float | None = None) -> None:
     latency = data.get("latency")
     if latency:
         console.print(
-            f"predicted step on {latency['device']} ({latency['timing']}): {latency['predicted_step_ms']:.1f} ms "
+            f"predicted step on {latency['device']} ({latency['timing']}"
+            f"{', compiled' if latency.get('compiled') else ''}): {latency['predicted_step_ms']:.1f} ms "
             f"against {latency['stock_step_ms']:.1f} ms stock = {latency['predicted_speedup']:.2f}× "
             f"(attention-free floor {latency['skipped_attention_step_ms']:.1f} ms)"
         )

@@ -27,7 +27,7 @@ from .parallel import check_context_parallel, context_parallel
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free
 from .swap import apply, install_processors, self_attention_modules, variant_processors
-from .timing import attention_core_skipped, median_ms, peak_memory
+from .timing import attention_core_skipped, compile_blocks, median_ms, peak_memory
 from .variants import dense_attention_flops
 from .wan import fingerprint, latent_channels
 
@@ -214,11 +214,9 @@ def benchmark(
     context_parallel(teacher, cp)  # after the plan's processors are built: they take its config when installed
     inputs = step_inputs(model_spec, config, grid, guidance, device, dtype)
     if compile:
-        # Each kind of block (stock, or each variant a plan uses) compiles a graph of its own: allow plenty.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for model in (teacher, student_model):
             if model is not None:
-                model.compile_repeated_blocks(fullgraph=True)
+                compile_blocks(model)
     warmup = 2 if compile else 1
 
     rows = [time_step(teacher, inputs, STOCK, repeats, device, warmup=warmup)]

@@ -1,15 +1,17 @@
 """The latency cost model: each candidate's attention timed on this GPU at the target grid, and the model's
 step with and without its attention core, so a plan can be held to a step time (Amdahl: the part of the
-step that is not attention stays).
+step that is not attention stays). The step can be timed compiled; each attention call is timed as it is
+(its kernels), which compilation barely changes.
 
 Timings are cached as JSON under the user's cache directory ($VSURGERY_CACHE, else $XDG_CACHE_HOME/vsurgery,
 else ~/.cache/vsurgery), one file per (GPU, torch, triton, grid, heads × head_dim, dtype, inference or
-training): planning again on the same machine times nothing twice. A corrupt file is ignored with a
+training, and for steps eager or compiled): planning again on the same machine times nothing twice. A corrupt file is ignored with a
 warning and measured again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import torch
 from .errors import SurgeryError
 from .grid import VideoGrid
 from .io import atomic_write_json
-from .timing import attention_core_skipped, median_ms
+from .timing import attention_core_skipped, blocks_compiled, median_ms
 from .variants import VARIANTS, VariantConfig
 from .wan import input_dtype
 
@@ -115,13 +117,16 @@ def attention_latency(candidates: list[tuple[str, VariantConfig]], grid: VideoGr
     return result
 
 
-def step_latency(model, inputs: dict, *, mode: str = "inference", repeats: int = 5) -> tuple[float, float]:
+def step_latency(model, inputs: dict, *, mode: str = "inference", compiled: bool = False,
+                 repeats: int = 5) -> tuple[float, float]:
     """Median ms of one forward of `model` on `inputs` (mode="training": forward + backward), stock and with
-    its self-attention core skipped: (stock, skipped)."""
+    its self-attention core skipped: (stock, skipped). compiled: with the blocks compiled (`timing.compile_blocks`,
+    as `bench --compile` runs them), which shortens the part of the step that is not attention far more than the
+    attention kernels, so a plan for a compiled model must be held to compiled step times."""
     device = require_gpu()
     cache = TimingCache("step", **machine_facts(), config=json.dumps(dict(model.config), sort_keys=True, default=str),
                         shape=list(inputs["hidden_states"].shape), text=list(inputs["encoder_hidden_states"].shape),
-                        dtype=str(input_dtype(model)), mode=mode)
+                        dtype=str(input_dtype(model)), mode=mode, compiled=compiled)
 
     def call():
         if mode == "training":
@@ -130,7 +135,9 @@ def step_latency(model, inputs: dict, *, mode: str = "inference", repeats: int =
             with torch.no_grad():
                 model(**inputs)
 
-    stock = cache.get_or_time("stock", lambda: median_ms(call, repeats, device))
-    with attention_core_skipped(model):
-        skipped = cache.get_or_time("skipped", lambda: median_ms(call, repeats, device))
+    warmup = 2 if compiled else 1  # the first compiled call compiles; the second settles autotuning
+    with blocks_compiled(model) if compiled else contextlib.nullcontext():
+        stock = cache.get_or_time("stock", lambda: median_ms(call, repeats, device, warmup=warmup))
+        with attention_core_skipped(model):
+            skipped = cache.get_or_time("skipped", lambda: median_ms(call, repeats, device, warmup=warmup))
     return stock, skipped

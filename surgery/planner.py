@@ -126,6 +126,7 @@ def make_plans(
     data: str | None = None,
     cost: str = "flops",
     timing: str = "inference",
+    compiled: bool = False,
     model=None,
     progress=None,
     measure=None,
@@ -138,7 +139,7 @@ def make_plans(
     cost="flops" (default): attention FLOPs from the variants' cost models at the target grid, never timing.
     cost="latency": the predicted step time — the step with its attention core skipped plus each layer's
     timed attention (`surgery.latency`; `timing` "inference" or "training") — against budget × the stock
-    step, both measured on this GPU.
+    step, both measured on this GPU (`compiled`: the steps timed with the blocks compiled).
     Calibration runs on CUDA in bf16 where there is a GPU (the kernels, never a tokens × tokens tensor).
     measure: how the errors are measured, `measure(model, candidates, inputs, grid=, seed=, data=,
     text_tokens=, progress=)` → `ErrorTable`, where inputs are the calibration inputs; default: every
@@ -150,7 +151,7 @@ def make_plans(
     check_budgets(budgets)
     context = calibrate(spec, variants=variants, keep_full=keep_full, params_by_variant=params_by_variant,
                         frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
-                        timing=timing, model=model, progress=progress, measure=measure)
+                        timing=timing, compiled=compiled, model=model, progress=progress, measure=measure)
     return [solve_plan(context, budget) for budget in budgets]
 
 
@@ -162,8 +163,8 @@ def check_budgets(budgets) -> None:
 
 def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=None, frames=None, height=None,
               width=None, samples: int = 4,
-              seed: int = 0, data=None, cost: str = "flops", timing: str = "inference", model=None, progress=None,
-              measure=None) -> dict:
+              seed: int = 0, data=None, cost: str = "flops", timing: str = "inference", compiled: bool = False,
+              model=None, progress=None, measure=None) -> dict:
     """Everything `make_plans` solves over, for any budget: each layer's allowed candidates with their costs
     and errors, and the dense yardsticks (see there for the options)."""
     import torch
@@ -180,6 +181,8 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
         from .latency import require_gpu
 
         require_gpu()
+    elif compiled:
+        raise SurgeryError("--compiled times the step for --cost latency; a FLOP budget does not depend on it")
     candidates = default_candidates(variants, params_by_variant)
     if model is None:
         on_gpu = torch.cuda.is_available()
@@ -223,12 +226,13 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
         dtype = input_dtype(model)
         configs = [(candidates[j].variant, table.configs[i][j]) for i in range(num_layers) for j in allowed[i]]
         times = attention_latency(configs, grid, heads, head_dim, dtype=dtype, mode=timing)
-        stock_ms, fixed = step_latency(model, inputs[0], mode=timing)
+        stock_ms, fixed = step_latency(model, inputs[0], mode=timing, compiled=compiled)
         context |= dict(
             costs=[[times[candidate_label(candidates[j].variant, table.configs[i][j])] for j in allowed[i]]
                    for i in range(num_layers)],
             dense_layer=times[candidate_label("full", VARIANTS["full"].Config())], dense_total=stock_ms, fixed=fixed,
-            latency={"timing": timing, "device": torch.cuda.get_device_name(), "stock_step_ms": stock_ms,
+            latency={"timing": timing, "compiled": compiled, "device": torch.cuda.get_device_name(),
+                     "stock_step_ms": stock_ms,
                      "skipped_attention_step_ms": fixed},
         )
     return context

@@ -37,6 +37,27 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warm
     return statistics.median(times)
 
 
+def compile_blocks(model, **options) -> None:
+    """Compile `model`'s transformer blocks (diffusers' regional compilation, whole-graph): each kind of block
+    (stock, or each variant a plan uses) compiles a graph of its own, so the recompile limit leaves room for them
+    all. `options` go to torch.compile (e.g. backend)."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model.compile_repeated_blocks(fullgraph=True, **options)
+
+
+@contextlib.contextmanager
+def blocks_compiled(model, **options) -> Iterator[None]:
+    """Within, `model`'s blocks run compiled (`compile_blocks`); after, as they ran before."""
+    # nn.Module.compile keeps the compiled call in `_compiled_call_impl` (None: eager): put back what was there.
+    before = {module: module._compiled_call_impl for module in model.modules()}
+    compile_blocks(model, **options)
+    try:
+        yield
+    finally:
+        for module, call in before.items():
+            module._compiled_call_impl = call
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict]:
     """Yields a dict whose "gib" is, on exit, the peak GPU memory allocated inside (None off CUDA)."""

@@ -9,6 +9,7 @@ import torch
 import surgery
 from surgery.grid import VideoGrid
 from surgery.plan import LayerChoice, Plan
+from surgery.timing import blocks_compiled
 from surgery.variants.base import variant_attention
 from surgery.variants.hybrid import HybridConfig
 from surgery.variants.linear import LinearConfig
@@ -130,6 +131,20 @@ def test_blocks_with_the_same_variant_share_one_compiled_graph(tiny_model, monke
         model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
         model(**inputs)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_blocks_compiled_runs_the_blocks_compiled_then_eager_again(tiny_model):
+    """What the latency planner's compiled step timing relies on: inside, every block calls its compiled form
+    (and the output is eager's); after, the model is as it was, nothing of the compile left on it."""
+    inputs = model_inputs(tiny_model, GRID, batch=1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = tiny_model(**inputs).sample
+        with blocks_compiled(tiny_model, backend="eager"):
+            assert all(block._compiled_call_impl is not None for block in tiny_model.blocks)
+            compiled = tiny_model(**inputs).sample
+        assert all(module._compiled_call_impl is None for module in tiny_model.modules())
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_skipped_core_keeps_q_and_k_alive_under_compile(tiny_model):

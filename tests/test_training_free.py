@@ -99,6 +99,12 @@ def test_latency_planning_without_a_gpu_is_one_line():
     assert "CUDA GPU" in result.stderr
 
 
+def test_compiled_timing_of_a_flop_plan_is_one_line(tmp_path):
+    result = runner.invoke(app, ["plan", "--compiled", "--out", str(tmp_path / "never.json")])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "--cost latency" in result.stderr and not any(tmp_path.iterdir())
+
+
 def test_latency_cache_writes_whole_files_and_measures_again_past_a_corrupt_one(tmp_path, monkeypatch):
     monkeypatch.setenv("VSURGERY_CACHE", str(tmp_path))
     measured = []
