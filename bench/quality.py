@@ -221,7 +221,7 @@ class Sweep:
         from surgery.train.distilled_errors import DistilledErrors
 
         self.measures = {"planned-init": MeasureOnce(),
-                         "planned-distilled": MeasureOnce(DistilledErrors(self.recipe.stage1, self.recipe.data.samples))}
+                         "planned-distilled": MeasureOnce(DistilledErrors.for_recipe(self.recipe))}
         self.times: dict[str, float] = {}
         began, lock = time.perf_counter(), threading.Lock()
         order = {key: i for i, key in enumerate((b, m) for b in self.args.budgets for m in self.args.methods)}

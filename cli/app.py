@@ -114,7 +114,7 @@ def plan(
     if not no_distill_errors:
         from surgery.train.distilled_errors import DistilledErrors
 
-        measure = DistilledErrors(loaded.stage1, loaded.data.samples)
+        measure = DistilledErrors.for_recipe(loaded)
     started = time.perf_counter()
     with output.progress("calibrating" if no_distill_errors else "stage 1 of learned candidates, then calibration") as update:
         options = dict(variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),

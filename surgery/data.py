@@ -25,6 +25,7 @@ from .errors import SurgeryError
 from .grid import VideoGrid
 from .recipe import DataSection
 from .model import image_embeddings
+from .sampling import time_shift, unshift
 from .wan import latent_channels
 
 
@@ -95,16 +96,19 @@ def split_batch(batch_size: int, world: int) -> int:
 
 class StepSampler:
     """Batch for step s: the s-th slice of a per-epoch shuffled order; t and ε from (seed, stage, s, sample), t
-    uniform over `band` (fractions of 1000: one expert of two trains on the timesteps it serves).
+    over `band` (fractions of 1000: one expert of two trains on the timesteps it serves): uniform, or with
+    `timestep_shift` ≠ 1 uniform before the sampler's time shift (`sampling.time_shift`), so that > 1 spends
+    more steps at high noise, where a video's layout and motion are decided and where a sampler with that
+    shift spends its steps.
 
     batch_size is the global batch: with `world` processes, process `rank` takes its batch_size / world
     consecutive samples of it. Each sample's draws depend on its place in the global batch only, so the
     steps are the same whatever the process count that splits them."""
 
     def __init__(self, dataset, batch_size: int, seed: int, stage: int, rank: int = 0, world: int = 1,
-                 condition=None, band: tuple[float, float] = (0.0, 1.0)):
+                 condition=None, band: tuple[float, float] = (0.0, 1.0), timestep_shift: float = 1.0):
         self.dataset, self.batch_size, self.seed, self.stage = dataset, batch_size, seed, stage
-        self.rank, self.local, self.band = rank, split_batch(batch_size, world), band
+        self.rank, self.local, self.band, self.shift = rank, split_batch(batch_size, world), band, timestep_shift
         # (x_t, first clean frame) → the transformer's input (surgery.model.conditioner); None: x_t as it is.
         self.condition = condition or (lambda noisy, image=None: noisy)
 
@@ -124,14 +128,14 @@ class StepSampler:
     def batch(self, step: int, device, dtype) -> Batch:
         rows = self.dataset[self._indices(step)]
         clean = rows["latents"].to(torch.float32)
-        low, high = self.band
+        low, high = (unshift(edge, self.shift) for edge in self.band)
         t, noise = [], []
         for position in self._positions(step):
             within = position - step * self.batch_size  # the sample's place in the global batch
             g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.stage) * 1_000_003 + step) * 1009 + within)
             t.append(low + (high - low) * torch.rand(1, generator=g))
             noise.append(torch.randn(clean.shape[1:], generator=g))
-        t, noise = torch.cat(t), torch.stack(noise)
+        t, noise = time_shift(torch.cat(t), self.shift), torch.stack(noise)
         sigma = t.view(-1, 1, 1, 1, 1)
         noisy = (1 - sigma) * clean + sigma * noise
         # Image-to-video: the clip's own first frame is the image it is conditioned on.

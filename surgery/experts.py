@@ -242,7 +242,7 @@ def _plan_options(recipe, progress=None) -> dict:
     p = recipe.plan
     return dict(variants=p.variants, keep_full=p.keep_full, samples=p.samples, seed=recipe.train.seed,
                 data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
-                measure=DistilledErrors(recipe.stage1, recipe.data.samples) if p.distill_errors else None)
+                measure=DistilledErrors.for_recipe(recipe) if p.distill_errors else None)
 
 
 def is_expert_run(run: str | Path) -> bool:

@@ -72,11 +72,15 @@ class DataSection:
     # Samples per step over all processes (the global batch): each of N processes takes batch_size / N,
     # so a run gives the same steps on any process count that divides it.
     batch_size: int = 1
+    # Training noise levels t = shift·u / (1 + (shift − 1)·u), u uniform (surgery.data.StepSampler): 1 is
+    # uniform; > 1 trains more at high noise, where samplers with Wan's shift spend their steps and where a
+    # student's errors move a video's layout for good.
+    timestep_shift: float = 1.0
 
     def __post_init__(self):
         if self.source == "dataset" and not self.path:
             raise ValueError("data.path is required when data.source = 'dataset'")
-        _at_least(self, batch_size=(1, False), samples=(1, False))
+        _at_least(self, batch_size=(1, False), samples=(1, False), timestep_shift=(0, True))
 
 
 @dataclass(frozen=True)

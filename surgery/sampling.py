@@ -14,11 +14,21 @@ from .metrics import relative_l2
 from .wan import input_dtype
 
 
+def time_shift(s, shift: float):
+    """σ = shift·s / (1 + (shift − 1)·s): the time shift of Wan's FlowMatchEulerDiscreteScheduler, which maps
+    uniform s ∈ [0, 1] to noise levels crowded toward σ = 1 for shift > 1 (1: unchanged)."""
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def unshift(sigma, shift: float):
+    """The s whose `time_shift` is σ."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def shifted_sigmas(steps: int, shift: float) -> list[float]:
-    """σ from 1 to 0 over `steps` steps: uniform s ∈ [1, 0] through σ = shift·s / (1 + (shift − 1)·s),
-    the time shift of Wan's FlowMatchEulerDiscreteScheduler, which spends more steps at high noise."""
-    s = torch.linspace(1, 0, steps + 1)
-    return (shift * s / (1 + (shift - 1) * s)).tolist()
+    """σ from 1 to 0 over `steps` steps: uniform s ∈ [1, 0] through `time_shift`, which spends more steps at
+    high noise."""
+    return time_shift(torch.linspace(1, 0, steps + 1), shift).tolist()
 
 
 @torch.no_grad()

@@ -128,3 +128,33 @@ def test_planning_inside_distill_reports_progress(tmp_path):
     # The planner's one stage-1 step of the learned candidates, then its two calibration inputs.
     assert seen[:3] == [("calibrating", 1, 3), ("calibrating", 2, 3), ("calibrating", 3, 3)]
     assert {stage for stage, _, _ in seen} >= {"calibrating", "stage2"}
+
+
+def _timesteps(shift: float, band=(0.0, 1.0), steps: int = 200) -> torch.Tensor:
+    from surgery.data import StepSampler
+
+    rows = {"latents": torch.zeros(1, 2, 1, 2, 2), "text_embeddings": torch.zeros(1, 3, 4)}
+    dataset = type("Rows", (), {"__len__": lambda self: 1, "__getitem__": lambda self, i: rows})()
+    sampler = StepSampler(dataset, 1, seed=0, stage=2, band=band, timestep_shift=shift)
+    return torch.cat([sampler.batch(step, "cpu", torch.float32).timestep for step in range(steps)]) / 1000
+
+
+def test_timestep_shift_trains_more_at_high_noise_within_the_band():
+    """data.timestep_shift: the same draws through the sampler's time shift, so shift 1 is uniform as before,
+    shift 3 puts about half the steps above t = 0.75 (a quarter when uniform), and an expert's band still
+    bounds every draw."""
+    uniform, shifted = _timesteps(1.0), _timesteps(3.0)
+    assert 0.15 < (uniform > 0.75).float().mean() < 0.35 and 0.4 < (shifted > 0.75).float().mean() < 0.6
+    torch.testing.assert_close(shifted, 3 * uniform / (1 + 2 * uniform))
+    high = _timesteps(3.0, band=(0.875, 1.0), steps=50)
+    assert high.min() >= 0.875 and high.max() <= 1.0
+    with pytest.raises(SurgeryError, match="timestep_shift must be > 0"):
+        load_recipe("hybrid", ["data.timestep_shift=0"])
+
+
+def test_the_planner_trains_candidates_at_the_recipes_noise_levels():
+    from surgery.train.distilled_errors import DistilledErrors
+
+    recipe = load_recipe("mixed", ["data.timestep_shift=3.0", "data.samples=8"])
+    measure = DistilledErrors.for_recipe(recipe)
+    assert (measure.stage1, measure.samples, measure.timestep_shift) == (recipe.stage1, 8, 3.0)

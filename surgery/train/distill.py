@@ -193,7 +193,7 @@ class OpenRun:
         acc = self.accelerator
         return StepSampler(self.dataset, self.recipe.data.batch_size, self.recipe.train.seed, stage,
                            acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)),
-                           band=timestep_band(self.spec))
+                           band=timestep_band(self.spec), timestep_shift=self.recipe.data.timestep_shift)
 
 
 def _read_json(path: Path, what: str):
@@ -304,7 +304,7 @@ def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
     return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
                      params_by_variant=p.params_by_variant, seed=recipe.train.seed, model=teacher,
                      data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
-                     measure=DistilledErrors(recipe.stage1, recipe.data.samples) if p.distill_errors else None)
+                     measure=DistilledErrors.for_recipe(recipe) if p.distill_errors else None)
 
 
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:

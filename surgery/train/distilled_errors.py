@@ -36,10 +36,17 @@ from .transfer import attention_transfer_fn, loss_ends
 @dataclasses.dataclass(frozen=True)
 class DistilledErrors:
     """`make_plan(measure=DistilledErrors(stage1))`: errors of learned candidates after `stage1`'s training,
-    on `samples` training inputs (noise or toy clips; with a dataset, its rows after the calibration rows)."""
+    on `samples` training inputs (noise or toy clips; with a dataset, its rows after the calibration rows), at
+    the noise levels distillation trains on (`timestep_shift`, `surgery.data.StepSampler`)."""
 
     stage1: Stage1
     samples: int = 32
+    timestep_shift: float = 1.0
+
+    @classmethod
+    def for_recipe(cls, recipe) -> "DistilledErrors":
+        """Stage 1 as `recipe` trains it."""
+        return cls(recipe.stage1, recipe.data.samples, recipe.data.timestep_shift)
 
     def __call__(self, model, candidates: list[Candidate], inputs: list[dict], *, grid, seed: int,
                  data: str | None, text_tokens: int, progress=None, band=(0.0, 1.0), image_tokens=None) -> ErrorTable:
@@ -96,7 +103,8 @@ class DistilledErrors:
 
     def _train(self, model, modules, trained, candidates, dataset, seed, losses, band, progress) -> None:
         param = next(model.parameters())
-        sampler = StepSampler(dataset, 1, seed, stage=1, condition=conditioner(dict(model.config)), band=band)
+        sampler = StepSampler(dataset, 1, seed, stage=1, condition=conditioner(dict(model.config)), band=band,
+                              timestep_shift=self.timestep_shift)
         trainees = {i: [modules[i][j] for j in js] for i, js in trained.items()}
         transfer = attention_transfer_fn(model, trainees, sampler, param.device, param.dtype)
 
