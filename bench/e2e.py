@@ -36,7 +36,7 @@ from surgery.model import resolve_grid  # noqa: E402
 from surgery.errors import SurgeryError  # noqa: E402
 from surgery.planner import FASTEST, calibrate, make_plans, solve_plan  # noqa: E402
 from surgery.swap import install_processors, self_attention_modules  # noqa: E402
-from surgery.timing import attention_core_skipped, compile_blocks, peak_memory  # noqa: E402
+from surgery.timing import attention_core_skipped, compile_blocks, peak_memory, warmup_calls  # noqa: E402
 
 
 def variant_counts(plan) -> dict[str, int]:
@@ -107,7 +107,7 @@ def main():
     planned = {name: planned_processors(model, plan) for name, plan in plans.items()}
     if args.compile:
         compile_blocks(model)
-    warmup = 2 if args.compile else 1
+    warmup = warmup_calls(args.compile)
 
     rows = [time_step(model, inputs, STOCK, args.repeats, device, warmup=warmup)]
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from .parallel import check_context_parallel, context_parallel
 from .plan import Plan
 from .planned import check_plan_grid, check_training_free
 from .swap import apply, install_processors, self_attention_modules, variant_processors
-from .timing import attention_core_skipped, compile_blocks, median_ms, peak_memory
+from .timing import attention_core_skipped, compile_blocks, median_ms, peak_memory, warmup_calls
 from .variants import dense_attention_flops
 from .wan import fingerprint, latent_channels
 
@@ -217,7 +217,7 @@ def benchmark(
         for model in (teacher, student_model):
             if model is not None:
                 compile_blocks(model)
-    warmup = 2 if compile else 1
+    warmup = warmup_calls(compile)
 
     rows = [time_step(teacher, inputs, STOCK, repeats, device, warmup=warmup)]
     if device.type == "cuda":

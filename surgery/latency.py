@@ -5,8 +5,8 @@ step that is not attention stays). The step can be timed compiled; each attentio
 
 Timings are cached as JSON under the user's cache directory ($VSURGERY_CACHE, else $XDG_CACHE_HOME/vsurgery,
 else ~/.cache/vsurgery), one file per (GPU, torch, triton, grid, heads × head_dim, dtype, inference or
-training, and for steps eager or compiled): planning again on the same machine times nothing twice. A corrupt file is ignored with a
-warning and measured again.
+training, and for steps eager or compiled): planning again on the same machine times nothing twice. A corrupt
+file is ignored with a warning and measured again.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from .errors import SurgeryError
 from .grid import VideoGrid
 from .io import atomic_write_json
-from .timing import attention_core_skipped, blocks_compiled, median_ms
+from .timing import attention_core_skipped, blocks_compiled, median_ms, warmup_calls
 from .variants import VARIANTS, VariantConfig
 from .wan import input_dtype
 
@@ -135,7 +135,7 @@ def step_latency(model, inputs: dict, *, mode: str = "inference", compiled: bool
             with torch.no_grad():
                 model(**inputs)
 
-    warmup = 2 if compiled else 1  # the first compiled call compiles; the second settles autotuning
+    warmup = warmup_calls(compiled)
     with blocks_compiled(model) if compiled else contextlib.nullcontext():
         stock = cache.get_or_time("stock", lambda: median_ms(call, repeats, device, warmup=warmup))
         with attention_core_skipped(model):

@@ -37,6 +37,11 @@ def median_ms(fn: Callable[[], object], repeats: int, device: torch.device, warm
     return statistics.median(times)
 
 
+def warmup_calls(compiled: bool) -> int:
+    """Untimed calls before timing a model: a compiled one's first call compiles, its second settles autotuning."""
+    return 2 if compiled else 1
+
+
 def compile_blocks(model, **options) -> None:
     """Compile `model`'s transformer blocks (diffusers' regional compilation, whole-graph): each kind of block
     (stock, or each variant a plan uses) compiles a graph of its own, so the recompile limit leaves room for them
