@@ -88,30 +88,37 @@ class MeasureOnce:
         return self.table
 
 
-def uniform_plan(spec: str, teacher, grid, variant: str, budget: float, table):
+def uniform_plan(spec: str, teacher, grid, variant: str, budget: float, table, dense=None):
     """`variant` on every layer at the most expensive of its candidate settings that fits `budget`, with the
-    configs and costs the planner observed in `table` (init errors); None when no setting fits."""
+    configs and costs the planner observed in `table` (init errors); None when no setting fits. With `dense`
+    (`surgery.sampling.DenseSteps`), its first steps dense and the budget over the sampling run, as the
+    planner counts it."""
     from surgery.plan import LayerChoice, Plan
     from surgery.variants import VARIANTS, dense_attention_flops
     from surgery.wan import fingerprint, self_attention_fqn
 
     config = dict(teacher.config)
     heads, head_dim, layers = config["num_attention_heads"], config["attention_head_dim"], config["num_layers"]
-    dense = dense_attention_flops(grid.tokens, heads, head_dim) * layers
+    dense_flops = dense_attention_flops(grid.tokens, heads, head_dim) * layers
+    if dense and budget <= dense.share:
+        return None
+    allowed = dense.planned_budget(budget) if dense else budget
     best = None
     for j, candidate in enumerate(table.candidates):
         if candidate.variant != variant:
             continue
         costs = [VARIANTS[variant].flops(table.configs[i][j], grid, heads, head_dim) for i in range(layers)]
-        if sum(costs) <= budget * dense and (best is None or sum(costs) > best[1]):
+        if sum(costs) <= allowed * dense_flops and (best is None or sum(costs) > best[1]):
             best = (j, sum(costs), costs)
     if best is None:
         return None
     j, total, costs = best
     choices = {self_attention_fqn(i): LayerChoice(variant, table.configs[i][j], costs[i], table.errors[i][j])
                for i in range(layers)}
+    ratio = total / dense_flops
     return Plan(spec, fingerprint(config), layers, choices, grid, budget,
-                {"dense_flops": dense, "flops": total, "flops_ratio": total / dense})
+                {"dense_flops": dense_flops, "flops": total, "flops_ratio": dense.run_ratio(ratio) if dense else ratio},
+                dense_boundary=dense.boundary if dense else None)
 
 
 def held_out_captions(spec: str, recipe, count: int, seed: int, used: set[str]) -> list[str]:
@@ -140,6 +147,7 @@ class Sweep:
         from surgery.loading import load_model
         from surgery.model import is_toy, resolve_grid
         from surgery.recipe import load_recipe
+        from surgery.sampling import DenseSteps
 
         self.args, self.log, self.argv = args, log, argv
         overrides = (["data.source=toy"] if args.model == "toy" else []) + list(args.set or [])
@@ -149,6 +157,8 @@ class Sweep:
         self.teacher.requires_grad_(False)
         self.grid = resolve_grid(args.model, dict(self.teacher.config), args.frames, args.height, args.width)
         self.toy = is_toy(dict(self.teacher.config))
+        plan = self.recipe.plan  # the first steps dense, where `--set plan.dense_steps=N` asks for it
+        self.dense = DenseSteps(plan.dense_steps, plan.sampling_steps) if plan.dense_steps else None
         self.out = Path(args.out)
         self.students: dict[str, Future] = {}
         self.prompts, self.avoid, self.encoder = None, frozenset(), None
@@ -174,7 +184,8 @@ class Sweep:
                 table = self.init_table()
                 for budget in args.budgets:
                     for variant in uniform:
-                        yield (budget, variant), uniform_plan(args.model, self.teacher, self.grid, variant, budget, table)
+                        yield (budget, variant), uniform_plan(args.model, self.teacher, self.grid, variant, budget,
+                                                              table, self.dense)
 
     def planned(self, method: str) -> dict[float, object]:
         """The planner's plan (None where nothing fits) at every budget, with `method`'s errors."""
@@ -192,7 +203,8 @@ class Sweep:
                 plans[budget] = make_plan(
                     self.args.model, budget, model=self.teacher, samples=self.recipe.plan.samples,
                     seed=self.recipe.train.seed, measure=self.measures[method], frames=self.args.frames,
-                    height=self.args.height, width=self.args.width)
+                    height=self.args.height, width=self.args.width, dense_steps=self.recipe.plan.dense_steps,
+                    sampling_steps=self.recipe.plan.sampling_steps)
                 plans[budget].save(path)
             except SurgeryError as e:  # a budget below every candidate's cost
                 self.log(f"{method} at {budget:g}: {e}")
@@ -206,12 +218,13 @@ class Sweep:
         single-variant plans take their settings' configs and costs from it."""
         measure = self.measures["planned-init"]
         if measure.table is None:
-            from surgery.model import default_text_tokens
+            from surgery.model import default_text_tokens, timestep_band
             from surgery.sensitivity import calibration_inputs, default_candidates
 
             seed = self.recipe.train.seed
+            band = timestep_band(self.args.model, self.dense.boundary if self.dense else None)
             inputs = calibration_inputs(self.teacher, self.grid, self.recipe.plan.samples, seed,
-                                        default_text_tokens(self.args.model))
+                                        default_text_tokens(self.args.model), band=band)
             measure(self.teacher, default_candidates(), inputs, seed=seed)
         return measure.table
 
@@ -259,7 +272,8 @@ class Sweep:
         """The student of `plan` scored: at once in this process without a pool, else in a process of its own
         from the pool. A plan that two budgets or methods share is trained once."""
         described = plan.to_dict()  # hashes the stage-1 weights: once
-        key = json.dumps({"layers": described["layers"], "stage1": described.get("stage1_weights")}, sort_keys=True)
+        key = json.dumps({"layers": described["layers"], "stage1": described.get("stage1_weights"),
+                          "dense_boundary": plan.dense_boundary}, sort_keys=True)
         if key not in self.students:
             if pool is None:
                 self.students[key] = Future()

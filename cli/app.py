@@ -87,6 +87,11 @@ def plan(
     compiled: Annotated[bool, typer.Option(
         "--compiled", help="With --cost latency: plan for compiled blocks (as bench --compile runs them): the step "
                            "is timed compiled.")] = False,
+    dense_steps: Annotated[Optional[int], typer.Option(
+        min=0, help="Keep dense attention for the first N sampling steps (high noise, where a video's layout is "
+                    "set); the budget counts them as dense. Default: the recipe's.")] = None,
+    sampling_steps: Annotated[Optional[int], typer.Option(
+        min=2, help="The sampling steps --dense-steps counts in (default: the recipe's, 50).")] = None,
     no_distill_errors: Annotated[bool, typer.Option(
         "--no-distill-errors",
         help="Measure learned candidates (feature maps) at their init (fast), not after stage 1 as distill trains them.",
@@ -120,7 +125,8 @@ def plan(
         options = dict(variants=opt.split_names(variants), keep_full=opt.split_ints(keep_full, "--keep-full"),
                        params_by_variant=loaded.plan.params_by_variant, frames=frames, height=height, width=width,
                        samples=samples, seed=seed, data=data, cost=cost, timing=timing, compiled=compiled, progress=update,
-                       measure=measure)
+                       measure=measure, dense_steps=loaded.plan.dense_steps if dense_steps is None else dense_steps,
+                       sampling_steps=loaded.plan.sampling_steps if sampling_steps is None else sampling_steps)
         if two_experts(model):
             result = make_expert_plans(model, budget, per_expert=budget_per_expert, **options)
         else:

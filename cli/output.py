@@ -176,11 +176,17 @@ def show_plan(plan, path=None, seconds: float | None = None) -> None:
         )
     console.print(table)
     solver = data["solver"]
-    console.print(
-        f"attention FLOPs: {human_flops(data['flops'])} = {data['flops_ratio']:.1%} of dense "
-        f"({human_flops(data['dense_flops'])}); total error {data['total_error']:.4f}; "
-        f"optimality gap ≤ {solver['optimality_gap']:.2g} ({solver['method']})"
-    )
+    dense_steps = data.get("dense_steps")
+    if dense_steps:
+        flops = (f"attention FLOPs of a planned step: {human_flops(data['flops'])} = "
+                 f"{dense_steps['planned_steps_flops_ratio']:.1%} of dense ({human_flops(data['dense_flops'])}); the "
+                 f"first {dense_steps['steps']} of {dense_steps['of']} steps dense (timesteps ≥ "
+                 f"{plan.dense_boundary * 1000:.0f}): {data['flops_ratio']:.1%} of dense over the sampling run")
+    else:
+        flops = (f"attention FLOPs: {human_flops(data['flops'])} = {data['flops_ratio']:.1%} of dense "
+                 f"({human_flops(data['dense_flops'])})")
+    console.print(f"{flops}; total error {data['total_error']:.4f}; "
+                  f"optimality gap ≤ {solver['optimality_gap']:.2g} ({solver['method']})")
     console.print(f"errors: {data['calibration']['errors']}" + (f"; planned in {seconds:.0f} s" if seconds else ""))
     latency = data.get("latency")
     if latency:
@@ -189,6 +195,8 @@ def show_plan(plan, path=None, seconds: float | None = None) -> None:
             f"{', compiled' if latency.get('compiled') else ''}): {latency['predicted_step_ms']:.1f} ms "
             f"against {latency['stock_step_ms']:.1f} ms stock = {latency['predicted_speedup']:.2f}× "
             f"(attention-free floor {latency['skipped_attention_step_ms']:.1f} ms)"
+            + (f"; over the sampling run with its dense steps {latency['predicted_run_speedup']:.2f}×"
+               if "predicted_run_speedup" in latency else "")
         )
     if path is not None:
         from surgery.plan import stage1_weights_path

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .swap import _grid_context, self_attention_modules
+from .swap import forward_context, self_attention_modules
 from .grid import VideoGrid
 from .variants.full import FullAttention, FullConfig
 from .wan import layer_index
@@ -37,7 +37,7 @@ class _TapAttention(FullAttention):
 def tap_self_attention(model, callback: TapFn, layers: set[int] | None = None) -> Iterator[None]:
     """Within the block, every (or each listed) self-attention layer of `model` runs dense attention
     and calls `callback`; the original processors come back afterwards."""
-    ctx = _grid_context(model)
+    ctx = forward_context(model)
     saved = {}
     try:
         for fqn, attn in self_attention_modules(model).items():
@@ -49,7 +49,7 @@ def tap_self_attention(model, callback: TapFn, layers: set[int] | None = None) -
                 callback, heads=attn.heads, head_dim=attn.inner_dim // attn.heads,
                 dim=attn.to_q.in_features, layer_index=index,
             )
-            tap.grid_context = ctx
+            tap.forward_context = ctx
             attn.processor = tap
         yield
     finally:

@@ -29,6 +29,7 @@ from .errors import PlanError, SurgeryError
 from .io import atomic_write_bytes, atomic_write_json
 from .model import EXPERTS, check_expert, expert_spec, model_kind, split_expert
 from .plan import PLAN_VERSION, Plan, _read_stage1
+from .sampling import schedule_timesteps
 
 SAMPLING_STEPS = 40  # Wan2.2 A14B's default number of steps
 SAMPLING_SHIFT = 5.0  # and its flow shift (I2V-A14B's; T2V-A14B uses 12)
@@ -70,11 +71,7 @@ def load_denoiser(spec: str, **options):
 
 def steps_served(boundary_ratio: float, steps: int = SAMPLING_STEPS, shift: float = SAMPLING_SHIFT) -> dict[str, int]:
     """How many of `steps` flow-matching steps at flow shift `shift` each expert serves."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(steps)
-    high = sum(1 for t in scheduler.timesteps.tolist() if t >= boundary_ratio * 1000)
+    high = sum(1 for t in schedule_timesteps(steps, shift) if t >= boundary_ratio * 1000)
     return {EXPERTS[0]: high, EXPERTS[1]: steps - high}
 
 
@@ -236,15 +233,6 @@ def make_expert_plans(spec: str, budget: float, *, per_expert: bool = False, ste
     return ExpertPlans(spec, kind.boundary_ratio, plans, budget, meta)
 
 
-def _plan_options(recipe, progress=None) -> dict:
-    from .train.distilled_errors import DistilledErrors
-
-    p = recipe.plan
-    return dict(variants=p.variants, keep_full=p.keep_full, samples=p.samples, seed=recipe.train.seed,
-                data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
-                measure=DistilledErrors.for_recipe(recipe) if p.distill_errors else None)
-
-
 def is_expert_run(run: str | Path) -> bool:
     try:
         return "experts" in json.loads((Path(run) / "run.json").read_text())
@@ -259,6 +247,7 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
     own, each with the recipe's share of training steps for the steps it serves: `expert_recipe`). out/ holds
     run.json, recipe.json and plan.json (both plans). Returns {expert: DistillSummary}."""
     from .lock import LOCK_NAME, folder_lock
+    from .train.distilled_errors import recipe_plan_options
     from .train import distill
     from .train.distill import check_run_folder, distill_summary, is_run_folder, saved_run
     from .train.loop import stage_progress
@@ -276,7 +265,7 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
                 plans.check_for(spec)
             else:
                 plans = make_expert_plans(spec, recipe.plan.budget, per_expert=budget_per_expert,
-                                          **_plan_options(recipe, stage_progress(progress, "calibrating")))
+                                          **recipe_plan_options(recipe, stage_progress(progress, "calibrating")))
             for entry in out.iterdir():  # with `force`, the earlier run's files (the lock stays)
                 if entry.name != LOCK_NAME:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()

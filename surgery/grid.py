@@ -71,22 +71,30 @@ def video_grid(frames: int, height: int, width: int, patch_size=(1, 2, 2), vae_s
     return VideoGrid(latent_frames // pt, height // sh // ph, width // sw // pw)
 
 
-class GridContext:
-    """Forward pre-hook on the transformer that records the grid of the current forward.
+class ForwardContext:
+    """Forward pre-hook on the transformer that records what the current forward's attention needs to know.
 
-    diffusers never tells attention processors the grid, so every swapped processor holds this
-    shared object and reads `grid` when it runs.
+    diffusers never tells attention processors the grid or the timestep, so every swapped processor holds this
+    shared object and reads it when it runs: `grid`, the patched video grid; `dense`, whether this forward's
+    timestep (its largest, for one per token) is at or above `dense_boundary`·1000, where a plan keeps the
+    model's own dense attention (the first, highest-noise sampling steps; `surgery.plan.Plan.dense_boundary`).
     """
 
     def __init__(self, patch_size):
         self.patch_size = tuple(patch_size)
         self.grid: VideoGrid | None = None
+        self.dense_boundary: float | None = None
+        self.dense = False
 
     def __call__(self, module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         _, _, frames, height, width = hidden_states.shape
         pt, ph, pw = self.patch_size
         self.grid = VideoGrid(frames // pt, height // ph, width // pw)
+        if self.dense_boundary is not None:
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            # One host read per forward, as diffusers' Wan2.2 pipelines compare t with their boundary.
+            self.dense = float(timestep.max()) >= self.dense_boundary * 1000
 
 
 @dataclass(frozen=True)

@@ -410,16 +410,14 @@ def resolve_grid(spec: str, config: dict, frames=None, height=None, width=None) 
     )
 
 
-def timestep_band(spec: str) -> tuple[float, float]:
-    """The timesteps (as fractions of 1000, [low, high)) that model `spec` serves in sampling: all of them for
-    one transformer; for one expert of two, its side of the boundary."""
+def timestep_band(spec: str, dense_boundary: float | None = None) -> tuple[float, float]:
+    """The timesteps (as fractions of 1000, [low, high)) that model `spec`'s planned attention serves in sampling:
+    all of them for one transformer; for one expert of two, its side of the boundary; below `dense_boundary`
+    (a plan's, `surgery.plan.Plan.dense_boundary`), where the steps above it run dense."""
     base, expert = split_expert(spec)
-    if expert is None:
-        return (0.0, 1.0)
-    ratio = model_kind(base).boundary_ratio
-    if ratio is None:
-        return (0.0, 1.0)
-    return (ratio, 1.0) if expert == EXPERTS[0] else (0.0, ratio)
+    ratio = model_kind(base).boundary_ratio if expert is not None else None
+    band = (0.0, 1.0) if ratio is None else (ratio, 1.0) if expert == EXPERTS[0] else (0.0, ratio)
+    return band if dense_boundary is None else (band[0], min(band[1], dense_boundary))
 
 
 def is_toy(config: dict) -> bool:

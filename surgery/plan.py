@@ -4,6 +4,10 @@ Shaped like torchao's `FqnToConfig`: an ordered map from a module name (`blocks.
 variant config, plus the model fingerprint it was made for and, when a planner made it, the grid,
 budget and measured errors. JSON on disk; variant names, never import paths.
 
+A plan may keep the model's own dense attention for the first, highest-noise sampling steps
+(`dense_boundary`: every timestep ≥ dense_boundary·1000, as Wan2.2 switches experts at its boundary ratio), where a
+student's errors move a video's layout for good; its budget then counts those steps as dense.
+
 A plan whose errors were measured after stage 1 also carries the chosen layers' trained attention
 weights (`stage1`), which `distill` starts from: on disk a safetensors file beside the JSON
 (`plan.json` → `plan.stage1.safetensors`), named in the JSON with its SHA-256 so that a missing,
@@ -60,6 +64,8 @@ class Plan:
     grid: VideoGrid | None = None
     budget: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # planner's report: flops ratio, solver, gap
+    # Timesteps ≥ dense_boundary·1000 run every layer's dense attention (surgery.grid.ForwardContext); None: none do.
+    dense_boundary: float | None = None
     # Trained attention weights of the chosen layers (student parameter names, "blocks.N.attn1.processor.…").
     stage1: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
@@ -80,6 +86,7 @@ class Plan:
             "budget": self.budget,
             **self.meta,
             **stage1,
+            **({"dense_boundary": self.dense_boundary} if self.dense_boundary is not None else {}),
             "layers": {fqn: choice.to_dict() for fqn, choice in self.layers.items()},
         }
 
@@ -100,8 +107,12 @@ class Plan:
             grid = VideoGrid.from_dict(d["grid"]) if d.get("grid") else None
             # stage1_weights describes the file beside a saved plan: `load` reads it, a bare dict has none.
             meta = {k: v for k, v in d.items()
-                    if k not in ("version", "model", "grid", "budget", "layers", "stage1_weights")}
-            return cls(model["id"], model["fingerprint"], int(model["num_layers"]), layers, grid, d.get("budget"), meta)
+                    if k not in ("version", "model", "grid", "budget", "layers", "stage1_weights", "dense_boundary")}
+            boundary = d.get("dense_boundary")
+            if boundary is not None and not (isinstance(boundary, (int, float)) and 0 < boundary <= 1):
+                raise PlanError(f"dense_boundary must be a timestep ratio in (0, 1], got {boundary!r}")
+            return cls(model["id"], model["fingerprint"], int(model["num_layers"]), layers, grid, d.get("budget"), meta,
+                       dense_boundary=boundary)
         except PlanError:
             raise
         except SurgeryError as e:

@@ -127,11 +127,18 @@ def make_plans(
     cost: str = "flops",
     timing: str = "inference",
     compiled: bool = False,
+    dense_steps: int = 0,
+    sampling_steps: int = 50,
     model=None,
     progress=None,
     measure=None,
 ):
     """One plan per budget (a fraction of dense in (0, 1], or FASTEST), from one calibration.
+
+    dense_steps: how many of the first (highest-noise) of `sampling_steps` sampling steps keep the model's dense
+    attention (`Plan.dense_boundary`). The budget holds for the sampling run: those steps count as dense, the
+    rest get what is left, (budget − share)/(1 − share) of dense; candidates are calibrated and trained on the
+    timesteps below the boundary, the ones they serve.
 
     params_by_variant: per variant, settings laid over each of its `plan_candidates` (a recipe's
     `[plan] params_by_variant`, e.g. a feature map).
@@ -151,7 +158,8 @@ def make_plans(
     check_budgets(budgets)
     context = calibrate(spec, variants=variants, keep_full=keep_full, params_by_variant=params_by_variant,
                         frames=frames, height=height, width=width, samples=samples, seed=seed, data=data, cost=cost,
-                        timing=timing, compiled=compiled, model=model, progress=progress, measure=measure)
+                        timing=timing, compiled=compiled, dense_steps=dense_steps, sampling_steps=sampling_steps,
+                        model=model, progress=progress, measure=measure)
     return [solve_plan(context, budget) for budget in budgets]
 
 
@@ -164,13 +172,14 @@ def check_budgets(budgets) -> None:
 def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=None, frames=None, height=None,
               width=None, samples: int = 4,
               seed: int = 0, data=None, cost: str = "flops", timing: str = "inference", compiled: bool = False,
-              model=None, progress=None, measure=None) -> dict:
+              dense_steps: int = 0, sampling_steps: int = 50, model=None, progress=None, measure=None) -> dict:
     """Everything `make_plans` solves over, for any budget: each layer's allowed candidates with their costs
     and errors, and the dense yardsticks (see there for the options)."""
     import torch
 
     from .loading import load_model
-    from .model import default_text_tokens, is_toy, model_kind, resolve_grid, timestep_band
+    from .model import default_text_tokens, is_toy, model_kind, resolve_grid, split_expert, timestep_band
+    from .sampling import DenseSteps
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
     from .wan import input_dtype
@@ -183,6 +192,12 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
         require_gpu()
     elif compiled:
         raise SurgeryError("--compiled times the step for --cost latency; a FLOP budget does not depend on it")
+    dense = None
+    if dense_steps:
+        if model_kind(spec).two_experts or split_expert(spec)[1] is not None:
+            raise SurgeryError("--dense-steps plans one transformer; a two-expert model already gives its high-noise "
+                               "steps to an expert of their own")
+        dense = DenseSteps(dense_steps, sampling_steps)
     candidates = default_candidates(variants, params_by_variant)
     if model is None:
         on_gpu = torch.cuda.is_available()
@@ -196,7 +211,8 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     grid = resolve_grid(spec, config, frames, height, width)
 
     # One expert of two (spec "M@transformer_2") is calibrated and trained on the timesteps it serves.
-    band, image_tokens = timestep_band(spec), model_kind(spec).image_tokens
+    band = timestep_band(spec, dense.boundary if dense else None)
+    image_tokens = model_kind(spec).image_tokens
     inputs = calibration_inputs(model, grid, samples, seed, default_text_tokens(spec), dataset_path=data, band=band,
                                 image_tokens=image_tokens)
     if measure is None:
@@ -211,15 +227,17 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     flops = [[VARIANTS[candidates[j].variant].flops(table.configs[i][j], grid, heads, head_dim) for j in allowed[i]]
              for i in range(num_layers)]
     errors = [[table.errors[i][j] for j in allowed[i]] for i in range(num_layers)]
-    dense = dense_attention_flops(grid.tokens, heads, head_dim)
+    dense_layer_flops = dense_attention_flops(grid.tokens, heads, head_dim)
     context = dict(spec=spec, config=config, grid=grid, candidates=candidates, table=table, allowed=allowed,
-                   flops=flops, errors=errors, dense=dense, cost=cost, model=model,
+                   flops=flops, errors=errors, dense_layer_flops=dense_layer_flops, cost=cost, model=model,
+                   dense_steps=dense,
                    calibration={"samples": samples, "seed": seed,
                                  "timesteps": "spread evenly over (%g, %g)" % (1000 * band[0], 1000 * band[1]),
                                  "inputs": f"dataset {data}, noised" if data else "the toy's clips and captions, noised"
                                 if is_toy(config) else "random latents and text embeddings"})
     if cost == "flops":
-        context |= dict(costs=flops, dense_layer=dense, dense_total=dense * num_layers, fixed=0.0)
+        context |= dict(costs=flops, dense_layer=dense_layer_flops, dense_total=dense_layer_flops * num_layers,
+                        fixed=0.0)
     else:
         from .latency import attention_latency, candidate_label, step_latency
 
@@ -242,19 +260,23 @@ def solve_plan(ctx: dict, budget: float | str):
     """The plan for one budget from a calibration's context (see `make_plans`)."""
     costs, errors, fixed, latency = ctx["costs"], ctx["errors"], ctx["fixed"], ctx["cost"] == "latency"
     cheapest = min_cost(costs)
+    dense = ctx["dense_steps"]
+    run_ratio = dense.run_ratio if dense else (lambda ratio: ratio)
     if budget == FASTEST:
         choice = [min(range(len(c)), key=lambda r: (c[r], e[r])) for c, e in zip(costs, errors)]
         total_error = sum(e[r] for e, r in zip(errors, choice))
         # No other plan reaches this cost: there is nothing to trade, so no gap to report.
         solution = Solution(choice, total_error, cheapest, total_error, "cheapest")
-        budget = (fixed + cheapest) / ctx["dense_total"]
+        budget = run_ratio((fixed + cheapest) / ctx["dense_total"])
     else:
-        capacity = budget * ctx["dense_total"] - fixed
+        # With dense steps, they take their share of the run and each planned step gets what is left.
+        capacity = (dense.planned_budget(budget) if dense else budget) * ctx["dense_total"] - fixed
         if cheapest > capacity:
             raise SurgeryError(
                 f"budget {budget:g} is below what the cheapest candidates reach: "
-                f"{(fixed + cheapest) / ctx['dense_total']:.4f} of the dense "
+                f"{run_ratio((fixed + cheapest) / ctx['dense_total']):.4f} of the dense "
                 + ("step time" if latency else "attention FLOPs")
+                + (f" of the sampling run with {dense.steps} dense steps" if dense else "")
             )
         solution = solve(errors, costs, capacity, unit=ctx["dense_layer"] / RESOLUTION)
         if ctx["table"].built_errors is not None:
@@ -269,6 +291,7 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
     CHECK_STEPS Euler steps from as many starts as calibration inputs. The table measures each candidate with
     every other layer exact; sampling with the whole student shows how the chosen layers' errors compound,
     over layers and over steps."""
+    from .swap import forward_context
     from .trajectories import final_latents, processors_error, sampling_starts
     from .wan import self_attention_fqn
 
@@ -283,12 +306,19 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
         ctx["check"] = starts, final_latents(model, starts, CHECK_STEPS)
     starts, reference = ctx["check"]
     whole, seen = {}, set()
-    for name, choice in choices.items():
-        if tuple(choice) in seen:  # the same plan reached another way: sampled once
-            continue
-        seen.add(tuple(choice))
-        processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
-        whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
+    forward = forward_context(model)
+    # Sampled as the plan will run: its dense steps dense (the model's processors are restored after each plan,
+    # so the context outlives them; it is reset below).
+    forward.dense_boundary = ctx["dense_steps"].boundary if ctx["dense_steps"] else None
+    try:
+        for name, choice in choices.items():
+            if tuple(choice) in seen:  # the same plan reached another way: sampled once
+                continue
+            seen.add(tuple(choice))
+            processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
+            whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
+    finally:
+        forward.dense_boundary, forward.dense = None, False
     kept = min(whole, key=whole.get)
     if kept != "errors after stage 1":
         choice = choices[kept]
@@ -333,11 +363,13 @@ def plan_from_solution(ctx: dict, solution: Solution, budget: float):
         for name, tensor in table.trained.get((i, j), {}).items():
             stage1[f"{self_attention_fqn(i)}.processor.{name}"] = tensor
     plan_flops = sum(flops[i][r] for i, r in enumerate(solution.choice))
-    dense_flops = ctx["dense"] * num_layers
+    dense_flops = ctx["dense_layer_flops"] * num_layers
+    dense_steps = ctx["dense_steps"]
     meta = {
         "dense_flops": dense_flops,
-        "flops": plan_flops,
-        "flops_ratio": plan_flops / dense_flops,
+        "flops": plan_flops,  # of one planned step
+        # Over the sampling run: with dense steps, those at 1 and the planned ones at the plan's ratio.
+        "flops_ratio": dense_steps.run_ratio(plan_flops / dense_flops) if dense_steps else plan_flops / dense_flops,
         "total_error": solution.objective,
         "cost": ctx["cost"],
         "solver": {
@@ -355,9 +387,13 @@ def plan_from_solution(ctx: dict, solution: Solution, budget: float):
             for r, j in enumerate(allowed[i])
         ],
     }
+    if dense_steps:
+        meta["dense_steps"] = {"steps": dense_steps.steps, "of": dense_steps.of, "flow_shift": dense_steps.flow_shift,
+                               "planned_steps_flops_ratio": plan_flops / dense_flops}
     if latency:
-        predicted = fixed + solution.cost
-        meta["latency"] = {**ctx["latency"], "predicted_step_ms": predicted,
-                           "predicted_speedup": ctx["latency"]["stock_step_ms"] / predicted}
+        predicted, stock = fixed + solution.cost, ctx["latency"]["stock_step_ms"]
+        meta["latency"] = {**ctx["latency"], "predicted_step_ms": predicted, "predicted_speedup": stock / predicted}
+        if dense_steps:
+            meta["latency"]["predicted_run_speedup"] = 1 / dense_steps.run_ratio(predicted / stock)
     return Plan(ctx["spec"], fingerprint(ctx["config"]), num_layers, layers, ctx["grid"], budget, meta,
-                stage1=stage1 or None)
+                dense_boundary=dense_steps.boundary if dense_steps else None, stage1=stage1 or None)

@@ -45,11 +45,18 @@ class PlanSection:
     # Per variant, settings laid over each of its planner candidates, e.g. the feature map that Attention
     # Surgery used: { hybrid_selected = { kind = "polynomial" } }.
     params_by_variant: dict[str, dict] = field(default_factory=dict)
+    # The first `dense_steps` of `sampling_steps` sampling steps keep the model's dense attention; the budget
+    # counts them as dense (surgery.planner.make_plans).
+    dense_steps: int = 0
+    sampling_steps: int = 50
 
     def __post_init__(self):
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
-        _at_least(self, samples=(1, False))
+        _at_least(self, samples=(1, False), dense_steps=(0, False), sampling_steps=(2, False))
+        if self.dense_steps >= self.sampling_steps:
+            raise ValueError(
+                f"dense_steps must be below sampling_steps ({self.sampling_steps}), got {self.dense_steps}")
         if any(layer < 0 for layer in self.keep_full):
             raise ValueError(f"keep_full holds layer indices (≥ 0), got {self.keep_full}")
         from .variants import VARIANTS

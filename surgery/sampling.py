@@ -6,10 +6,12 @@ each step moves x from σ to the next σ: x ← x + (σ_next − σ)·v, in fp32
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
+from .errors import SurgeryError
 from .metrics import relative_l2
 from .wan import input_dtype
 
@@ -23,6 +25,62 @@ def time_shift(s, shift: float):
 def unshift(sigma, shift: float):
     """The s whose `time_shift` is σ."""
     return sigma / (shift - (shift - 1) * sigma)
+
+
+FLOW_SHIFT = 3.0  # Wan2.1's flow shift at 480p: the schedule eval samples on and dense steps are counted on
+
+
+def schedule_timesteps(steps: int, shift: float = FLOW_SHIFT) -> list[float]:
+    """The timesteps (σ·1000, from high noise down) of `steps` steps of diffusers' FlowMatchEulerDiscreteScheduler
+    at flow shift `shift`, the scheduler Wan's pipelines sample with."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.tolist()
+
+
+def dense_boundary(dense_steps: int, steps: int, shift: float = FLOW_SHIFT) -> float:
+    """The boundary ratio b that leaves exactly the first `dense_steps` of `steps` steps (flow shift `shift`) at
+    timesteps ≥ b·1000: midway between the last of them and the next. On another number of steps the same b
+    keeps about the same share of the steps dense."""
+    if not 0 < dense_steps < steps:
+        raise SurgeryError(
+            f"dense steps must be between 1 and {steps - 1} of {steps} sampling steps, got {dense_steps}")
+    timesteps = schedule_timesteps(steps, shift)
+    return (timesteps[dense_steps - 1] + timesteps[dense_steps]) / 2000
+
+
+@dataclass(frozen=True)
+class DenseSteps:
+    """The first `steps` of `of` sampling steps (flow shift `flow_shift`) keep the model's dense attention, the
+    rest run a plan: how a budget over the sampling run splits between them."""
+
+    steps: int
+    of: int
+    flow_shift: float = FLOW_SHIFT
+
+    def __post_init__(self):
+        dense_boundary(self.steps, self.of, self.flow_shift)  # checks the range
+
+    @property
+    def share(self) -> float:
+        return self.steps / self.of
+
+    @property
+    def boundary(self) -> float:
+        return dense_boundary(self.steps, self.of, self.flow_shift)
+
+    def planned_budget(self, budget: float) -> float:
+        """The cost ratio (of dense) left to each planned step by `budget` over the sampling run."""
+        if budget <= self.share:
+            raise SurgeryError(f"budget {budget:g} leaves nothing for the planned steps: {self.steps} dense steps of "
+                               f"{self.of} already take {self.share:.4f} of the sampling run")
+        return (budget - self.share) / (1 - self.share)
+
+    def run_ratio(self, planned_ratio: float) -> float:
+        """The sampling run's cost ratio when each planned step costs `planned_ratio` of dense."""
+        return self.share + (1 - self.share) * planned_ratio
 
 
 def shifted_sigmas(steps: int, shift: float) -> list[float]:

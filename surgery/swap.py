@@ -7,13 +7,14 @@ half-converted model. Cross-attention (`attn2`) is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from .errors import PlanError
-from .grid import GridContext
+from .grid import ForwardContext
 from .plan import LayerChoice, Plan
 from .variants import VARIANTS, AttentionVariant, VariantConfig
 from .wan import fingerprint, layer_index, self_attention_fqn
@@ -21,13 +22,13 @@ from .wan import fingerprint, layer_index, self_attention_fqn
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _grid_context(model) -> GridContext:
-    """The model's shared grid recorder, installed as a forward pre-hook the first time."""
-    ctx = getattr(model, "_vsurgery_grid_context", None)
+def forward_context(model) -> ForwardContext:
+    """The model's shared `ForwardContext` (grid, dense steps), installed as a forward pre-hook the first time."""
+    ctx = getattr(model, "_vsurgery_forward_context", None)
     if ctx is None:
-        ctx = GridContext(model.config.patch_size)
+        ctx = ForwardContext(model.config.patch_size)
         model.register_forward_pre_hook(ctx, with_kwargs=True)
-        model._vsurgery_grid_context = ctx
+        model._vsurgery_forward_context = ctx
     return ctx
 
 
@@ -57,11 +58,8 @@ def check_plan(model, plan: Plan | VariantConfig | str | Path, filter_fn: Filter
     elif isinstance(plan, VariantConfig):
         plan = _plan_for_config(model, plan, filter_fn)
     elif filter_fn is not None:
-        plan = Plan(
-            plan.model, plan.fingerprint, plan.num_layers,
-            {f: c for f, c in plan.layers.items() if filter_fn(model.get_submodule(f), f)},
-            plan.grid, plan.budget, plan.meta,
-        )
+        plan = dataclasses.replace(
+            plan, layers={f: c for f, c in plan.layers.items() if filter_fn(model.get_submodule(f), f)})
     if plan.num_layers != len(model.blocks):
         raise PlanError(f"the plan is for a model with {plan.num_layers} layers; this one has {len(model.blocks)}")
     model_print = fingerprint(model.config)
@@ -97,7 +95,8 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
     """Replace self-attention in `model` (a `WanTransformer3DModel`) according to `plan`, in place.
 
     plan: a `Plan`, a path to a plan JSON, or a single variant config for every layer that
-    `filter_fn(module, fqn)` accepts. Returns the model.
+    `filter_fn(module, fqn)` accepts. A plan's `dense_boundary` holds for the whole model: at timesteps at or
+    above it every converted layer runs dense attention. Returns the model.
     """
     plan = check_plan(model, plan, filter_fn)
     targets = self_attention_modules(model)
@@ -106,18 +105,19 @@ def apply(model, plan: Plan | VariantConfig | str | Path, filter_fn: FilterFn | 
         for fqn, choice in plan.layers.items()
     }
     install_processors(model, processors)
+    forward_context(model).dense_boundary = plan.dense_boundary
     return model
 
 
 def install_processors(model, processors: dict) -> dict:
     """Set each `blocks.N.attn1` of `processors` to its processor (variants share the model's grid recorder;
     any other diffusers processor is set as it is). Returns the processors they replace, to put back later."""
-    ctx = _grid_context(model)
+    ctx = forward_context(model)
     targets = self_attention_modules(model)
     replaced = {}
     for fqn, processor in processors.items():
         if isinstance(processor, AttentionVariant):
-            processor.grid_context = ctx
+            processor.forward_context = ctx
             # A model under context parallelism (diffusers' enable_parallelism) gives new processors its config too.
             processor._parallel_config = getattr(model, "_parallel_config", None)
         replaced[fqn] = targets[fqn].processor

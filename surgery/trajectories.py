@@ -10,12 +10,9 @@ from .errors import SurgeryError
 from .grid import VideoGrid
 from .metrics import relative_l2
 from .model import conditioner, default_text_tokens, image_embeddings, is_toy, model_kind
-from .sampling import euler_sample
+from .sampling import FLOW_SHIFT, euler_sample
 from .swap import install_processors
 from .wan import latent_channels
-
-SCHEDULER_SHIFT = 3.0  # Wan2.1's flow shift at 480p
-
 
 def sample_latents(model, noise, text, steps: int, reference=None, on_step=None, image=None, image_embeds=None,
                    first_frame=None):
@@ -26,7 +23,7 @@ def sample_latents(model, noise, text, steps: int, reference=None, on_step=None,
     Returns (latents, [errors])."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=FLOW_SHIFT)
     scheduler.set_timesteps(steps)
     condition = conditioner(dict(model.config))
     return euler_sample(model, noise, text, scheduler.sigmas.tolist(), condition=lambda x: condition(x, image),

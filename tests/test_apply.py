@@ -78,7 +78,7 @@ def test_bad_plan_files(tmp_path):
         Plan.load(tmp_path / "missing.json")
 
 
-def test_variant_without_grid_context_fails_clearly(tiny_model):
+def test_variant_without_forward_context_fails_clearly(tiny_model):
     processor = full_processor_for(tiny_model)
     tiny_model.blocks[0].attn1.set_processor(processor)
     with pytest.raises(surgery.SurgeryError, match="surgery.apply"):

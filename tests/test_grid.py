@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from surgery.errors import SurgeryError
-from surgery.grid import GridContext, VideoGrid, block_layout, video_grid
+from surgery.grid import ForwardContext, VideoGrid, block_layout, video_grid
 
 
 def test_wan_1_3b_grid():
@@ -34,8 +34,8 @@ def test_block_layout_is_a_partition_in_block_order(grid, block):
         assert layout.block_of_token[n] == ((t // bt) * nh + h // bh) * nw + w // bw
 
 
-def test_grid_context_reads_the_patched_shape():
-    ctx = GridContext((1, 2, 2))
+def test_forward_context_reads_the_patched_shape():
+    ctx = ForwardContext((1, 2, 2))
     ctx(None, (torch.zeros(1, 16, 6, 20, 12),), {})
     assert ctx.grid == VideoGrid(6, 10, 6)
 

@@ -193,7 +193,8 @@ class OpenRun:
         acc = self.accelerator
         return StepSampler(self.dataset, self.recipe.data.batch_size, self.recipe.train.seed, stage,
                            acc.process_index, acc.num_processes, conditioner(dict(self.teacher.config)),
-                           band=timestep_band(self.spec), timestep_shift=self.recipe.data.timestep_shift)
+                           band=timestep_band(self.spec, self.plan.dense_boundary),
+                           timestep_shift=self.recipe.data.timestep_shift)
 
 
 def _read_json(path: Path, what: str):
@@ -295,16 +296,12 @@ def _sharded_dtype(recipe: Recipe, accelerator) -> torch.dtype | None:
 
 def _plan_for(spec: str, recipe: Recipe, teacher, progress=None) -> Plan:
     """The recipe's plan: a plan file it names, or one made now for its budget (progress(done, total))."""
-    p = recipe.plan
-    if p.path:
-        return Plan.load(p.path)
+    if recipe.plan.path:
+        return Plan.load(recipe.plan.path)
     from ..planner import make_plan
-    from .distilled_errors import DistilledErrors
+    from .distilled_errors import recipe_plan_options
 
-    return make_plan(spec, p.budget, variants=p.variants, keep_full=p.keep_full, samples=p.samples,
-                     params_by_variant=p.params_by_variant, seed=recipe.train.seed, model=teacher,
-                     data=recipe.data.path if recipe.data.source == "dataset" else None, progress=progress,
-                     measure=DistilledErrors.for_recipe(recipe) if p.distill_errors else None)
+    return make_plan(spec, recipe.plan.budget, model=teacher, **recipe_plan_options(recipe, progress))
 
 
 def train_stage1(run: OpenRun, progress=None, stop_after: int | None = None) -> tuple[torch.nn.Module, float | None, int]:

@@ -130,3 +130,13 @@ class DistilledErrors:
         with tempfile.TemporaryDirectory(prefix="vsurgery-plan-") as work:
             run_stage("planner stage 1", params, step, schedule, Path(work) / "checkpoints",
                       Path(work) / "metrics.jsonl", checkpoint_every=schedule.steps, lr_scales=lr_scales)
+
+
+def recipe_plan_options(recipe, progress=None) -> dict:
+    """`surgery.planner.make_plans` options from a recipe: its [plan] section, and its stage 1 to measure learned
+    candidates after (`plan.distill_errors`)."""
+    p = recipe.plan
+    return dict(variants=p.variants, keep_full=p.keep_full, params_by_variant=p.params_by_variant, samples=p.samples,
+                seed=recipe.train.seed, data=recipe.data.path if recipe.data.source == "dataset" else None,
+                dense_steps=p.dense_steps, sampling_steps=p.sampling_steps, progress=progress,
+                measure=DistilledErrors.for_recipe(recipe) if p.distill_errors else None)

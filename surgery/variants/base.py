@@ -27,11 +27,12 @@ import weakref
 from typing import Any, ClassVar
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 from .. import config as typed
 from ..errors import SurgeryError
-from ..grid import GridContext, VideoGrid
+from ..grid import ForwardContext, VideoGrid
 
 BACKENDS = ("auto", "torch")
 
@@ -80,7 +81,7 @@ class AttentionVariant(nn.Module):
         self.dim = dim
         self.layer_index = layer_index
         self.backend = "auto"
-        self.grid_context: GridContext | None = None
+        self.forward_context: ForwardContext | None = None
         # How compiled code finds this processor again (`variant_attention`). A CPU tensor, not an int: the traced
         # graph takes it as an input, so every block with the same kind of processor shares one compiled graph
         # (`compile_repeated_blocks`), where an int attribute is specialised on and recompiles block after block.
@@ -154,7 +155,19 @@ class AttentionVariant(nn.Module):
         if rotary_emb is not None:
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
-        grid = self.grid_context.grid if self.grid_context is not None else None
+        if self.forward_context is not None and self.forward_context.dense:
+            # A step the plan leaves dense (its first, highest-noise ones): the model's own attention, as
+            # diffusers' processor runs it, context parallelism included.
+            out = dispatch_attention_fn(query, key, value, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
+        else:
+            out = self._attend_planned(query, key, value, hidden_states)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    def _attend_planned(self, query, key, value, hidden_states) -> torch.Tensor:
+        """`attend` on the recorded grid, on this process's heads under context parallelism."""
+        grid = self.forward_context.grid if self.forward_context is not None else None
         cp = self._parallel_config.context_parallel_config if self._parallel_config is not None else None
         tokens = query.shape[1] * (cp.ulysses_degree * cp.ring_degree if cp is not None else 1)
         if grid is None or grid.tokens != tokens:
@@ -163,11 +176,8 @@ class AttentionVariant(nn.Module):
                 "apply variants with surgery.apply(), which records the grid at each forward"
             )
         if cp is not None:
-            out = self._attend_head_group(query, key, value, grid, hidden_states, cp)
-        else:
-            out = self.attend(query, key, value, grid, x=hidden_states)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+            return self._attend_head_group(query, key, value, grid, hidden_states, cp)
+        return self.attend(query, key, value, grid, x=hidden_states)
 
     def _attend_head_group(self, q, k, v, grid: VideoGrid, x, cp) -> torch.Tensor:
         """Ulysses context parallelism (diffusers' `enable_parallelism`): q, k, v, x come split along the
