@@ -91,6 +91,7 @@ class ForwardContext:
         _, _, frames, height, width = hidden_states.shape
         pt, ph, pw = self.patch_size
         self.grid = VideoGrid(frames // pt, height // ph, width // pw)
+        self.dense = False
         if self.dense_boundary is not None:
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
             # One host read per forward, as diffusers' Wan2.2 pipelines compare t with their boundary.

@@ -307,8 +307,8 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
     starts, reference = ctx["check"]
     whole, seen = {}, set()
     forward = forward_context(model)
-    # Sampled as the plan will run: its dense steps dense (the model's processors are restored after each plan,
-    # so the context outlives them; it is reset below).
+    # Sampled as the plan will run, its dense steps dense; the model's own processors ignore the boundary, and it
+    # is cleared after the check.
     forward.dense_boundary = ctx["dense_steps"].boundary if ctx["dense_steps"] else None
     try:
         for name, choice in choices.items():
@@ -318,7 +318,7 @@ def _checked_whole(ctx: dict, solution: Solution, capacity: float, budget: float
             processors = {self_attention_fqn(i): table.modules[i][allowed[i][r]] for i, r in enumerate(choice)}
             whole[name] = processors_error(model, starts, CHECK_STEPS, reference, processors)
     finally:
-        forward.dense_boundary, forward.dense = None, False
+        forward.dense_boundary = None
     kept = min(whole, key=whole.get)
     if kept != "errors after stage 1":
         choice = choices[kept]

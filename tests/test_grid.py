@@ -50,3 +50,19 @@ def test_block_means(grid, block, equal):
     x = torch.randn(2, layout.order.numel(), 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = torch.stack([x[:, layout.block_of_token == j].mean(1) for j in range(layout.num_blocks)], 1)
     torch.testing.assert_close(mean_pool_blocks(x, layout), expected)
+
+
+def test_forward_context_marks_forwards_at_or_above_the_dense_boundary():
+    ctx = ForwardContext((1, 2, 2))
+    latents = torch.zeros(1, 16, 2, 4, 4)
+    ctx(None, (latents,), {"timestep": torch.tensor([950.0])})
+    assert not ctx.dense  # no boundary: never dense
+    ctx.dense_boundary = 0.9
+    ctx(None, (latents, torch.tensor([900.0])), {})
+    assert ctx.dense
+    ctx(None, (latents,), {"timestep": torch.tensor([[0.0, 899.0]])})  # one per token: the largest decides
+    assert not ctx.dense
+    ctx(None, (latents,), {"timestep": torch.tensor([950.0])})
+    ctx.dense_boundary = None  # a plan without dense steps applied since
+    ctx(None, (latents,), {"timestep": torch.tensor([950.0])})
+    assert not ctx.dense
