@@ -5,7 +5,8 @@
 #
 # Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and
 # 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the
-# quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png), video (whole 480p generations, stock and
+# quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png, copied to $OUT),
+# quality-dense (the same front with the first 2 of 8 sampling steps dense, into $OUT), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p: the e2e480 rows, blocks compiled), wan14b (the same rows
 # for the 14B preset at 480p, budget 0.15, one calibration input, median of 2), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
@@ -58,7 +59,11 @@ for group in "$@"; do
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
     compiled) python3 bench/e2e.py --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
     quality) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality --doc docs/quality.md --plot docs/quality.png \
-      2>&1 | tee "$OUT/quality.txt" ;;
+      2>&1 | tee "$OUT/quality.txt" &&
+      cp docs/quality.md docs/quality.png runs/quality/quality.json "$OUT/" ;;
+    quality-dense) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality-dense --set plan.dense_steps=2 \
+      --set plan.sampling_steps=8 --plot "$OUT/quality-dense.png" 2>&1 | tee "$OUT/quality-dense.txt" &&
+      cp runs/quality-dense/quality.json "$OUT/quality-dense.json" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
     hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;
     variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
@@ -97,7 +102,7 @@ for x, y in zip(a, b): print(f\"{x['name']}: {x['step_ms']:.0f} ms on 1 GPU, {y[
         --set parallel.strategy=fsdp --set train.gradient_checkpointing=true --set data.samples="$gpus" \
         --set data.batch_size="$gpus" --force --out "$OUT/distill-14b-fsdp" 2>&1 | tee "$OUT/fsdp14b.txt"
       python3 bench/distill_throughput.py "$OUT/distill-14b-fsdp" --json "$OUT/fsdp14b.json" 2>&1 | tee -a "$OUT/fsdp14b.txt" ;;
-    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, video, compiled, wan14b, kernels, hybrid, variants, train, toy, wan22, distill2, cp720, fsdp14b)" >&2
+    *) echo "unknown group '$group' (tests, compile, e2e480, e2e720, quality, quality-dense, video, compiled, wan14b, kernels, hybrid, variants, train, toy, wan22, distill2, cp720, fsdp14b)" >&2
        exit 2 ;;
   esac; then failed+=("$group"); fi
 done
