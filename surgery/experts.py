@@ -247,9 +247,9 @@ def distill_experts(spec: str, recipe, out: str | Path, *, plans: ExpertPlans | 
     own, each with the recipe's share of training steps for the steps it serves: `expert_recipe`). out/ holds
     run.json, recipe.json and plan.json (both plans). Returns {expert: DistillSummary}."""
     from .lock import LOCK_NAME, folder_lock
-    from .train.distilled_errors import recipe_plan_options
     from .train import distill
     from .train.distill import check_run_folder, distill_summary, is_run_folder, saved_run
+    from .train.distilled_errors import recipe_plan_options
     from .train.loop import stage_progress
 
     out = Path(out)

@@ -6,7 +6,7 @@ each step moves x from σ to the next σ: x ← x + (σ_next − σ)·v, in fp32
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -59,17 +59,14 @@ class DenseSteps:
     steps: int
     of: int
     flow_shift: float = FLOW_SHIFT
+    boundary: float = field(init=False)  # `dense_boundary`, computed (and the range checked) once
 
     def __post_init__(self):
-        dense_boundary(self.steps, self.of, self.flow_shift)  # checks the range
+        object.__setattr__(self, "boundary", dense_boundary(self.steps, self.of, self.flow_shift))
 
     @property
     def share(self) -> float:
         return self.steps / self.of
-
-    @property
-    def boundary(self) -> float:
-        return dense_boundary(self.steps, self.of, self.flow_shift)
 
     def planned_budget(self, budget: float) -> float:
         """The cost ratio (of dense) left to each planned step by `budget` over the sampling run."""

@@ -14,6 +14,7 @@ from .sampling import FLOW_SHIFT, euler_sample
 from .swap import install_processors
 from .wan import latent_channels
 
+
 def sample_latents(model, noise, text, steps: int, reference=None, on_step=None, image=None, image_embeds=None,
                    first_frame=None):
     """Euler flow-matching sampling from `noise` on the σ schedule of Wan's FlowMatchEulerDiscreteScheduler;
