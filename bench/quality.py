@@ -200,11 +200,7 @@ class Sweep:
                 plans[budget] = Plan.load(path)
                 continue
             try:
-                plans[budget] = make_plan(
-                    self.args.model, budget, model=self.teacher, samples=self.recipe.plan.samples,
-                    seed=self.recipe.train.seed, measure=self.measures[method], frames=self.args.frames,
-                    height=self.args.height, width=self.args.width, dense_steps=self.recipe.plan.dense_steps,
-                    sampling_steps=self.recipe.plan.sampling_steps)
+                plans[budget] = make_plan(self.args.model, budget, **self.plan_options(method))
                 plans[budget].save(path)
             except SurgeryError as e:  # a budget below every candidate's cost
                 self.log(f"{method} at {budget:g}: {e}")
@@ -213,19 +209,24 @@ class Sweep:
         self.log(f"planned {method} at every budget in {self.times[f'plan {method}']:.0f} s")
         return plans
 
+    def plan_options(self, method: str) -> dict:
+        """The planner's options: the recipe's, as `vsurgery run` plans, with `method`'s errors and this video,
+        and every variant a candidate whatever the recipe's `[plan] variants` (the front's mix is the planner's
+        choice among all of them; the single-variant plans take their settings from the same table)."""
+        from surgery.train.distilled_errors import recipe_plan_options
+
+        return recipe_plan_options(self.recipe) | dict(variants=None, model=self.teacher, measure=self.measures[method],
+                                                       frames=self.args.frames, height=self.args.height,
+                                                       width=self.args.width)
+
     def init_table(self):
         """The init-error table the planner measured (once more when every init plan was read back): the
         single-variant plans take their settings' configs and costs from it."""
         measure = self.measures["planned-init"]
         if measure.table is None:
-            from surgery.model import default_text_tokens, timestep_band
-            from surgery.sensitivity import calibration_inputs, default_candidates
+            from surgery.planner import calibrate
 
-            seed = self.recipe.train.seed
-            band = timestep_band(self.args.model, self.dense.boundary if self.dense else None)
-            inputs = calibration_inputs(self.teacher, self.grid, self.recipe.plan.samples, seed,
-                                        default_text_tokens(self.args.model), band=band)
-            measure(self.teacher, default_candidates(), inputs, seed=seed)
+            calibrate(self.args.model, **self.plan_options("planned-init"))
         return measure.table
 
     def run(self, report) -> dict:

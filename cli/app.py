@@ -109,8 +109,8 @@ def plan(
 
     from surgery.experts import make_expert_plans
     from surgery.io import check_output_file
+    from surgery.model import is_two_expert_spec
     from surgery.planner import make_plan
-
     from surgery.recipe import load_recipe
 
     check_output_file(out, force=force)
@@ -127,14 +127,14 @@ def plan(
                        samples=samples, seed=seed, data=data, cost=cost, timing=timing, compiled=compiled, progress=update,
                        measure=measure, dense_steps=loaded.plan.dense_steps if dense_steps is None else dense_steps,
                        sampling_steps=loaded.plan.sampling_steps if sampling_steps is None else sampling_steps)
-        if two_experts(model):
+        if is_two_expert_spec(model):
             result = make_expert_plans(model, budget, per_expert=budget_per_expert, **options)
         else:
             result = make_plan(model, budget, **options)
     result.save(out)
     if json:
         output.print_json(result.to_dict())
-    elif two_experts(model):
+    elif is_two_expert_spec(model):
         output.show_expert_plans(result, out, time.perf_counter() - started)
     else:
         output.show_plan(result, out, time.perf_counter() - started)
@@ -160,6 +160,7 @@ def distill(
     """Distill the planned attention against the frozen teacher, then fine-tune the student (a two-expert model:
     each expert against its own teacher, on the timesteps it serves)."""
     from surgery.experts import distill_experts, is_expert_run, load_plan_for
+    from surgery.model import is_two_expert_spec
     from surgery.recipe import load_recipe
     from surgery.train import distill as run_distill
 
@@ -167,7 +168,7 @@ def distill(
     loaded = load_recipe(recipe, overrides)
     loaded_plan = load_plan_for(model, plan) if plan and not resume else None
     with output.resumable("distill", out), output.training_progress() as progress:
-        if is_expert_run(out) if resume else two_experts(model):
+        if is_expert_run(out) if resume else is_two_expert_spec(model):
             summaries = distill_experts(model, loaded, out, plans=loaded_plan, resume=resume, force=force,
                                         budget_per_expert=budget_per_expert, progress=progress)
         else:
@@ -312,13 +313,6 @@ def run(
                           progress=progress)
     if summary is not None:  # None: a process of a launch other than the main one
         output.show_run(summary)
-
-
-def two_experts(spec: str) -> bool:
-    """Whether `spec` names a two-expert model as a whole (not one of its experts)."""
-    from surgery.model import model_kind, split_expert
-
-    return split_expert(spec)[1] is None and model_kind(spec).two_experts
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ import torch
 
 from .errors import PlanError, SurgeryError
 from .io import atomic_write_bytes, atomic_write_json
-from .model import EXPERTS, check_expert, expert_spec, model_kind, split_expert
+from .model import EXPERTS, check_expert, expert_spec, is_two_expert_spec, model_kind
 from .plan import PLAN_VERSION, Plan, _read_stage1
 from .sampling import schedule_timesteps
 
@@ -62,11 +62,10 @@ def load_denoiser(spec: str, **options):
     options)."""
     from .loading import load_model
 
-    kind = model_kind(spec)
-    if not kind.two_experts or split_expert(spec)[1] is not None:
+    if not is_two_expert_spec(spec):
         return load_model(spec, **options)
     return TwoExperts(load_model(expert_spec(spec, EXPERTS[0]), **options),
-                      load_model(expert_spec(spec, EXPERTS[1]), **options), kind.boundary_ratio)
+                      load_model(expert_spec(spec, EXPERTS[1]), **options), model_kind(spec).boundary_ratio)
 
 
 def steps_served(boundary_ratio: float, steps: int = SAMPLING_STEPS, shift: float = SAMPLING_SHIFT) -> dict[str, int]:
@@ -136,9 +135,9 @@ class ExpertPlans:
 
     def check_for(self, spec: str) -> None:
         """PlanError when these plans are not for two-expert model `spec` (one transformer, or other experts)."""
-        kind = model_kind(spec)
-        if not kind.two_experts or split_expert(spec)[1] is not None:
+        if not is_two_expert_spec(spec):
             raise PlanError(f"the plan holds one plan per expert of a two-expert model; {spec} is one transformer")
+        kind = model_kind(spec)
         if self.boundary_ratio != kind.boundary_ratio:
             raise PlanError(f"the plan was made for experts switched at boundary ratio {self.boundary_ratio:g}; "
                             f"{spec} switches at {kind.boundary_ratio:g}")
@@ -169,8 +168,7 @@ def load_plan_for(spec: str, path: str | Path, stage1_weights: bool = True) -> P
         plans = ExpertPlans.load(path, stage1_weights)
         plans.check_for(spec)
         return plans
-    kind = model_kind(spec)
-    if kind.two_experts and split_expert(spec)[1] is None:
+    if is_two_expert_spec(spec):
         raise PlanError(f"{path} is a plan for one transformer; {spec} has two experts and needs one plan per expert "
                         "(vsurgery plan --model on it)")
     plan = Plan.load(path, stage1_weights)

@@ -360,6 +360,11 @@ def model_kind(spec: str) -> ModelKind:
     return ModelKind(experts, ratio, image, tuple(vae_scale), *video, text_tokens, image_tokens, expand)
 
 
+def is_two_expert_spec(spec: str) -> bool:
+    """Whether `spec` names a two-expert model as a whole (Wan2.2 A14B), not one of its experts or one transformer."""
+    return model_kind(spec).two_experts and split_expert(spec)[1] is None
+
+
 def _folder_vae_scale(path: Path, config: dict) -> tuple[int, int, int]:
     """A pipeline's VAE scale from vae/config.json; a bare transformer's from its latent channels (Wan2.2's VAE
     has 48)."""

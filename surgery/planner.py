@@ -178,7 +178,7 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
     import torch
 
     from .loading import load_model
-    from .model import default_text_tokens, is_toy, model_kind, resolve_grid, split_expert, timestep_band
+    from .model import default_text_tokens, is_toy, model_kind, resolve_grid, timestep_band
     from .sampling import DenseSteps
     from .sensitivity import calibration_inputs, default_candidates, measure_errors
     from .variants import VARIANTS, dense_attention_flops
@@ -194,7 +194,7 @@ def calibrate(spec: str, *, variants=None, keep_full=None, params_by_variant=Non
         raise SurgeryError("--compiled times the step for --cost latency; a FLOP budget does not depend on it")
     dense = None
     if dense_steps:
-        if model_kind(spec).two_experts or split_expert(spec)[1] is not None:
+        if model_kind(spec).two_experts:  # the model or one of its experts
             raise SurgeryError("--dense-steps plans one transformer; a two-expert model already gives its high-noise "
                                "steps to an expert of their own")
         dense = DenseSteps(dense_steps, sampling_steps)

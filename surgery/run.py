@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .evaluate import EvalReport, evaluate
 from .experts import ExpertPlans, distill_experts, is_expert_run
-from .model import EXPERTS, model_kind, split_expert
+from .model import EXPERTS, is_two_expert_spec
 from .exporting import export
 from .io import atomic_write_json, check_output_folder
 from .lock import folder_lock
@@ -60,7 +60,7 @@ def run_all(spec: str, recipe: Recipe, out: str | Path, *, eval_samples: int = 1
     else:
         check_run_folder(out, resume=False, force=force)
     exported = out / "exported"
-    two = is_expert_run(out) if resume else model_kind(spec).two_experts and split_expert(spec)[1] is None
+    two = is_expert_run(out) if resume else is_two_expert_spec(spec)
     with folder_lock(out):
         if resume and info.get("finished"):
             distilled = {name: distill_summary(out / name) for name in EXPERTS} if two else distill_summary(out)
