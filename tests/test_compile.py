@@ -1,6 +1,7 @@
 """torch.compile of a retrofitted transformer: blocks compile whole (no graph break), and the kernel path is
 one custom op (`vsurgery::variant_attention`) whose forward and gradients are the kernels' own."""
 
+import copy
 import warnings
 
 import pytest
@@ -131,6 +132,39 @@ def test_blocks_with_the_same_variant_share_one_compiled_graph(tiny_model, monke
         model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
         model(**inputs)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_plan_with_dense_steps_compiles_one_graph_per_mode(tiny_model, monkeypatch):
+    """A plan with dense first steps under `compile_repeated_blocks`: the blocks read the forward's dense flag
+    (a Python bool) and compile once for each value, not once per call or per block; each mode gives eager's
+    output, and the dense steps give the stock model's."""
+    from torch._dynamo.utils import counters
+
+    from surgery.variants.base import AttentionVariant
+
+    monkeypatch.setattr(AttentionVariant, "uses_kernel", lambda self, q: self.attend_kernel is not None)
+    stock = tiny_model
+    layers = {f"blocks.{i}.attn1": LayerChoice("vsa", VSAConfig(sparsity=0.5)) for i in range(4)}
+    plan = Plan("tiny", fingerprint(stock.config), 4, layers, dense_boundary=0.5)
+    model = surgery.apply(copy.deepcopy(stock), plan)
+    inputs = model_inputs(model, VideoGrid(2, 4, 4), batch=1)
+    at = {"dense": 900.0, "planned": 100.0}
+    with torch.no_grad():
+        eager = {mode: model(**inputs | {"timestep": torch.tensor([t])}).sample for mode, t in at.items()}
+        reference = stock(**inputs | {"timestep": torch.tensor([at["dense"]])}).sample
+        torch._dynamo.reset()
+        counters.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+            compiled = {mode: [model(**inputs | {"timestep": torch.tensor([t])}).sample for _ in range(2)]
+                        for mode, t in at.items()}
+    assert counters["stats"]["unique_graphs"] == 2
+    for mode in at:
+        for out in compiled[mode]:
+            torch.testing.assert_close(out, eager[mode], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager["dense"], reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(eager["planned"], stock(**inputs | {"timestep": torch.tensor([at["planned"]])}).sample)
 
 
 def test_blocks_compiled_runs_the_blocks_compiled_then_eager_again(tiny_model):
