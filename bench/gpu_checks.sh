@@ -23,12 +23,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # Groups launched side by side install into the same folder: one install at a time.
+  flock /tmp/site.lock python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
 # The CLI and the shipped recipes import (as surgery.cli, surgery.recipes) only from an installed package.
 python3 -c "import surgery.recipes" 2>/dev/null ||
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+  flock /tmp/site.lock python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
 
 # The plans the multi-GPU groups distill and time: hybrid R=8 on every layer, at 480p.
 plans() {
