@@ -361,8 +361,9 @@ def model_kind(spec: str) -> ModelKind:
 
 
 def is_two_expert_spec(spec: str) -> bool:
-    """Whether `spec` names a two-expert model as a whole (Wan2.2 A14B), not one of its experts or one transformer."""
-    return model_kind(spec).two_experts and split_expert(spec)[1] is None
+    """Whether `spec` names a two-expert model as a whole (Wan2.2 A14B), not one of its experts or one transformer.
+    A spec naming an expert answers without reading a folder's configs."""
+    return split_expert(spec)[1] is None and model_kind(spec).two_experts
 
 
 def _folder_vae_scale(path: Path, config: dict) -> tuple[int, int, int]:
