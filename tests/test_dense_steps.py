@@ -73,6 +73,9 @@ def test_planner_counts_the_dense_steps_in_the_budget(_tiny_model):
         make_plan("tiny", 0.25, model=_tiny_model, samples=1, dense_steps=2, sampling_steps=8)
     with pytest.raises(SurgeryError, match="two-expert model"):
         make_plan("tiny-wan2.2@transformer_2", 0.5, samples=1, dense_steps=2, sampling_steps=8)
+    # A one-transformer model named with its only transformer is that model, dense steps included.
+    named = make_plan("tiny@transformer", 0.5, model=_tiny_model, samples=2, dense_steps=2, sampling_steps=8)
+    assert named.layers == plan.layers and named.dense_boundary == plan.dense_boundary
 
 
 def test_training_serves_the_timesteps_below_the_boundary():
