@@ -6,7 +6,8 @@
 # Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and
 # 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the
 # quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png, copied to $OUT),
-# quality-dense (the same front with the first 2 of 8 sampling steps dense, into $OUT), video (whole 480p generations, stock and
+# quality-dense (the same front with the first 2 of 8 sampling steps dense, into $OUT); both continue across runs
+# (see `front` below), video (whole 480p generations, stock and
 # the fastest plan), compiled (bench/e2e.py --compile at 480p: the e2e480 rows, blocks compiled), wan14b (the same rows
 # for the 14B preset at 480p, budget 0.15, one calibration input, median of 2), kernels (bench/attention.py at 1.3B), hybrid
 # (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
@@ -47,6 +48,20 @@ DISTILL13="--model wan2.1-t2v-1.3b --plan $OUT/plan-wan2.1-t2v-1.3b.json --set s
   --set data.samples=8 --set train.checkpoint_every=1000 --set train.gradient_checkpointing=true --force"
 BENCH13="--model wan2.1-t2v-1.3b --plan $OUT/plan-wan2.1-t2v-1.3b.json --height 720 --width 1280 --repeats 3 --json"
 
+# A front (bench/quality.py into FOLDER) stops after $FRONT_SECONDS (default 540) so that it fits one sitting;
+# its scores and plans, not the students' weights, go to $OUT/state/ in the checkout's layout: copied back into
+# the checkout (`cp -r $OUT/state/runs .`), the next run of the group continues where this one stopped.
+front() {
+  local folder=$1 status
+  shift
+  timeout -k 10 "${FRONT_SECONDS:-540}" python3 bench/quality.py --device cuda --jobs 6 --out "$folder" "$@"
+  status=$?
+  pkill -f "bench/quality.py .*--score-student" || true  # the students a stopped sweep leaves running
+  mkdir -p "$OUT/state"
+  cp --parents "$folder"/students/*/scores.json "$folder"/plans/* "$folder"/quality.json "$OUT/state/" 2>/dev/null || true
+  return "$status"
+}
+
 failed=()
 for group in "$@"; do
   echo "== $group ($(date -u +%H:%M:%S))"
@@ -59,12 +74,10 @@ for group in "$@"; do
     e2e720) python3 bench/e2e.py --height 720 --width 1280 --out "$OUT/e2e-720p.json" 2>&1 | tee "$OUT/e2e-720p.txt" ;;
     video) python3 bench/e2e.py --budgets 0.15 --repeats 1 --video --out "$OUT/e2e-video.json" 2>&1 | tee "$OUT/e2e-video.txt" ;;
     compiled) python3 bench/e2e.py --compile --out "$OUT/e2e-compiled.json" 2>&1 | tee "$OUT/e2e-compiled.txt" ;;
-    quality) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality --doc docs/quality.md --plot docs/quality.png \
-      2>&1 | tee "$OUT/quality.txt" &&
-      cp docs/quality.md docs/quality.png runs/quality/quality.json "$OUT/" ;;
-    quality-dense) python3 bench/quality.py --device cuda --jobs 6 --out runs/quality-dense --set plan.dense_steps=2 \
-      --set plan.sampling_steps=8 --plot "$OUT/quality-dense.png" 2>&1 | tee "$OUT/quality-dense.txt" &&
-      cp runs/quality-dense/quality.json "$OUT/quality-dense.json" ;;
+    quality) front runs/quality --doc docs/quality.md --plot docs/quality.png 2>&1 | tee "$OUT/quality.txt"
+      status=$?; cp docs/quality.md docs/quality.png "$OUT/" 2>/dev/null; ((status == 0)) ;;
+    quality-dense) front runs/quality-dense --set plan.dense_steps=2 --set plan.sampling_steps=8 \
+      --plot "$OUT/quality-dense.png" 2>&1 | tee "$OUT/quality-dense.txt" ;;
     kernels) python3 bench/attention.py --shapes 1.3b --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt" ;;
     hybrid) python3 bench/hybrid.py --sweep --json "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.txt" ;;
     variants) python3 bench/variants.py --sweep --json "$OUT/variants.json" 2>&1 | tee "$OUT/variants.txt" ;;
