@@ -3,17 +3,17 @@
 #
 #   bash bench/gpu_checks.sh tests kernels      # groups run in the order given; logs and JSON under $OUT
 #
-# Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and
-# 720p, FLOP budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the
-# quality-cost front on the toy teacher into runs/quality, docs/quality.md and docs/quality.png, copied to $OUT),
-# quality-dense (the same front with the first 2 of 8 sampling steps dense, into $OUT); both continue across runs
-# (see `front` below), video (whole 480p generations, stock and
-# the fastest plan), compiled (bench/e2e.py --compile at 480p: the e2e480 rows, blocks compiled), wan14b (the same rows
-# for the 14B preset at 480p, budget 0.15, one calibration input, median of 2), kernels (bench/attention.py at 1.3B), hybrid
-# (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B), train (bench/train_step.py, hybrid
-# R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy (scripts/train_toy_teacher.py into $OUT/toy),
-# wan22 (bench/e2e.py, what `vsurgery bench` times, on the Wan2.2 TI2V-5B preset at its native 121×704×1280: stock,
-# the attention-free ceiling, FLOP budget 0.3 and the latency planner's fastest plan).
+# Groups: tests (every GPU-marked test), e2e480 / e2e720 (bench/e2e.py: whole-model steps of 1.3B at 480p and 720p, FLOP
+# budgets 0.5, 0.3, 0.15 and the latency planner's fastest plan), quality (bench/quality.py: the quality-cost front on
+# the toy teacher into runs/quality, docs/quality.md and docs/quality.png, copied to $OUT), quality-dense (the same
+# front with the first 2 of 8 sampling steps dense, into $OUT; both fronts continue across runs, see `front` below),
+# video (whole 480p generations, stock and the fastest plan), compiled (bench/e2e.py --compile at 480p: the e2e480 rows,
+# blocks compiled), wan14b (the same rows for the 14B preset at 480p, budget 0.15, one calibration input, median of 2),
+# kernels (bench/attention.py at 1.3B), hybrid (bench/hybrid.py --sweep), variants (bench/variants.py --sweep, 1.3B),
+# train (bench/train_step.py, hybrid R=8, linear and hybrid_selected at 87.5% at 1.3B/480p/81 frames), toy
+# (scripts/train_toy_teacher.py into $OUT/toy), wan22 (bench/e2e.py, what `vsurgery bench` times, on the Wan2.2 TI2V-5B
+# preset at its native 121×704×1280: stock, the attention-free ceiling, FLOP budget 0.3 and the latency planner's
+# fastest plan).
 # Groups for 2 or more GPUs of one host: distill2 (distillation throughput of 1.3B/480p, hybrid R=8 on every layer,
 # on 1 GPU and on 2 with DDP and with FSDP), cp720 (one denoising step of 1.3B at 720p, stock and the same plan, on 1
 # GPU and with --cp 2), fsdp14b (one stage-1 and one stage-2 step of the 14B preset at 480p, FSDP over every GPU).
@@ -25,7 +25,8 @@ OUT=${OUT:-/tmp/gpu-checks}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
   # Groups launched side by side install into the same folder: one install at a time.
-  flock /tmp/site.lock python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  flock /tmp/site.lock python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
 # The CLI and the shipped recipes import (as surgery.cli, surgery.recipes) only from an installed package.
@@ -58,7 +59,8 @@ front() {
   status=$?
   pkill -f "bench/quality.py .*--score-student" || true  # the students a stopped sweep leaves running
   mkdir -p "$OUT/state"
-  cp --parents "$folder"/students/*/scores.json "$folder"/plans/* "$folder"/quality.json "$OUT/state/" 2>/dev/null || true
+  cp --parents "$folder"/students/*/scores.json "$folder"/plans/* "$folder"/quality.json "$OUT/state/" 2>/dev/null ||
+    true  # a sweep stopped before its first student or plan has nothing to hand back
   return "$status"
 }
 
